@@ -1,0 +1,216 @@
+"""Loading and saving phi weights (safetensors only: nothing is ever unpickled).
+
+The three published phi key layouts are one table each: phift's module prefix → the checkpoint's prefix(es).
+Where the checkpoint splits what phift fuses (HF-native q_proj/k_proj/v_proj → Wqkv), the row lists the
+pieces in order and they are concatenated along dim 0 (rows q;k;v).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PhiConfig
+from .model import Phi
+
+# "{i}": layer index; "{i1}": layer index + 1; "{last}": num_layers + 1 (MixFormerSequential's head).
+LAYOUTS: dict[str, list[tuple[str, str | tuple[str, ...]]]] = {
+    "hf": [  # transformers' PhiForCausalLM (model_type "phi"), Jan 2024 onwards
+        ("wte", "model.embed_tokens"),
+        ("layers.{i}.ln", "model.layers.{i}.input_layernorm"),
+        ("layers.{i}.attn.Wqkv", ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+                                  "model.layers.{i}.self_attn.v_proj")),
+        ("layers.{i}.attn.out_proj", "model.layers.{i}.self_attn.dense"),
+        ("layers.{i}.mlp.fc1", "model.layers.{i}.mlp.fc1"),
+        ("layers.{i}.mlp.fc2", "model.layers.{i}.mlp.fc2"),
+        ("ln_f", "model.final_layernorm"),
+        ("lm_head", "lm_head"),
+    ],
+    "phi-msft": [  # remote code "PhiForCausalLM" of Dec 2023
+        ("wte", "transformer.embd.wte"),
+        ("layers.{i}.ln", "transformer.h.{i}.ln"),
+        ("layers.{i}.attn.Wqkv", "transformer.h.{i}.mixer.Wqkv"),
+        ("layers.{i}.attn.out_proj", "transformer.h.{i}.mixer.out_proj"),
+        ("layers.{i}.mlp.fc1", "transformer.h.{i}.mlp.fc1"),
+        ("layers.{i}.mlp.fc2", "transformer.h.{i}.mlp.fc2"),
+        ("ln_f", "lm_head.ln"),
+        ("lm_head", "lm_head.linear"),
+    ],
+    "mixformer-sequential": [  # remote code MixFormerSequentialForCausalLM of Sep 2023: one flat nn.Sequential
+        ("wte", "layers.0.wte"),
+        ("layers.{i}.ln", "layers.{i1}.ln"),
+        ("layers.{i}.attn.Wqkv", "layers.{i1}.mixer.Wqkv"),
+        ("layers.{i}.attn.out_proj", "layers.{i1}.mixer.out_proj"),
+        ("layers.{i}.mlp.fc1", "layers.{i1}.mlp.fc1"),
+        ("layers.{i}.mlp.fc2", "layers.{i1}.mlp.fc2"),
+        ("ln_f", "layers.{last}.ln"),
+        ("lm_head", "layers.{last}.linear"),
+    ],
+}
+# A key each layout has and the others lack.
+LAYOUT_MARKERS = {"hf": "model.embed_tokens.weight", "phi-msft": "transformer.embd.wte.weight",
+                  "mixformer-sequential": "layers.0.wte.weight"}
+# Buffers some exporters wrote that carry no weights (rotary tables are recomputed).
+IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def key_map(layout: str, state_keys, num_layers: int) -> dict[str, tuple[str, ...]]:
+    """phift state-dict key → the checkpoint key(s) that make it, for every key in `state_keys`."""
+    prefixes = {}
+    for ours, theirs in LAYOUTS[layout]:
+        theirs = (theirs,) if isinstance(theirs, str) else theirs
+        for i in range(num_layers) if "{i}" in ours else [0]:
+            fmt = dict(i=i, i1=i + 1, last=num_layers + 1)
+            prefixes[ours.format(**fmt)] = tuple(t.format(**fmt) for t in theirs)
+    out = {}
+    for key in state_keys:
+        prefix, param = key.rsplit(".", 1)
+        if prefix not in prefixes:
+            raise CheckpointError(f"phift key {key} has no entry in the {layout} layout table")
+        out[key] = tuple(f"{t}.{param}" for t in prefixes[prefix])
+    return out
+
+
+def detect_layout(keys) -> str:
+    keys = set(keys)
+    found = [name for name, marker in LAYOUT_MARKERS.items() if marker in keys]
+    if len(found) != 1:
+        sample = ", ".join(sorted(keys)[:6])
+        raise CheckpointError(f"cannot tell the checkpoint layout (markers found: {found or 'none'}); "
+                              f"expected one of {LAYOUT_MARKERS}; first keys: {sample}")
+    return found[0]
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub repo id, fetched with huggingface_hub (weights as safetensors only)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; give the directory holding config.json and *.safetensors")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), revision=revision,
+                                  allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json",
+                                                  "tokenizer*", "vocab.json", "merges.txt"]))
+
+
+def _weight_files(d: Path) -> dict[str, Path]:
+    """checkpoint key → file holding it (single file or sharded with an index)."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: d / f for k, f in weight_map.items()}
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        extra = " (it has pytorch_model.bin: phift loads safetensors only, never pickles)" if any(
+            d.glob("*.bin")) else ""
+        raise CheckpointError(f"no *.safetensors weights in {d}{extra}")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            out.update({k: f for k in sf.keys()})
+    return out
+
+
+def load_state_dict(d: Path, model: Phi, dtype: torch.dtype, device="cpu"):
+    """Read the checkpoint in `d` into phift's keys, cast to dtype tensor by tensor (no full fp32 copy)."""
+    files = _weight_files(d)
+    layout = detect_layout(files)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    mapping = key_map(layout, expected, model.config.num_layers)
+    used = {k for keys in mapping.values() for k in keys}
+    unexpected = sorted(k for k in files if k not in used and not IGNORED_KEYS.search(k))
+    missing = sorted(k for keys in mapping.values() for k in keys if k not in files)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {d} (layout {layout}) does not match the model "
+                              f"{model.config.name}: missing {missing[:8]}{' …' if len(missing) > 8 else ''}, "
+                              f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+    handles = {}
+    state = {}
+    try:
+        for ours, theirs in mapping.items():
+            parts = []
+            for key in theirs:
+                f = files[key]
+                if f not in handles:
+                    handles[f] = safe_open(f, framework="pt", device=str(device))
+                parts.append(handles[f].get_tensor(key).to(dtype))
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            if t.shape != expected[ours]:
+                found = " + ".join(f"{k} {tuple(p.shape)}" for k, p in zip(theirs, parts))
+                raise CheckpointError(f"shape mismatch in {d} (layout {layout}): {ours} expects "
+                                      f"{tuple(expected[ours])}, found {found}")
+            state[ours] = t
+    finally:
+        handles.clear()
+    return state, layout
+
+
+def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", revision=None) -> Phi:
+    """Build a Phi from a checkpoint directory or hub id, in `dtype` on `device`."""
+    d = resolve_checkpoint_dir(name_or_path, revision)
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"no config.json in {d}")
+    config = PhiConfig.from_json(cfg_file)
+    with torch.device("meta"):
+        model = Phi(config)
+    state, layout = load_state_dict(d, model, dtype, device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.checkpoint_layout = layout
+    return model
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """phift keys → HF-native keys (Wqkv split back into q/k/v). Keys of LoRA adapters are not weights: skipped."""
+    state = {k: v for k, v in state.items() if ".lora_" not in k}
+    out = {}
+    for ours, theirs in key_map("hf", state, num_layers).items():
+        pieces = state[ours].chunk(len(theirs), dim=0)
+        out.update({k: p.contiguous() for k, p in zip(theirs, pieces)})
+    return out
+
+
+def save_model(model: Phi, directory, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
+               state_dict: dict | None = None) -> Path:
+    """Save in the HF-native layout + config.json, loadable by transformers.AutoModelForCausalLM."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state_dict is None else state_dict
+    hf = {k: (v.to(dtype) if dtype else v).detach().cpu() for k, v in
+          to_hf_state_dict(state, model.config.num_layers).items()}
+    shards, cur, size = [], {}, 0
+    for k, v in hf.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + nbytes
+    shards.append(cur)
+    for old in d.glob("model*.safetensors*"):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(d / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(d / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in hf.values())
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(dtype or next(iter(hf.values())).dtype).replace("torch.", "")
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    return d

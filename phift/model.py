@@ -1,0 +1,240 @@
+"""The phi network (phi-1, phi-1_5, phi-2), written from scratch.
+
+embedding → N × [one LayerNorm feeding attention and MLP in parallel: x + attn(ln(x)) + mlp(ln(x))] → LayerNorm → lm_head
+Attention uses a fused Wqkv projection (rows q;k;v), rotary embedding on the first `rotary_dim` dims of each head
+(rotate-half, computed in fp32) and PyTorch's scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import PhiConfig
+
+IGNORE_INDEX = -100
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float):
+    """cos, sin of shape [B, T, rotary_dim] in fp32 (positions beyond 2048 lose precision in half)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=position_ids.device, dtype=torch.float32)
+                               / rotary_dim)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary on the first cos.shape[-1] dims of x [B, H, T, head_dim]; the rest pass through."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [layers, B, heads, max_len, head_dim]."""
+
+    def __init__(self, config: PhiConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already written; the model advances it after each forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} positions, asked for {end}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:
+    """Boolean [B, 1, q, k] mask from a per-token mask over all k positions.
+
+    `attention_mask` holds 0 for padding and a segment index > 0 otherwise (a plain 0/1 padding mask is the
+    one-segment case): a query sees earlier keys of its own segment only, so packed samples never attend to
+    each other. Every query also sees itself, so padding rows get no all-masked softmax (NaN) in SDPA.
+    """
+    k_len = past_len + q_len
+    dev = attention_mask.device
+    q_pos = torch.arange(past_len, k_len, device=dev)[:, None]
+    k_pos = torch.arange(k_len, device=dev)[None, :]
+    seg_k = attention_mask[:, None, :]
+    seg_q = attention_mask[:, past_len:, None]
+    allowed = (k_pos <= q_pos) & (seg_k == seg_q) & (seg_k > 0)
+    return (allowed | (k_pos == q_pos))[:, None]
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that computes in its parameters' dtype (fp32 after --upcast_layernorm) and returns x's dtype."""
+
+    def forward(self, x):
+        return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.Wqkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=is_causal).half()
+        else:  # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.ln = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
+        h = self.ln(x)
+        return x + self.attn(h, cos, sin, mask, is_causal, kv_cache, layer) + self.mlp(h)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean CE(h Wᵀ + b, labels) computed a chunk of rows at a time.
+
+    The gradients are computed in the forward pass, chunk by chunk, and only they are kept: the [n, vocab]
+    fp32 logits (n × 51200 × 4 bytes, the largest activation of a phi step) never exist all at once.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk_rows, with_grad):
+        n = h.shape[0]
+        want_h, want_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        want_b = with_grad and bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty(h.shape, device=h.device, dtype=torch.float32) if want_h else None
+        grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if want_w else None
+        grad_b = torch.zeros(bias.shape, device=h.device, dtype=torch.float32) if want_b else None
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        for s in range(0, n, chunk_rows):
+            hc, lc = h[s:s + chunk_rows], labels[s:s + chunk_rows]
+            logits = F.linear(hc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
+            if want_h or want_w or want_b:
+                # d(sum CE)/d logits = softmax − onehot, in [-1, 1]: safe to cast to fp16/bf16 before the matmuls
+                # (dividing by n first would underflow fp16); the 1/n of the mean is applied in fp32 after.
+                g = (logits - lse[:, None]).exp_()
+                g[torch.arange(len(lc), device=g.device), lc] -= 1.0
+                if want_b:
+                    grad_b += g.sum(0)
+                g = g.to(h.dtype)
+                if want_h:
+                    grad_h[s:s + chunk_rows] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+        scale = 1.0 / max(n, 1)
+        ctx.save_for_backward(*(t.mul_(scale) if t is not None else None for t in (grad_h, grad_w, grad_b)))
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if t is None else (t * grad_out).to(dt) for t, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the shifted, masked mean cross-entropy instead of logits.
+
+    The loss lives in this module's forward (not the model's) so that DeepSpeed ZeRO-3 gathers its weight.
+    """
+
+    chunk_bytes = 1 << 28  # fp32 logits per chunk
+
+    def forward(self, h, labels=None):
+        if labels is None:
+            return super().forward(h)
+        h = h[:, :-1].reshape(-1, h.shape[-1])
+        labels = labels[:, 1:].reshape(-1)
+        keep = labels != IGNORE_INDEX  # prompt and padding rows never reach the vocabulary projection
+        h, labels = h[keep], labels[keep]
+        chunk_rows = max(1, self.chunk_bytes // (4 * self.out_features))
+        return _ChunkedLinearCrossEntropy.apply(h, self.weight, self.bias, labels, chunk_rows,
+                                                torch.is_grad_enabled())
+
+
+class Phi(nn.Module):
+    def __init__(self, config: PhiConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        self.gradient_checkpointing = False
+        self.neftune_alpha = 0.0  # NEFTune noise on input embeddings, training only (--neft_alpha)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None):
+        """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given.
+
+        attention_mask: [B, past + T], 0 = padding, else a segment index (packed samples); None = all causal.
+        position_ids: [B, T]; by default counted over non-padding tokens (so left padding works).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        x = self.wte(input_ids)
+        if self.training and self.neftune_alpha > 0:
+            mag = self.neftune_alpha / math.sqrt(T * x.shape[-1])
+            x = x + torch.empty_like(x).uniform_(-mag, mag)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = ((attention_mask > 0).long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
+        if attention_mask is not None:
+            mask, is_causal = build_attention_mask(attention_mask, T, past), False
+        else:  # no padding: plain causal (flash attention); a single new token sees the whole cache
+            mask, is_causal = None, past == 0 and T > 1
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, is_causal, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.lm_head(self.ln_f(x), labels)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,86 @@
+"""Tokenizers: the real phi `tokenizer.json` through the `tokenizers` library, and a demo-only one.
+
+Phi (phi-1, phi-1_5, phi-2) uses GPT-2's byte-level BPE plus 38 whitespace tokens. `<|endoftext|>` (id 50256)
+is bos, eos and unk; there is no pad token, so pad = eos as every phi fine-tuning recipe does.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """A thin wrapper that speaks in plain lists of ids; never adds special tokens by itself."""
+
+    def __init__(self, tok: _HFTokenizer, eos_token: str = ENDOFTEXT, bos_token: str | None = ENDOFTEXT,
+                 pad_token: str | None = None, source: str = ""):
+        self._tok = tok
+        self.source = source
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_token_id = self._id(eos_token)
+        self.bos_token_id = self._id(bos_token) if bos_token else None
+        self.pad_token_id = self._id(pad_token) if pad_token else self.eos_token_id
+
+    def _id(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer {self.source or ''} has no token {token!r}")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(d / "tokenizer.json"))
+        special = {"eos_token": self.eos_token, "bos_token": self.bos_token, "unk_token": self.eos_token}
+        (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load `tokenizer.json` from a directory (or the file itself); special tokens from special_tokens_map.json."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {p} (phift reads the fast-tokenizer file only)")
+    special = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = file.parent / name
+        if f.is_file():
+            for k, v in json.loads(f.read_text()).items():
+                if k in ("eos_token", "bos_token", "pad_token") and k not in special:
+                    special[k] = v["content"] if isinstance(v, dict) else v
+    return Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
+                     bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))
+
+
+def train_demo_tokenizer(texts, vocab_size: int = 2048) -> Tokenizer:
+    """DEMO ONLY: a small byte-level BPE trained on the given texts, for the offline tiny-model demo.
+
+    It shares phi's conventions (byte-level, `<|endoftext|>` as bos/eos/pad) but none of its ids: a model
+    trained with it is a toy and its weights mean nothing to a real phi checkpoint.
+    """
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok, source="demo")

@@ -1,0 +1,37 @@
+"""phift: fine-tune Microsoft's phi models in plain PyTorch (no HF Trainer, no transformers at run time).
+
+Install torch first (`pip install torch==...`) so that pip does not pick a CUDA build you did not ask for.
+The fused LoRA CUDA kernel is compiled here when a CUDA toolkit and a CUDA torch are present; otherwise it is
+built on first use on a GPU machine, and CPU machines never need nvcc.
+"""
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+try:
+    from kernels.build import cuda_extensions
+
+    ext_modules = cuda_extensions()
+    if ext_modules:
+        from torch.utils.cpp_extension import BuildExtension
+
+        cmdclass = {"build_ext": BuildExtension}
+except ImportError:  # torch not installed yet, or kernels/ absent: pure-Python install
+    pass
+
+setup(
+    name="phift",
+    version="0.1.0",
+    description="Raw-PyTorch fine-tuning (LoRA and full) for Microsoft phi-1, phi-1_5 and phi-2",
+    packages=find_packages(include=["phift", "phift.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "safetensors>=0.4", "tokenizers>=0.15", "huggingface-hub>=0.20",
+                      "numpy", "tqdm", "matplotlib"],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14", "ninja"],
+        "eval": ["nltk", "jieba", "rouge-chinese"],
+        "test": ["pytest", "transformers>=4.37", "peft>=0.10"],
+    },
+    entry_points={"console_scripts": ["phift=phift.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

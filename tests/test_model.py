@@ -1,0 +1,148 @@
+"""The phi network: rotary, the chunked loss, masks, checkpointing, generation with and without the KV cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phift.generate import generate, sample_next
+from phift.model import LMHead, Phi, apply_rotary, rotary_cos_sin
+
+
+@pytest.fixture
+def model(tiny_config):
+    torch.manual_seed(0)
+    return Phi(tiny_config).eval()
+
+
+def test_rotary_touches_only_the_first_rotary_dims():
+    x = torch.randn(2, 3, 5, 16)
+    cos, sin = rotary_cos_sin(torch.arange(5).expand(2, 5), rotary_dim=8, theta=10000.0)
+    y = apply_rotary(x, cos, sin)
+    assert torch.equal(y[..., 8:], x[..., 8:])
+    assert not torch.allclose(y[..., 1:, :8], x[..., 1:, :8])
+    torch.testing.assert_close(y[..., :8].norm(dim=-1), x[..., :8].norm(dim=-1))  # a rotation keeps norms
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(pq, pk):
+        cq, sq = rotary_cos_sin(torch.tensor([[pq]]), 8, 10000.0)
+        ck, sk = rotary_cos_sin(torch.tensor([[pk]]), 8, 10000.0)
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(7, 3), score(104, 100))
+
+
+def test_rotary_matches_rotate_half_written_out():
+    x = torch.randn(1, 1, 1, 4)
+    cos, sin = rotary_cos_sin(torch.tensor([[3]]), rotary_dim=4, theta=10000.0)
+    inv = 1.0 / 10000.0 ** (torch.tensor([0.0, 2.0]) / 4)
+    a = 3 * inv
+    x1, x2 = x[..., :2], x[..., 2:]
+    expected = torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], dim=-1)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), expected)
+
+
+def test_chunked_loss_equals_plain_cross_entropy_with_gradients(monkeypatch):
+    monkeypatch.setattr(LMHead, "chunk_bytes", 4 * 50 * 7)  # 7 rows a chunk: many chunks, a ragged last one
+    torch.manual_seed(0)
+    head = LMHead(16, 50)
+    h = torch.randn(3, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = -100
+    labels[2, 7:] = -100
+    loss = head(h, labels)
+    loss.backward()
+    grads = [t.grad.clone() for t in (h, head.weight, head.bias)]
+    for t in (h, head.weight, head.bias):
+        t.grad = None
+    ref = F.cross_entropy(F.linear(h[:, :-1], head.weight, head.bias).reshape(-1, 50), labels[:, 1:].reshape(-1))
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(grads, (h.grad, head.weight.grad, head.bias.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_loss_without_grad_needs_no_backward_buffers(model):
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        loss = model(x, labels=x)
+    assert loss.ndim == 0 and torch.isfinite(loss) and not loss.requires_grad
+
+
+def test_packed_segments_equal_separate_sequences(model):
+    a, b = torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 7))
+    packed = torch.cat([a, b, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    seg = torch.tensor([[1] * 5 + [2] * 7 + [0] * 4])
+    pos = torch.tensor([list(range(5)) + list(range(7)) + [0] * 4])
+    with torch.no_grad():
+        out = model(packed, attention_mask=seg, position_ids=pos)
+        torch.testing.assert_close(out[:, :5], model(a), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, 5:12], model(b), atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_gives_the_unpadded_logits(model):
+    x = torch.randint(0, 128, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, attention_mask=mask)[:, 3:], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(model):
+    x = torch.randint(0, 128, (2, 12))
+    model.train()
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(x, labels=x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_neftune_noise_only_in_training(model):
+    x = torch.randint(0, 128, (1, 8))
+    model.neftune_alpha = 5.0
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # eval: no noise
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+def test_upcast_layernorm_keeps_activations_in_half(model):
+    model.half()
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+    x = torch.randint(0, 128, (1, 5))
+    with torch.no_grad():
+        assert model(x).dtype == torch.float16
+
+
+def test_cached_and_uncached_greedy_decoding_agree(model):
+    prompt = torch.randint(0, 128, (7,)).tolist()
+    cached = generate(model, [prompt], max_new_tokens=12, use_cache=True)
+    uncached = generate(model, [prompt], max_new_tokens=12, use_cache=False)
+    assert cached == uncached and len(cached[0]) == 12
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(model):
+    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (3, 9, 6)]
+    batched = generate(model, prompts, max_new_tokens=8)
+    assert batched == [generate(model, [p], max_new_tokens=8)[0] for p in prompts]
+
+
+def test_generation_stops_at_eos_and_drops_it(model):
+    prompt = [5, 6, 7]
+    first = generate(model, [prompt], max_new_tokens=1)[0][0]
+    assert generate(model, [prompt], max_new_tokens=10, eos_token_id=first) == [[]]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    assert sample_next(logits).item() == 0
