@@ -1,0 +1,180 @@
+"""LoRA: the math against float64, merge/unmerge, adapters on disk, and PEFT interop on transformers' Phi."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from phift import lora
+from phift.checkpoint import load_model, save_model
+from phift.model import Phi
+
+
+@pytest.fixture
+def model(tiny_config):
+    torch.manual_seed(0)
+    return Phi(tiny_config)
+
+
+def _randomise_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in lora.lora_modules(model).values():
+        m.lora_A.data = torch.randn(m.lora_A.shape, generator=g) * 0.1
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.1
+
+
+def test_fresh_adapter_leaves_outputs_unchanged(model):
+    x = torch.randint(0, 128, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        lora.inject(model, "all", verbose=False)
+        assert torch.equal(model(x), before)
+
+
+def test_only_adapters_get_gradients_and_move(model):
+    lora.inject(model, "Wqkv", verbose=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randint(0, 128, (2, 10))
+    for _ in range(2):  # the first step moves only B (A's gradient is B-weighted, and B starts at zero)
+        model(x, labels=x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            assert p.requires_grad and not torch.equal(p, before[n]), n
+        else:
+            assert not p.requires_grad and p.grad is None and torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_equals_the_formula_in_float64(rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40)
+    layer = lora.LoRALinear(base, r=4, alpha=12, dropout=0.0, use_rslora=rslora)
+    layer.lora_B.data.normal_()
+    x = torch.randn(3, 5, 24)
+    s = 12 / math.sqrt(4) if rslora else 12 / 4
+    assert layer.scaling == s
+    W, b, A, B = (t.double() for t in (base.weight, base.bias, layer.lora_A, layer.lora_B))
+    expected = x.double() @ W.T + b + s * (x.double() @ A.T) @ B.T
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_keeps_outputs_and_unmerge_restores_weights(model):
+    lora.inject(model, "all", verbose=False)
+    _randomise_adapters(model)
+    model.eval()
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
+    x = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        unmerged = model(x)
+        lora.set_merged(model, True)
+        torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+        lora.set_merged(model, False)
+    for n, p in model.named_parameters():
+        if n in base_weights:
+            torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=0)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 32), r=4, alpha=8, dropout=0.5)
+    layer.lora_B.data.normal_()
+    x = torch.randn(4, 32)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_adapter_weights_stay_fp32_on_a_half_base(model):
+    model.half()
+    lora.inject(model, "Wqkv", verbose=False)
+    m = next(iter(lora.lora_modules(model).values()))
+    assert m.weight.dtype == torch.float16 and m.lora_A.dtype == m.lora_B.dtype == torch.float32
+
+
+def test_hf_names_map_to_fused_modules(model, capsys):
+    paths = lora.inject(model, "q_proj,v_proj,dense", verbose=True)
+    out = capsys.readouterr().out
+    assert "q_proj → Wqkv" in out and "dense → out_proj" in out
+    assert sorted(paths) == sorted(f"layers.{i}.attn.{n}" for i in range(2) for n in ("Wqkv", "out_proj"))
+    assert "trainable params: " in out and " || all params: " in out and " || trainable%: " in out
+
+
+def test_target_that_matches_nothing_lists_the_modules(model):
+    with pytest.raises(ValueError, match=r"query matches no module.*Wqkv, fc1, fc2, lm_head, out_proj"):
+        lora.inject(model, "query", verbose=False)
+
+
+def test_trainable_count_is_rank_times_in_plus_out(model):
+    lora.inject(model, "Wqkv", r=8, verbose=False)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 8 * (64 + 192)
+
+
+def test_adapter_save_load_round_trip(model, tmp_path, tiny_config):
+    lora.inject(model, "Wqkv,fc2", r=4, verbose=False)
+    _randomise_adapters(model)
+    model.eval()
+    lora.save_adapter(model, tmp_path, base_model_name_or_path="tiny")
+    torch.manual_seed(0)
+    fresh = Phi(tiny_config).eval()
+    cfg = lora.load_adapter(fresh, tmp_path)
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["Wqkv", "fc2"]
+    x = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_loading_an_adapter_of_another_rank_is_a_clear_error(model, tmp_path, tiny_config):
+    lora.inject(model, "Wqkv", r=4, verbose=False)
+    lora.save_adapter(model, tmp_path)
+    other = Phi(tiny_config)
+    lora.inject(other, "Wqkv", r=8, verbose=False)
+    with pytest.raises(ValueError, match=r"r=4.*does not match.*r=8"):
+        lora.load_adapter(other, tmp_path)
+
+
+def test_loading_an_adapter_with_a_wrong_shape_names_the_key(model, tmp_path, tiny_config):
+    lora.inject(model, "Wqkv", r=4, verbose=False)
+    lora.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / lora.ADAPTER_WEIGHTS))
+    state["layers.1.attn.Wqkv.lora_B"] = torch.zeros(100, 4)
+    save_file(state, str(tmp_path / lora.ADAPTER_WEIGHTS))
+    with pytest.raises(ValueError, match=r"layers\.1\.attn\.Wqkv\.lora_B has shape \(100, 4\).*\(192, 4\)"):
+        lora.load_adapter(Phi(tiny_config), tmp_path)
+
+
+def test_merged_export_loads_as_a_plain_checkpoint(model, tmp_path):
+    lora.inject(model, "all", verbose=False)
+    _randomise_adapters(model)
+    model.eval()
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        expected = model(x)
+        lora.unload(model, merge=True)
+        save_model(model, tmp_path)
+        torch.testing.assert_close(load_model(tmp_path).eval()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_export_gives_the_same_logits_in_transformers(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    save_model(model, base_dir)
+    lora.inject(model, "Wqkv,out_proj,fc1,fc2", r=4, alpha=8, verbose=False)
+    _randomise_adapters(model)
+    model.eval()
+    lora.export_peft(model, adapter_dir, base_model_name_or_path=str(base_dir))
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["dense", "fc1", "fc2", "k_proj", "q_proj", "v_proj"]
+    hf = transformers.PhiForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
+    x = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() <= 1e-4
