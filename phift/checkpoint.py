@@ -214,3 +214,18 @@ def save_model(model: Phi, directory, dtype: torch.dtype | None = None, max_shar
     config["torch_dtype"] = str(dtype or next(iter(hf.values())).dtype).replace("torch.", "")
     (d / "config.json").write_text(json.dumps(config, indent=2))
     return d
+
+
+def load_for_inference(name_or_path, adapters: str | list[str] | None = None, dtype=torch.float32, device="cpu"):
+    """(model in eval mode, tokenizer): a checkpoint plus LoRA adapter directories merged in, in order."""
+    from . import lora
+    from .tokenizer import load_tokenizer
+
+    d = resolve_checkpoint_dir(name_or_path)
+    model = load_model(d, dtype=dtype, device=device)
+    adapters = [a for a in (adapters.split(",") if isinstance(adapters, str) else adapters or []) if a]
+    for a in adapters:
+        lora.load_adapter(model, a, trainable=False)
+        lora.unload(model, merge=True)
+    tok_dir = next((Path(a) for a in reversed(adapters) if (Path(a) / "tokenizer.json").is_file()), d)
+    return model.eval(), load_tokenizer(tok_dir)

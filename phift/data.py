@@ -1,0 +1,375 @@
+"""SFT data: the dataset registry, prompt templates, supervised encoding, and batching.
+
+    dataset_info.json → load_rows → encode_supervised (template, cutoff policy) → collate | pack + collate_packed
+
+The flags mean what they meant to the seed in LLaMA-Factory v0.3.3 (December 2023): `--dataset`, `--dataset_dir`,
+`--template`, `--cutoff_len`, `--max_samples`, `--train_on_prompt`, `--val_size`.
+
+dataset_info.json maps a dataset name to an entry (LLaMA-Factory's schema):
+
+    "name": {
+      "file_name": "x.json",               .json (an array of records) or .jsonl (one record a line), under dataset_dir;
+                                           with hf_hub_url, the file's path inside that hub dataset repository
+      "hf_hub_url": "owner/repo",          optional: fetched with huggingface_hub.hf_hub_download(repo_type="dataset")
+      "file_sha1": "...",                  optional: checked; a mismatch logs a warning, as LLaMA-Factory did, so that
+                                           a file edited on purpose (say, the name filled in) still loads
+      "formatting": "alpaca",              or "sharegpt"
+      "columns": {...}                     which record keys hold what (below)
+    }
+
+alpaca columns: prompt (default "instruction"), query ("input"), response ("output"), history, system, and phift's
+`reference`: a list of statutes (DISC-Law-SFT's triplet files) placed before the prompt as
+"参考法条：\\n<one statute a line>\\n\\n<prompt>".
+Without "columns" the defaults apply; with it, only the keys it names.
+The user's turn is prompt + "\\n" + query (query omitted when empty); history is a list of [query, response] pairs.
+sharegpt columns: messages ("conversations"), role ("from"), content ("value"), system; turns alternate a user
+(human/user) and an assistant (gpt/assistant) message, optionally after one leading system message.
+
+A row is {"prompt": the user's turn, "response": str, "history": [[q, r], ...], "system": str (only when given)}.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAME = DEFAULT_AUTHOR = "phift"
+STATUTES_HEADER = "参考法条：\n"
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+SHAREGPT_COLUMNS = {"messages": "conversations", "role": "from", "content": "value"}
+USER_ROLES, ASSISTANT_ROLES, SYSTEM_ROLES = ("human", "user"), ("gpt", "assistant"), ("system",)
+
+
+# ---------------------------------------------------------------------------------------------------- templates
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt format as data; `encode_turns` is the function that reads it.
+
+    Turn 0:  [bos] + prefix + sep + prompt(query)    response + eos   (prefix and its sep only when prefix is non-empty)
+    Turn t:  sep + [bos] + prompt(query)             response + eos
+    bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said `add_bos_token=False`,
+    and phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
+    """
+    prefix: str = ""  # "{system}" in it becomes the system text
+    prompt: str = "{query}"
+    sep: str = ""
+    system: str = ""
+    use_history: bool = True
+    stop_words: tuple[str, ...] = ()
+
+
+TEMPLATES: dict[str, Template] = {
+    # the seed's template: the query as is, and no history (v0.3.3 dropped it for vanilla)
+    "vanilla": Template(use_history=False),
+    "empty": Template(),
+    "default": Template(
+        prefix="{system}", prompt="Human: {query}\nAssistant: ", sep="\n",
+        system="A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+    "alpaca": Template(
+        prefix="{system}", prompt="### Instruction:\n{query}\n\n### Response:\n", sep="\n\n",
+        system="Below is an instruction that describes a task. "
+               "Write a response that appropriately completes the request."),
+    # phi-1_5's own QA format (its model card). The response follows "Output:" directly: a trailing space in the
+    # prompt would be a lone BPE token, where pretraining text has the space inside the next word's token.
+    "phi": Template(prompt="Instruct: {query}\nOutput:", sep="\n", stop_words=("Instruct:",)),
+    # v0.3.3's chatml ended responses with <|im_end|> alone (efficient_eos); phi has no such special token (it is
+    # plain text here), so responses end with eos like every other template and <|im_end|> is a stop word.
+    "chatml": Template(
+        prefix="<|im_start|>system\n{system}", prompt="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
+        sep="<|im_end|>\n", system="You are a helpful assistant.", stop_words=("<|im_end|>",)),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text) if text else []
+
+
+def encode_turns(template: Template, tokenizer, query: str, response: str, history=None,
+                 system: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(source_ids, target_ids) per turn, history first; each target ends with eos. Pieces are tokenised apart."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    sep = _ids(tokenizer, template.sep)
+    turns = [*(history if template.use_history and history else []), (query, response)]
+    pairs = []
+    for i, (q, r) in enumerate(turns):
+        if i == 0:
+            prefix = _ids(tokenizer, template.prefix.replace("{system}", system or template.system))
+            head = bos + prefix + sep if prefix else bos
+        else:
+            head = sep + bos
+        source = head + _ids(tokenizer, template.prompt.replace("{query}", q, 1))
+        pairs.append((source, _ids(tokenizer, r) + [tokenizer.eos_token_id]))
+    return pairs
+
+
+def encode_prompt(template: Template, tokenizer, query: str, history=None, system: str | None = None) -> list[int]:
+    """Everything the model reads before it must answer `query`: the ids generation starts from."""
+    pairs = encode_turns(template, tokenizer, query, "", history, system)
+    return [t for source, target in pairs[:-1] for t in source + target] + pairs[-1][0]
+
+
+def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int, train_on_prompt: bool) -> dict:
+    """input_ids and labels (-100 over every source unless train_on_prompt); every response turn is trained.
+
+    v0.3.3's cutoff policy (its infer_max_len with reserved_label_len=1): each turn on its own gets the whole
+    cutoff_len, split in proportion to its source and target lengths with at least one target token; the turns are
+    then concatenated and cut to cutoff_len. So the first turn always keeps >= 1 response token; later turns may
+    be cut away entirely.
+    """
+    if cutoff_len < 1:
+        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    input_ids, labels = [], []
+    for source, target in encode_turns(template, tokenizer, row["prompt"], row["response"], row.get("history"),
+                                       row.get("system")):
+        max_target = max(int(cutoff_len * len(target) / (len(source) + len(target))), 1)
+        source, target = source[:cutoff_len - max_target], target[:max_target]
+        input_ids += source + target
+        labels += (source if train_on_prompt else [IGNORE_INDEX] * len(source)) + target
+    return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+def _load_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in {what}: {e.msg}") from None
+
+
+def load_dataset_info(dataset_dir) -> dict:
+    path = Path(dataset_dir) / "dataset_info.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset_info.json in dataset_dir {dataset_dir}")
+    return _load_json(path, "the dataset registry")
+
+
+def _dataset_file(dataset: str, entry: dict, dataset_dir) -> Path:
+    if "file_name" not in entry:
+        raise ValueError(f"dataset {dataset!r}: its dataset_info.json entry needs a 'file_name'")
+    if "hf_hub_url" in entry:
+        import huggingface_hub
+
+        try:
+            path = Path(huggingface_hub.hf_hub_download(repo_id=entry["hf_hub_url"], filename=entry["file_name"],
+                                                        repo_type="dataset"))
+        except Exception as e:
+            raise RuntimeError(f"dataset {dataset!r}: could not fetch {entry['file_name']} from the hub dataset "
+                               f"{entry['hf_hub_url']}: {e}") from e
+    else:
+        path = Path(dataset_dir) / entry["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset {dataset!r}: file {path} does not exist")
+    if "file_sha1" in entry:
+        sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
+        if sha1 != entry["file_sha1"]:
+            logger.warning("dataset %r: %s has SHA-1 %s, dataset_info.json expects %s (file changed?)",
+                           dataset, path, sha1, entry["file_sha1"])
+    return path
+
+
+def _read_records(path: Path, dataset: str) -> list:
+    if path.suffix == ".json":
+        records = _load_json(path, f"dataset {dataset!r}")
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: dataset {dataset!r} must be a JSON array of records")
+        where = [f"{path} record {i}" for i in range(len(records))]
+    elif path.suffix == ".jsonl":
+        records, where = [], []
+        # split on "\n" only: str.splitlines would also break at U+2028 and friends, legal inside JSON strings
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}:{e.colno}: invalid JSON in dataset {dataset!r}: {e.msg}") \
+                        from None
+                where.append(f"{path}:{lineno}")
+    else:
+        raise ValueError(f"dataset {dataset!r}: {path.name} is neither .json nor .jsonl")
+    for record, at in zip(records, where):
+        if not isinstance(record, dict):
+            raise ValueError(f"{at}: dataset {dataset!r}: a record must be a JSON object, got {type(record).__name__}")
+    return list(zip(records, where))
+
+
+def _format_row(record: dict, entry: dict, dataset: str, at: str) -> dict:
+    sharegpt = entry.get("formatting", "alpaca") == "sharegpt"
+    columns = entry.get("columns", SHAREGPT_COLUMNS if sharegpt else ALPACA_COLUMNS)
+
+    def fail(problem: str):
+        raise ValueError(f"{at}: dataset {dataset!r}: {problem}")
+
+    def get(key: str, *kinds: type):
+        column = columns.get(key)
+        if column is None:
+            return None
+        if column not in record:
+            fail(f"no column {column!r} (its {key}); the record has: {', '.join(sorted(record)) or 'nothing'}")
+        value = record[column]
+        if value is not None and not isinstance(value, kinds or (str,)):
+            fail(f"column {column!r} must be {' or '.join(k.__name__ for k in kinds or (str,))}, "
+                 f"got {type(value).__name__}")
+        return value
+
+    def text(value, what: str) -> str:
+        if not isinstance(value, str):
+            fail(f"{what} must be a string, got {type(value).__name__}")
+        return value
+
+    row = {}
+    if sharegpt:
+        role, content = columns.get("role", "from"), columns.get("content", "value")
+        messages = get("messages", list) or []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or role not in m or content not in m:
+                fail(f"message {i} needs the keys {role!r} and {content!r}")
+        if messages and messages[0][role] in SYSTEM_ROLES:
+            row["system"] = text(messages[0][content], "the system message")
+            messages = messages[1:]
+        for i, m in enumerate(messages):
+            expected = USER_ROLES if i % 2 == 0 else ASSISTANT_ROLES
+            if m[role] not in expected:
+                fail(f"message {i} has role {m[role]!r} where one of {expected} belongs "
+                     "(turns must alternate user, assistant)")
+        if len(messages) % 2:
+            fail("the conversation ends with a user message that has no answer")
+        pairs = [[text(messages[i][content], f"message {i}"), text(messages[i + 1][content], f"message {i + 1}")]
+                 for i in range(0, len(messages), 2)] or [["", ""]]
+        row["prompt"], row["response"], row["history"] = *pairs[-1], pairs[:-1]
+    else:
+        prompt, query = get("prompt") or "", get("query") or ""
+        prompt = prompt + "\n" + query if query else prompt
+        reference = get("reference", list, str)
+        if reference:
+            statutes = [reference] if isinstance(reference, str) else [text(s, "a statute") for s in reference]
+            prompt = STATUTES_HEADER + "\n".join(statutes) + "\n\n" + prompt
+        history = get("history", list) or []
+        for turn in history:
+            if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(s, str) for s in turn)):
+                fail(f"each history turn must be a [query, response] pair of strings, got {turn!r}")
+        row.update(prompt=prompt, response=get("response") or "", history=history)
+    system = get("system")
+    if system:
+        row["system"] = system
+    return row
+
+
+def _fill_identity(value, name: str, author: str):
+    if isinstance(value, str):
+        for placeholder, filler in (("<NAME>", name), ("{{name}}", name), ("<AUTHOR>", author), ("{{author}}", author)):
+            value = value.replace(placeholder, filler)
+        return value
+    if isinstance(value, list):
+        return [_fill_identity(v, name, author) for v in value]
+    return {k: _fill_identity(v, name, author) for k, v in value.items()}
+
+
+def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | None = None, name: str | None = None,
+              author: str | None = None) -> list[dict]:
+    """Rows of the named datasets (comma-separated or a list), in order; the first max_samples of each.
+
+    <NAME>/{{name}} and <AUTHOR>/{{author}} become `name` and `author` (both default to "phift").
+    Rows with an empty prompt or response are skipped, as v0.3.3 did, and the count is logged.
+    """
+    names = [n.strip() for n in dataset_names.split(",")] if isinstance(dataset_names, str) else list(dataset_names)
+    info = load_dataset_info(dataset_dir)
+    rows = []
+    for dataset in names:
+        if dataset not in info:
+            raise ValueError(f"unknown dataset {dataset!r}; {Path(dataset_dir) / 'dataset_info.json'} defines: "
+                             f"{', '.join(info) or 'nothing'}")
+        records = _read_records(_dataset_file(dataset, info[dataset], dataset_dir), dataset)[:max_samples]
+        formatted = [_format_row(record, info[dataset], dataset, at) for record, at in records]
+        kept = [r for r in formatted if r["prompt"] and r["response"]]
+        if len(kept) < len(formatted):
+            logger.warning("dataset %r: skipped %d of %d records with an empty prompt or response",
+                           dataset, len(formatted) - len(kept), len(formatted))
+        rows += kept
+    return _fill_identity(rows, name or DEFAULT_NAME, author or DEFAULT_AUTHOR)
+
+
+def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str, cutoff_len: int = 1024,
+                max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
+                name: str | None = None, author: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, val) examples {input_ids, labels}, shuffled with `seed`; val_size is a fraction (< 1) or a count."""
+    template = get_template(template) if isinstance(template, str) else template
+    rows = load_rows(dataset_names, dataset_dir, max_samples, name, author)
+    examples = [encode_supervised(template, tokenizer, row, cutoff_len, train_on_prompt) for row in rows]
+    if not examples:
+        raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold no usable rows")
+    random.Random(seed).shuffle(examples)
+    n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(examples))
+    if val_size < 0 or n_val >= len(examples):
+        raise ValueError(f"val_size {val_size} leaves no training examples out of {len(examples)}")
+    return examples[n_val:], examples[:n_val]
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+def _padded_batch(columns: dict[str, list[list[int]]], pad_token_id: int, pad_to_multiple_of: int | None) -> dict:
+    pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
+    multiple = pad_to_multiple_of or 1
+    width = -(-max(len(r) for r in columns["input_ids"]) // multiple) * multiple
+    return {key: torch.tensor([r + [pad_values[key]] * (width - len(r)) for r in rows], dtype=torch.long)
+            for key, rows in columns.items()}
+
+
+def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example rounded up to a multiple; labels pad with -100, attention_mask is 1/0."""
+    return _padded_batch({
+        "input_ids": [e["input_ids"] for e in examples],
+        "labels": [e["labels"] for e in examples],
+        "attention_mask": [[1] * len(e["input_ids"]) for e in examples],
+    }, pad_token_id, pad_to_multiple_of)
+
+
+def pack(examples: list[dict], max_len: int) -> list[list[dict]]:
+    """First-fit decreasing: bins of examples whose lengths sum to <= max_len."""
+    bins, room = [], []
+    for e in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):
+        n = len(e["input_ids"])
+        if n > max_len:
+            raise ValueError(f"an example of {n} tokens does not fit a pack of {max_len}; cut it with cutoff_len")
+        i = next((i for i, r in enumerate(room) if n <= r), len(bins))
+        if i == len(bins):
+            bins.append([])
+            room.append(max_len)
+        bins[i].append(e)
+        room[i] -= n
+    return bins
+
+
+def collate_packed(bins: list[list[dict]], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict:
+    """One row per bin: positions restart at 0 per sample; attention_mask holds the sample's segment index 1, 2, ..."""
+    columns = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": []}
+    for samples in bins:
+        for rows in columns.values():
+            rows.append([])
+        for segment, e in enumerate(samples, start=1):
+            n = len(e["input_ids"])
+            columns["input_ids"][-1] += e["input_ids"]
+            # unpacked, the shifted loss never reads a sample's first label; packed, it would be predicted from the
+            # previous sample's last token
+            columns["labels"][-1] += [IGNORE_INDEX] + e["labels"][1:]
+            columns["position_ids"][-1] += list(range(n))
+            columns["attention_mask"][-1] += [segment] * n
+    return _padded_batch(columns, pad_token_id, pad_to_multiple_of)

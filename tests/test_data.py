@@ -1,0 +1,332 @@
+"""SFT data: templates and masking, the cutoff policy, the dataset registry, bad input, collation and packing."""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from phift.data import (TEMPLATES, collate, collate_packed, encode_prompt, encode_supervised, encode_turns,
+                        get_dataset, get_template, load_dataset_info, load_rows, pack)
+from phift.model import Phi
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+IGNORE = -100
+
+
+class CharTokenizer:
+    """One id per character, so token counts are string lengths and the cutoff arithmetic can be done by hand."""
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def encode(self, text):
+        return [3 + ord(c) % 100 for c in text]
+
+
+TOK = CharTokenizer()
+BOS, EOS = TOK.bos_token_id, TOK.eos_token_id
+
+
+def dataset_dir(tmp_path, info, files):
+    for file_name, records in files.items():
+        text = records if isinstance(records, str) else json.dumps(records, ensure_ascii=False)
+        (tmp_path / file_name).write_text(text, encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return tmp_path
+
+
+def trained(example):
+    return [t for t in example["labels"] if t != IGNORE]
+
+
+# ---------------------------------------------------------------------------------------------------- masking
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_prompt_is_masked_and_response_plus_eos_is_trained_for_every_template(name):
+    template = get_template(name)
+    row = {"prompt": "what is 2+2?", "response": "four", "history": []}
+    prompt = encode_prompt(template, TOK, row["prompt"])
+    example = encode_supervised(template, TOK, row, cutoff_len=1024, train_on_prompt=False)
+    answer = TOK.encode("four") + [EOS]
+    assert example["input_ids"] == prompt + answer
+    assert example["labels"] == [IGNORE] * len(prompt) + answer
+    assert prompt[0] == BOS
+
+
+def test_train_on_prompt_trains_the_prompt_too():
+    row = {"prompt": "what is 2+2?", "response": "four", "history": []}
+    example = encode_supervised(TEMPLATES["alpaca"], TOK, row, cutoff_len=1024, train_on_prompt=True)
+    assert example["labels"] == example["input_ids"]
+
+
+def test_every_history_turn_is_trained_and_every_history_prompt_masked():
+    template = TEMPLATES["default"]
+    row = {"prompt": "q3", "response": "r3", "history": [["q1", "r1"], ["q2", "r2"]]}
+    example = encode_supervised(template, TOK, row, cutoff_len=1024, train_on_prompt=False)
+    pairs = encode_turns(template, TOK, "q3", "r3", row["history"])
+    assert example["input_ids"] == [t for source, target in pairs for t in source + target]
+    assert example["labels"] == [t for source, target in pairs for t in [IGNORE] * len(source) + target]
+    assert trained(example) == TOK.encode("r1") + [EOS] + TOK.encode("r2") + [EOS] + TOK.encode("r3") + [EOS]
+    assert pairs[1][0][:2] == TOK.encode(template.sep) + [BOS]  # a later turn: sep, then bos, as v0.3.3 did
+
+
+def test_vanilla_drops_history_as_the_seed_did():
+    with_history = {"prompt": "q2", "response": "r2", "history": [["q1", "r1"]]}
+    without = {"prompt": "q2", "response": "r2", "history": []}
+    vanilla = TEMPLATES["vanilla"]
+    assert encode_supervised(vanilla, TOK, with_history, 1024, False) == encode_supervised(vanilla, TOK, without,
+                                                                                          1024, False)
+
+
+def test_encode_prompt_is_the_history_then_the_last_source():
+    history = [["q1", "r1"]]
+    pairs = encode_turns(TEMPLATES["chatml"], TOK, "q2", "r2", history)
+    assert encode_prompt(TEMPLATES["chatml"], TOK, "q2", history) == pairs[0][0] + pairs[0][1] + pairs[1][0]
+
+
+def test_system_text_replaces_the_template_default():
+    ids = encode_prompt(TEMPLATES["default"], TOK, "hi", system="Be brief.")
+    assert ids[:1 + len("Be brief.")] == [BOS] + TOK.encode("Be brief.")
+
+
+def test_unknown_template_lists_the_known_ones():
+    with pytest.raises(ValueError, match="vanilla.*chatml"):
+        get_template("llama9")
+
+
+# ---------------------------------------------------------------------------------------------------- cutoff_len
+
+def test_truncation_splits_cutoff_in_proportion_to_source_and_target():
+    row = {"prompt": "p" * 299, "response": "r" * 99, "history": []}  # source 300 (bos + 299), target 100 (+ eos)
+    example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len=100, train_on_prompt=False)
+    # max_target = int(100 * 100 / 400) = 25, max_source = 100 - 25 = 75
+    assert example["input_ids"] == ([BOS] + TOK.encode("p" * 299))[:75] + TOK.encode("r" * 25)
+    assert example["labels"] == [IGNORE] * 75 + TOK.encode("r" * 25)
+
+
+def test_truncation_keeps_at_least_one_response_token():
+    row = {"prompt": "p" * 998, "response": "r", "history": []}  # source 999, target 2: int(10 * 2 / 1001) = 0 -> 1
+    example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len=10, train_on_prompt=False)
+    assert len(example["input_ids"]) == 10
+    assert example["labels"] == [IGNORE] * 9 + TOK.encode("r")
+
+
+def test_each_turn_budgets_the_whole_cutoff_and_the_concatenation_is_cut_after():
+    row = {"prompt": "c" * 9, "response": "d" * 9, "history": [["a" * 9, "b" * 9]]}  # two turns of 10 + 10 tokens
+    example = encode_supervised(TEMPLATES["empty"], TOK, row, cutoff_len=30, train_on_prompt=False)
+    assert len(example["input_ids"]) == 30
+    assert trained(example) == TOK.encode("b" * 9) + [EOS]  # turn 2 kept its prompt only
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+
+def test_alpaca_rows_join_instruction_and_input_and_keep_history(tmp_path):
+    records = [{"instruction": "翻译", "input": "hello", "output": "你好", "history": [["q", "r"]]},
+               {"instruction": "你是谁？", "input": "", "output": "我是助手", "history": []}]
+    info = {"d": {"file_name": "d.json", "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                                     "history": "history"}}}
+    rows = load_rows("d", dataset_dir(tmp_path, info, {"d.json": records}))
+    assert rows == [{"prompt": "翻译\nhello", "response": "你好", "history": [["q", "r"]]},
+                    {"prompt": "你是谁？", "response": "我是助手", "history": []}]
+
+
+def test_sharegpt_conversations_become_history_and_a_last_turn(tmp_path):
+    conversation = [{"from": "system", "value": "be kind"}, {"from": "human", "value": "q1"},
+                    {"from": "gpt", "value": "r1"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "r2"}]
+    info = {"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt"}}
+    rows = load_rows("chat", dataset_dir(tmp_path, info, {"chat.jsonl": json.dumps({"conversations": conversation})}))
+    assert rows == [{"system": "be kind", "prompt": "q2", "response": "r2", "history": [["q1", "r1"]]}]
+
+
+def test_sharegpt_out_of_order_turns_name_the_record_and_message(tmp_path):
+    conversation = [{"from": "human", "value": "q1"}, {"from": "human", "value": "q2"}]
+    info = {"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt"}}
+    d = dataset_dir(tmp_path, info, {"chat.jsonl": json.dumps({"conversations": conversation})})
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: dataset 'chat': message 1 has role 'human'"):
+        load_rows("chat", d)
+
+
+def test_name_and_author_fill_both_placeholder_styles_and_default_to_phift(tmp_path):
+    records = [{"instruction": "你是谁", "input": "", "output": "我是 <NAME>，由 <AUTHOR> 开发。"},
+               {"instruction": "who", "input": "", "output": "I am {{name}} by {{author}}."}]
+    d = dataset_dir(tmp_path, {"me": {"file_name": "me.json"}}, {"me.json": records})
+    filled = load_rows("me", d, name="小法", author="复旦")
+    assert [r["response"] for r in filled] == ["我是 小法，由 复旦 开发。", "I am 小法 by 复旦."]
+    assert load_rows("me", d)[1]["response"] == "I am phift by phift."
+
+
+def test_max_samples_takes_the_first_rows_of_each_dataset(tmp_path):
+    records = {f"{n}.json": [{"instruction": f"{n}{i}", "input": "", "output": "x"} for i in range(5)] for n in "ab"}
+    d = dataset_dir(tmp_path, {"a": {"file_name": "a.json"}, "b": {"file_name": "b.json"}}, records)
+    assert [r["prompt"] for r in load_rows("a,b", d, max_samples=2)] == ["a0", "a1", "b0", "b1"]
+
+
+def test_val_size_is_a_fraction_or_a_count_and_the_split_follows_the_seed(tmp_path):
+    records = [{"instruction": f"q{i}", "input": "", "output": "a"} for i in range(10)]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    train, val = get_dataset("d", d, TOK, "vanilla", val_size=0.2, seed=1)
+    assert (len(train), len(val)) == (8, 2)
+    assert [len(s) for s in get_dataset("d", d, TOK, "vanilla", val_size=3)] == [7, 3]
+    assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] == get_dataset("d", d, TOK, "vanilla", seed=1)[0]
+    assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] != get_dataset("d", d, TOK, "vanilla", seed=2)[0]
+
+
+def test_project_datasets_load_without_warnings(caplog):
+    with caplog.at_level(logging.WARNING):
+        rows = load_rows("self_cognition,law_sft_triplet_sample", DATA_DIR, name="小法", author="复旦")
+    assert caplog.records == []  # file_sha1 matches, no empty rows
+    assert any(r["prompt"] == "你是谁？" and "我是 小法" in r["response"] for r in rows)
+    assert all("<NAME>" not in r["response"] and "<AUTHOR>" not in r["response"] for r in rows)
+
+
+def test_hub_dataset_is_fetched_with_hf_hub_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    local = tmp_path / "triplet.jsonl"
+    record = {"id": "1", "reference": ["《刑法》第一条：…"], "input": "问", "output": "答"}
+    local.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kw: calls.append(kw) or str(local))
+    rows = load_rows("law_sft_triplet", DATA_DIR)
+    assert calls == [{"repo_id": "ShengbinYue/DISC-Law-SFT", "filename": "DISC-Law-SFT-Triplet-released.jsonl",
+                      "repo_type": "dataset"}]
+    assert rows == [{"prompt": "参考法条：\n《刑法》第一条：…\n\n问", "response": "答", "history": []}]
+
+
+def test_sha1_mismatch_is_a_warning_naming_the_file(tmp_path, caplog):
+    records = [{"instruction": "q", "input": "", "output": "a"}]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json", "file_sha1": "0" * 40}}, {"d.json": records})
+    with caplog.at_level(logging.WARNING):
+        assert len(load_rows("d", d)) == 1
+    assert "d.json has SHA-1" in caplog.text and "0" * 40 in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    lines = '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": }\n'
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.jsonl"}}, {"d.jsonl": lines})
+    with pytest.raises(ValueError, match=r"d\.jsonl:3:\d+: invalid JSON in dataset 'd'"):
+        load_rows("d", d)
+
+
+def test_malformed_json_array_names_the_line_and_column(tmp_path):
+    text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n'
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": text})
+    with pytest.raises(ValueError, match=r"d\.json:3:23: invalid JSON in dataset 'd'"):
+        load_rows("d", d)
+
+
+def test_missing_column_names_the_dataset_the_column_and_the_columns_there(tmp_path):
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": [{"instruction": "q", "answer": "a"}]})
+    with pytest.raises(ValueError, match=r"record 0: dataset 'd': no column 'input' .* has: answer, instruction"):
+        load_rows("d", d)
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown dataset 'nope'.*self_cognition, law_sft_triplet"):
+        load_rows("self_cognition,nope", DATA_DIR)
+
+
+def test_missing_file_names_the_dataset_and_the_path(tmp_path):
+    d = dataset_dir(tmp_path, {"d": {"file_name": "gone.json"}}, {})
+    with pytest.raises(FileNotFoundError, match=r"dataset 'd': file .*gone\.json does not exist"):
+        load_rows("d", d)
+
+
+def test_empty_responses_are_skipped_and_counted(tmp_path, caplog):
+    records = [{"instruction": "q", "input": "", "output": o} for o in ("a", "", None, "b")]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    with caplog.at_level(logging.WARNING):
+        assert [r["response"] for r in load_rows("d", d)] == ["a", "b"]
+    assert "dataset 'd': skipped 2 of 4 records" in caplog.text
+
+
+def test_malformed_registry_names_its_line(tmp_path):
+    (tmp_path / "dataset_info.json").write_text('{\n  "d": {"file_name": "d.json",}\n}\n')
+    with pytest.raises(ValueError, match=r"dataset_info\.json:2:\d+: invalid JSON"):
+        load_dataset_info(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- the seed's data
+
+def test_seed_self_cognition_tokenises_to_bos_prompt_response_eos(tmp_path, shared_data, phi_tokenizer, caplog):
+    shutil.copy(shared_data / "self_cognition.json", tmp_path)
+    # the sha1 LLaMA-Factory's dataset_info.json recorded for this file
+    info = {"self_cognition": {"file_name": "self_cognition.json",
+                               "file_sha1": "6287a730ada924fc5d9eadc6d8f865e01b7a6f67"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        rows = load_rows("self_cognition", tmp_path, name="小法", author="复旦")
+    assert len(rows) == 80 and caplog.records == []
+    tok, eot = phi_tokenizer, 50256
+    assert tok.bos_token_id == tok.eos_token_id == eot
+    for row in rows:
+        example = encode_supervised(TEMPLATES["vanilla"], tok, row, cutoff_len=1024, train_on_prompt=False)
+        prompt, response = tok.encode(row["prompt"]), tok.encode(row["response"])
+        assert example["input_ids"] == [eot] + prompt + response + [eot]
+        assert example["labels"] == [IGNORE] * (1 + len(prompt)) + response + [eot]
+
+
+def test_chinese_round_trips_through_the_phi_tokenizer(shared_data, phi_tokenizer):
+    records = json.loads((shared_data / "self_cognition.json").read_text(encoding="utf-8"))
+    for text in [r["instruction"] for r in records] + [r["output"] for r in records]:
+        assert phi_tokenizer.decode(phi_tokenizer.encode(text)) == text
+
+
+def test_disc_law_triplet_sample_loads_through_the_recipe_entry(tmp_path, shared_data):
+    sample = "disc_law_sft_triplet_reconstructed_sample.jsonl"
+    shutil.copy(shared_data / sample, tmp_path)
+    entry = {k: v for k, v in load_dataset_info(DATA_DIR)["law_sft_triplet"].items() if k != "hf_hub_url"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"law_sft_triplet": {**entry, "file_name": sample}}))
+    rows = load_rows("law_sft_triplet", tmp_path)
+    records = [json.loads(line) for line in (shared_data / sample).read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len(records) == 50
+    for row, record in zip(rows, records):
+        assert row["prompt"] == "参考法条：\n" + "\n".join(record["reference"]) + "\n\n" + record["input"]
+        assert row["response"] == record["output"]
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+def test_padding_is_ignored_by_the_loss_and_rounds_up_to_a_multiple_of_8():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]},
+                     {"input_ids": list(range(3, 13)), "labels": list(range(3, 13))}], pad_token_id=0)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (2, 16) for k in ("input_ids", "labels",
+                                                                                  "attention_mask")}
+    assert batch["input_ids"][0].tolist() == [5, 6, 7] + [0] * 13
+    assert batch["labels"][0].tolist() == [IGNORE, 6, 7] + [IGNORE] * 13
+    assert batch["attention_mask"].tolist() == [[1] * 3 + [0] * 13, [1] * 10 + [0] * 6]
+    assert batch["attention_mask"].dtype == torch.long
+
+
+def test_pack_fills_bins_up_to_max_len_with_every_example_once():
+    examples = [{"input_ids": [3] * n, "labels": [3] * n} for n in (5, 9, 3, 7, 2, 6)]
+    bins = pack(examples, max_len=12)
+    assert all(sum(len(e["input_ids"]) for e in b) <= 12 for b in bins)
+    assert sorted(id(e) for b in bins for e in b) == sorted(id(e) for e in examples)
+    assert len(bins) == 3  # 32 tokens need at least 3 bins of 12
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(examples, max_len=8)
+
+
+def test_packed_rows_restart_positions_and_number_the_segments():
+    a, b, c = ({"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (3, 2, 4))
+    batch = collate_packed([[a, b], [c]], pad_token_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]]
+    assert batch["labels"][0].tolist() == [IGNORE, 4, 5, IGNORE, 4] + [IGNORE] * 3
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_config):
+    torch.manual_seed(0)
+    model = Phi(tiny_config).eval()
+    rows = [{"prompt": "q" * n, "response": "answer"[:1 + n % 6], "history": []} for n in (3, 17, 8, 1, 25, 11)]
+    # train_on_prompt makes every sample's first label real: packing must not predict it from the previous sample
+    examples = [encode_supervised(TEMPLATES["default"], TOK, r, cutoff_len=40, train_on_prompt=True) for r in rows]
+    with torch.no_grad():
+        unpacked = model(**collate(examples, TOK.pad_token_id))
+        packed_batch = collate_packed(pack(examples, max_len=96), TOK.pad_token_id)
+        packed = model(**packed_batch)
+    assert packed_batch["input_ids"].shape[0] < len(examples)
+    torch.testing.assert_close(packed, unpacked)
