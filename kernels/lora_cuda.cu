@@ -6,16 +6,17 @@
 //             fix:   dx = dx_aug[:, :K] + coef · mask ⊙ (g A)
 //
 // coef = scaling / (1 - p). The dropout mask is never stored: both passes regenerate it from Philox with the
-// same (seed, offset), one curand4 draw per 8-element vector, 16 random bits per element (p is rounded to a
+// same (seed, offset), one Philox4x32-10 draw (as curand4) per 8-element vector, 16 random bits per element (p is rounded to a
 // multiple of 1/65536 by the caller, which also uses that rounded p in coef).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxUtils.cuh>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <curand_kernel.h>
 
 #include <tuple>
 
@@ -66,10 +67,8 @@ __device__ __forceinline__ uint4 pack8(const float (&in)[kVec]) {
 
 // Bit e set <=> element e of vector `vec` is kept. Draw 16 bits per element, keep when >= threshold.
 __device__ __forceinline__ uint32_t keep_bits(uint64_t seed, uint64_t offset, uint64_t vec, uint32_t threshold) {
-  curandStatePhilox4_32_10_t state;
-  curand_init(seed, vec, offset, &state);
-  const uint4 r = curand4(&state);
-  const uint32_t words[4] = {r.x, r.y, r.z, r.w};
+  at::Philox4_32 engine(seed, vec, offset / 4);  // the stream of curand_init(seed, vec, offset); curand4()
+  const uint32_t words[4] = {engine(), engine(), engine(), engine()};
   uint32_t bits = 0;
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
@@ -129,7 +128,9 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(
   const int64_t ld_aug = k + R;
   uint64_t seed = 0, offset = 0;
   if (threshold) {
-    std::tie(seed, offset) = at::cuda::philox::unpack(philox);
+    const auto seed_offset = at::cuda::philox::unpack(philox);
+    seed = std::get<0>(seed_offset);
+    offset = std::get<1>(seed_offset);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       rng_out[0] = static_cast<int64_t>(seed);
       rng_out[1] = static_cast<int64_t>(offset);
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) fix_kernel(
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
       for (int e = 0; e < kVec; ++e) d[r][e] = 0.f;
-#pragma unroll
+#pragma unroll 8  // full unrolling would hoist all R vectors of A into registers
     for (int j = 0; j < R; ++j) {
       float af[kVec];
       unpack8<T>(*reinterpret_cast<const uint4*>(a + j * k + v * kVec), af);
@@ -252,7 +253,7 @@ void launch_prep(const at::Tensor& x, const at::Tensor& a, at::Tensor& x_aug, at
   constexpr int rows_per_block = prep_rows<R>();
   const int64_t rows = x.size(0), k = x.size(1);
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  prep_kernel<T, R, rows_per_block><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  prep_kernel<T, R, rows_per_block><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(a.data_ptr()),
       reinterpret_cast<T*>(x_aug.data_ptr()), threshold ? reinterpret_cast<T*>(xm.data_ptr()) : nullptr,
       reinterpret_cast<T*>(su.data_ptr()), rows, k, static_cast<float>(coef), static_cast<uint32_t>(threshold),
@@ -265,32 +266,26 @@ void launch_fix(const at::Tensor& dx_aug, const at::Tensor& a, at::Tensor& dx, d
                 const at::Tensor& rng) {
   const int64_t rows = dx.size(0), k = dx.size(1);
   const int64_t blocks = (rows + kFixRows - 1) / kFixRows;
-  fix_kernel<T, R, kFixRows><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  fix_kernel<T, R, kFixRows><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(dx_aug.data_ptr()), reinterpret_cast<const T*>(a.data_ptr()),
       reinterpret_cast<T*>(dx.data_ptr()), rows, k, static_cast<float>(coef), static_cast<uint32_t>(threshold),
       rng.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls f.template operator()<T, R>() for the tensor's dtype and the padded rank R.
-template <typename F>
-void dispatch(at::ScalarType dtype, int64_t rank, F&& f) {
-  const bool bf16 = dtype == at::kBFloat16;
-  TORCH_CHECK(bf16 || dtype == at::kHalf, "phift_lora_cuda: expected float16 or bfloat16, got ", dtype);
-#define PHIFT_RANK_CASE(R)                                          \
-  case R:                                                           \
-    return bf16 ? f.template operator()<__nv_bfloat16, R>()         \
-                : f.template operator()<__half, R>();
-  switch (rank) {
-    PHIFT_RANK_CASE(8)
-    PHIFT_RANK_CASE(16)
-    PHIFT_RANK_CASE(32)
-    PHIFT_RANK_CASE(64)
-    default:
-      TORCH_CHECK(false, "phift_lora_cuda: padded rank must be 8, 16, 32 or 64, got ", rank);
-  }
-#undef PHIFT_RANK_CASE
-}
+// Runs FN<T, R>(args...) for the tensor's dtype and the padded rank R.
+#define PHIFT_DISPATCH(DTYPE, RANK, FN, ...)                                                              \
+  do {                                                                                                    \
+    const bool bf16 = (DTYPE) == at::kBFloat16;                                                           \
+    TORCH_CHECK(bf16 || (DTYPE) == at::kHalf, "phift_lora_cuda: expected float16 or bfloat16");          \
+    switch (RANK) {                                                                                       \
+      case 8: bf16 ? FN<__nv_bfloat16, 8>(__VA_ARGS__) : FN<__half, 8>(__VA_ARGS__); break;              \
+      case 16: bf16 ? FN<__nv_bfloat16, 16>(__VA_ARGS__) : FN<__half, 16>(__VA_ARGS__); break;           \
+      case 32: bf16 ? FN<__nv_bfloat16, 32>(__VA_ARGS__) : FN<__half, 32>(__VA_ARGS__); break;           \
+      case 64: bf16 ? FN<__nv_bfloat16, 64>(__VA_ARGS__) : FN<__half, 64>(__VA_ARGS__); break;           \
+      default: TORCH_CHECK(false, "phift_lora_cuda: padded rank must be 8, 16, 32 or 64, got ", RANK);   \
+    }                                                                                                     \
+  } while (0)
 
 void check_rows(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.size(1) == cols && t.is_contiguous(), "phift_lora_cuda: ", name,
@@ -323,9 +318,7 @@ std::vector<at::Tensor> lora_prep(const at::Tensor& x, const at::Tensor& a, doub
     philox = gen->philox_cuda_state(4);  // one curand4 draw per subsequence
   }
   if (rows > 0)
-    dispatch(x.scalar_type(), rank, [&]<typename T, int R>() {
-      launch_prep<T, R>(x, a, x_aug, xm, su, rng, coef, threshold, philox);
-    });
+    PHIFT_DISPATCH(x.scalar_type(), rank, launch_prep, x, a, x_aug, xm, su, rng, coef, threshold, philox);
   return {x_aug, xm, su, rng};
 }
 
@@ -341,8 +334,6 @@ at::Tensor lora_fix(const at::Tensor& dx_aug, const at::Tensor& a, double coef, 
   const c10::cuda::CUDAGuard guard(dx_aug.device());
   at::Tensor dx = at::empty({rows, k}, dx_aug.options());
   if (rows > 0)
-    dispatch(dx_aug.scalar_type(), rank, [&]<typename T, int R>() {
-      launch_fix<T, R>(dx_aug, a, dx, coef, threshold, rng);
-    });
+    PHIFT_DISPATCH(dx_aug.scalar_type(), rank, launch_fix, dx_aug, a, dx, coef, threshold, rng);
   return dx;
 }

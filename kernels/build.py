@@ -1,0 +1,45 @@
+"""Build the fused LoRA CUDA extension `phift_lora_cuda`: ahead of time from setup.py, or just in time on first use.
+
+setup.py:   `setup(..., **setup_kwargs())`  (empty, so a plain Python install, when torch has no CUDA or there is
+            no CUDA toolkit; build with `pip install --no-build-isolation .` so that torch is importable here)
+phift:      `phift/kernels.py` calls `load()` when the module was not built ahead of time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "phift_lora_cuda"
+HERE = Path(__file__).resolve().parent
+SOURCES = ("lora_cuda.cu", "lora_bindings.cpp")
+CXX_FLAGS = ["-O3"]
+# Target architectures come from TORCH_CUDA_ARCH_LIST (else the visible GPUs), as torch's builder decides.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def cuda_extensions() -> list:
+    """The extension for setup.py's ext_modules, or [] where it cannot be compiled."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    except ImportError:
+        return []
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return []
+    sources = [str((HERE / s).relative_to(HERE.parent)) for s in SOURCES]  # setuptools wants paths from setup.py
+    return [CUDAExtension(NAME, sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})]
+
+
+def setup_kwargs() -> dict:
+    """ext_modules and the torch build_ext command for setup(), or {} when there is nothing to compile."""
+    extensions = cuda_extensions()
+    if not extensions:
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+    return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension}}
+
+
+def load(verbose: bool = False):
+    """Compile (ninja, cached under TORCH_EXTENSIONS_DIR) and import the extension; raises if it cannot."""
+    from torch.utils.cpp_extension import load as load_extension
+    return load_extension(name=NAME, sources=[str(HERE / s) for s in SOURCES], extra_cflags=CXX_FLAGS,
+                          extra_cuda_cflags=NVCC_FLAGS, verbose=verbose)

@@ -1,0 +1,220 @@
+"""phift.kernels: the fused LoRA op against float64 math, its dropout, and the dispatch rule.
+
+GPU tests need CUDA and build the extension on first use (about a minute); on CPU they skip.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import phift.kernels as kernels
+from phift.kernels import fused_applies, kernels_enabled, lora_linear
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused LoRA op needs a CUDA GPU")
+
+
+def make_inputs(lead, d_in, d_out, rank, dtype, device, bias=True, x_grad=True):
+    """Fresh random LoRA inputs, scaled so that the LoRA term is as large as the base term."""
+    x = torch.randn(*lead, d_in, device=device).to(dtype)
+    x[x == 0] = 1  # so that mask ⊙ x == 0 exactly where the mask dropped
+    weight = (torch.randn(d_out, d_in, device=device) / math.sqrt(d_in)).to(dtype)
+    b = torch.randn(d_out, device=device).to(dtype) if bias else None
+    lora_A = (torch.randn(rank, d_in, device=device) / math.sqrt(d_in)).requires_grad_()
+    lora_B = (torch.randn(d_out, rank, device=device) / math.sqrt(rank)).requires_grad_()
+    return x.requires_grad_(x_grad), weight, b, lora_A, lora_B
+
+
+def float64_lora(x, weight, bias, lora_A, lora_B, scaling, dy, keep=None, p=0.0):
+    """y and (dx, dA, dB) in float64; `keep` is the dropout mask to apply (None: no dropout)."""
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, lora_A, lora_B))
+    h = x64 if keep is None else x64 * keep / (1 - p)
+    y = F.linear(x64, weight.double(), None if bias is None else bias.double())
+    y = y + scaling * F.linear(F.linear(h, A64), B64)
+    return y.detach(), torch.autograd.grad(y, (x64, A64, B64), dy.double())
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def assert_close(name, out, ref, tol=1e-2):
+    assert not out.isnan().any(), f"{name} has NaN (an element left unwritten?)"
+    err = rel_err(out, ref)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+# ---------------------------------------------------------------- the PyTorch fallback (CPU, runs in CI)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fallback_matches_float64_math(dtype, bias):
+    x, w, b, A, B = make_inputs((3, 7), 64, 48, 4, dtype, "cpu", bias=bias)
+    dy = torch.randn(3, 7, 48).to(dtype)
+    y = lora_linear(x, w, b, A, B, 0.5, 0.1, training=False)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    y_ref, grads_ref = float64_lora(x, w, b, A, B, 0.5, dy)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, out, ref in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref)):
+        assert_close(name, out, ref, tol)
+    assert grads[1].dtype == grads[2].dtype == torch.float32
+
+
+def test_fallback_applies_dropout_only_in_training():
+    x, w, b, A, B = make_inputs((5,), 32, 16, 4, torch.float32, "cpu")
+    no_dropout = lora_linear(x, w, b, A, B, 0.5, 0.0, training=True)
+    assert torch.equal(lora_linear(x, w, b, A, B, 0.5, 0.5, training=False), no_dropout)
+    assert not torch.allclose(lora_linear(x, w, b, A, B, 0.5, 0.5, training=True), no_dropout)
+
+
+def test_cpu_tensors_take_the_fallback_without_loading_the_extension(monkeypatch):
+    monkeypatch.setattr(kernels, "_extension", lambda: pytest.fail("CPU tensors must not load the extension"))
+    x, w, b, A, B = make_inputs((2, 3), 16, 8, 4, torch.bfloat16, "cpu")
+    assert not fused_applies(x, w, b, A, B)
+    assert lora_linear(x, w, b, A, B, 1.0, 0.0, training=True).shape == (2, 3, 8)
+
+
+def test_env_var_disables_the_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "_extension", lambda: object())  # as if the extension were built
+    monkeypatch.delenv("PHIFT_DISABLE_KERNELS", raising=False)
+    assert kernels_enabled()
+    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    assert not kernels_enabled()
+
+
+# ---------------------------------------------------------------- the fused op (CUDA)
+
+@pytest.fixture
+def poisoned_memory():
+    """While active, every new CUDA tensor starts as NaN, so an element that a kernel never writes shows up."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deterministic mode warns about cuBLAS; only its NaN fill is wanted
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+        torch.use_deterministic_algorithms(False)
+
+
+def run_fused(x, weight, bias, lora_A, lora_B, scaling, p, dy):
+    """The op's y and gradients, and the dropout mask it used (read back from its saved mask ⊙ x)."""
+    y, xm, _, _ = torch.ops.phift.lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, p)
+    wrt = (x, lora_A, lora_B) if x.requires_grad else (lora_A, lora_B)
+    grads = torch.autograd.grad(y, wrt, dy)
+    keep = (xm.view(x.shape) != 0).double() if p > 0 else None
+    return y, grads, keep
+
+
+SHAPES = [  # (leading shape, in, out, rank): Phi-1.5's Wqkv, fc1 and fc2, odd token counts, a batch shape
+    ((6144,), 2048, 6144, 8),
+    ((1,), 2048, 6144, 8),
+    ((7,), 2048, 6144, 4),
+    ((1001,), 2048, 8192, 16),
+    ((3, 341), 8192, 2048, 8),
+    ((257,), 2048, 6144, 64),
+    ((64,), 8192, 2048, 32),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lead,d_in,d_out,rank", SHAPES)
+def test_fused_op_matches_float64_with_the_mask_it_used(lead, d_in, d_out, rank, bias, p, dtype, poisoned_memory):
+    # the gradients come from a mask regenerated in backward: matching the forward's mask is part of the check
+    x, w, b, A, B = make_inputs(lead, d_in, d_out, rank, dtype, "cuda", bias=bias)
+    dy = torch.randn(*lead, d_out, device="cuda").to(dtype)
+    y, grads, keep = run_fused(x, w, b, A, B, 0.5, p, dy)
+    y_ref, grads_ref = float64_lora(x, w, b, A, B, 0.5, dy, keep, p)
+    for name, out, ref in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref)):
+        assert_close(name, out, ref)
+    assert grads[1].dtype == grads[2].dtype == torch.float32
+
+
+@needs_cuda
+def test_fused_op_without_input_grad_still_gives_adapter_grads(poisoned_memory):
+    x, w, b, A, B = make_inputs((513,), 2048, 6144, 8, torch.bfloat16, "cuda", x_grad=False)
+    dy = torch.randn(513, 6144, device="cuda").to(torch.bfloat16)
+    _, grads, keep = run_fused(x, w, b, A, B, 2.0, 0.1, dy)
+    _, (_, dA_ref, dB_ref) = float64_lora(x, w, b, A, B, 2.0, dy, keep, 0.1)
+    assert_close("dA", grads[0], dA_ref)
+    assert_close("dB", grads[1], dB_ref)
+
+
+@needs_cuda
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_dropout_keeps_one_minus_p(p):
+    x, w, b, A, B = make_inputs((6144,), 2048, 64, 8, torch.bfloat16, "cuda", x_grad=False)
+    _, xm, _, _ = torch.ops.phift.lora_linear_fused(x, w, b, A, B, 1.0, p)
+    kept = (xm != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / xm.numel())
+    assert abs(kept - (1 - p)) < 6 * sigma + 2 ** -16
+
+
+@needs_cuda
+def test_fused_dropout_mask_is_fresh_per_call_and_follows_the_seed():
+    x, w, b, A, B = make_inputs((64,), 256, 64, 8, torch.bfloat16, "cuda", x_grad=False)
+
+    def mask():
+        return torch.ops.phift.lora_linear_fused(x, w, b, A, B, 1.0, 0.5)[1] != 0
+
+    torch.manual_seed(0)
+    first, second = mask(), mask()
+    torch.manual_seed(0)
+    assert not torch.equal(first, second)
+    assert torch.equal(mask(), first)
+
+
+@needs_cuda
+def test_dispatch_takes_the_fused_op_for_supported_cuda_inputs(monkeypatch):
+    x, w, b, A, B = make_inputs((5,), 64, 32, 8, torch.bfloat16, "cuda")
+    assert fused_applies(x, w, b, A, B)
+    monkeypatch.setattr(kernels, "lora_linear_reference", lambda *a: pytest.fail("took the fallback"))
+    lora_linear(x, w, b, A, B, 1.0, 0.1, training=True)
+
+
+@needs_cuda
+def test_dispatch_falls_back_for_what_the_kernels_do_not_cover():
+    x, w, b, A, B = make_inputs((5,), 64, 32, 8, torch.bfloat16, "cuda")
+    assert not fused_applies(x.float(), w.float(), b.float(), A, B)  # fp32
+    assert not fused_applies(x, w.clone().requires_grad_(), b, A, B)  # a trainable base
+    x_odd, w_odd, b_odd, A_odd, B_odd = make_inputs((5,), 60, 32, 8, torch.bfloat16, "cuda")
+    assert not fused_applies(x_odd, w_odd, b_odd, A_odd, B_odd)  # in_features not a multiple of 8
+    x_r, w_r, b_r, A_r, B_r = make_inputs((5,), 64, 32, 128, torch.bfloat16, "cuda")
+    assert not fused_applies(x_r, w_r, b_r, A_r, B_r)  # rank above 64
+
+
+@needs_cuda
+def test_env_var_forces_the_fallback_on_cuda(monkeypatch):
+    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    x, w, b, A, B = make_inputs((5,), 64, 32, 8, torch.bfloat16, "cuda")
+    assert not fused_applies(x, w, b, A, B)
+
+
+@needs_cuda
+def test_eval_mode_is_deterministic_on_the_fused_path():
+    x, w, b, A, B = make_inputs((9,), 256, 64, 8, torch.bfloat16, "cuda")
+    first = lora_linear(x, w, b, A, B, 1.0, 0.5, training=False)
+    assert torch.equal(first, lora_linear(x, w, b, A, B, 1.0, 0.0, training=True))
+
+
+@needs_cuda
+def test_torch_compile_traces_the_op_without_graph_breaks():
+    x, w, b, A, B = make_inputs((4, 33), 256, 192, 8, torch.bfloat16, "cuda")
+    dy = torch.randn(4, 33, 192, device="cuda").to(torch.bfloat16)
+
+    def forward(x, lora_A, lora_B):
+        return lora_linear(x, w, b, lora_A, lora_B, 0.5, 0.0, training=True)
+
+    y = torch.compile(forward, fullgraph=True)(x, A, B)
+    y_eager = forward(x, A, B)
+    assert torch.equal(y, y_eager)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    for out, ref in zip(grads, torch.autograd.grad(y_eager, (x, A, B), dy)):
+        assert torch.equal(out, ref)
+
+
+@needs_cuda
+def test_op_registration_passes_opcheck():
+    x, w, b, A, B = make_inputs((3, 5), 64, 48, 8, torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.phift.lora_linear_fused.default, (x, w, b, A, B, 0.5, 0.0))

@@ -1,0 +1,171 @@
+"""The training loop on the CPU: it learns, resumes exactly, survives a crash mid-save, parses the seed's flags."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from phift import train as train_mod
+from phift.args import parse_train_args
+from phift.engine import TorchEngine, fill_deepspeed_config, lr_lambda
+from phift.model import Phi
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Recipe 1 of the seed, verbatim but for the script path.
+SEED_RECIPE_1 = """
+    --stage sft --model_name_or_path microsoft/phi-1_5 --do_train True --finetuning_type lora --template vanilla
+    --flash_attn False --shift_attn False --dataset_dir data --dataset self_cognition --cutoff_len 1024
+    --learning_rate 2e-04 --num_train_epochs 20.0 --max_samples 1000 --per_device_train_batch_size 6
+    --per_device_eval_batch_size 6 --gradient_accumulation_steps 1 --lr_scheduler_type cosine --max_grad_norm 1.0
+    --logging_steps 5 --save_steps 100 --warmup_steps 0 --neft_alpha 0 --train_on_prompt False
+    --upcast_layernorm False --lora_rank 8 --lora_dropout 0.1 --lora_target Wqkv --resume_lora_training True
+    --output_dir saves/Phi1.5-1.3B/lora/my --fp16 True --plot_loss True"""
+
+
+def run_args(tmp_path, **over):
+    flags = dict(model_name_or_path="tiny", dataset="self_cognition", dataset_dir=str(ROOT / "data"),
+                 template="vanilla", finetuning_type="full", cutoff_len=64, max_samples=12,
+                 per_device_train_batch_size=4, learning_rate=1e-3, num_train_epochs=3, logging_steps=1,
+                 save_steps=1000, lr_scheduler_type="cosine", output_dir=str(tmp_path / "out"), seed=0,
+                 disable_gradient_checkpointing=True)
+    flags.update(over)
+    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    return parse_train_args(argv)
+
+
+def losses(out_dir):
+    return [e["loss"] for e in map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
+            if "loss" in e]
+
+
+def test_seed_recipe_flags_parse():
+    args = parse_train_args(shlex.split(SEED_RECIPE_1))
+    assert (args.finetuning_type, args.lora_target, args.lora_rank, args.lora_alpha) == ("lora", "Wqkv", 8, 16.0)
+    assert args.fp16 and args.plot_loss and not args.train_on_prompt and args.num_train_epochs == 20.0
+
+
+def test_all_three_seed_commands_in_the_tutorial_parse(shared_data):
+    seed = (shared_data.parent / "seed" / "000_34567658f76e8f51.txt").read_text()
+    commands = re.findall(r"src/train_bash\.py \\\n(.*?)```", seed, flags=re.S)
+    assert len(commands) == 3
+    for cmd in commands:
+        args = parse_train_args(shlex.split(cmd.replace("\\\n", " ")))
+        assert args.stage == "sft" and args.template == "vanilla"
+
+
+@pytest.mark.parametrize("bad", [["--stage", "rm"], ["--no_such_flag", "1"], ["--fp16", "maybe"],
+                                 ["--finetuning_type", "freeze"], ["--shift_attn", "True"]])
+def test_unknown_flags_and_unsupported_values_are_errors(bad, capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(shlex.split(SEED_RECIPE_1) + bad)
+    assert "error" in capsys.readouterr().err
+
+
+def test_cosine_schedule_matches_transformers_formula():
+    f = lr_lambda("cosine", warmup=2, total=10)
+    assert [f(0), f(1), f(2), f(6), f(10)] == [0.0, 0.5, 1.0, pytest.approx(0.5), pytest.approx(0.0)]
+
+
+def test_deepspeed_auto_values_are_filled_from_flags(tmp_path):
+    cfg = json.loads((ROOT / "examples" / "ds_config.json").read_text())
+    args = run_args(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2, fp16=True)
+    filled = fill_deepspeed_config(cfg, args, world_size=2, hidden_size=2048)
+    assert filled["train_batch_size"] == 24 and filled["train_micro_batch_size_per_gpu"] == 6
+    assert filled["gradient_accumulation_steps"] == 2 and filled["gradient_clipping"] == 1.0
+    assert filled["fp16"]["enabled"] is True and filled["bf16"]["enabled"] is False
+    assert filled["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_tiny_model_learns_and_writes_log_plot_and_model(tmp_path):
+    args = run_args(tmp_path, num_train_epochs=15, learning_rate=3e-3, plot_loss=True)
+    train_mod.train(args)
+    out = Path(args.output_dir)
+    curve = losses(out)
+    assert len(curve) == 45
+    assert sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5
+    assert (out / "training_loss.png").stat().st_size > 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "latest").read_text() == "checkpoint-45"
+
+
+def test_lora_run_saves_only_the_adapter(tmp_path):
+    args = run_args(tmp_path, finetuning_type="lora", lora_target="all", num_train_epochs=1)
+    train_mod.train(args)
+    out = Path(args.output_dir)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert (out / "base_model" / "model.safetensors").is_file()  # the random-init base, so chat can load it
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    full = run_args(tmp_path / "a", save_steps=4, finetuning_type="lora", lora_target="all", lora_dropout=0.1,
+                    num_train_epochs=3)
+    train_mod.train(full)
+    uninterrupted = losses(full.output_dir)
+    resumed = run_args(tmp_path / "b", finetuning_type="lora", lora_target="all", lora_dropout=0.1,
+                       num_train_epochs=3, resume_from_checkpoint=str(Path(full.output_dir) / "checkpoint-4"))
+    train_mod.train(resumed)
+    assert losses(resumed.output_dir) == uninterrupted[4:]
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    args = run_args(tmp_path, save_steps=3, num_train_epochs=2)
+    real_save = train_mod.save_weights
+    calls = {"n": 0}
+
+    def dying_save(*a, **kw):
+        calls["n"] += 1
+        real_save(*a, **kw)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(train_mod, "save_weights", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(args)
+    out = Path(args.output_dir)
+    assert (out / "latest").read_text() == "checkpoint-3"
+    assert not (out / "checkpoint-6").exists() and (out / ".tmp-checkpoint-6").exists()
+    monkeypatch.setattr(train_mod, "save_weights", real_save)
+    resumed = run_args(tmp_path, save_steps=3, num_train_epochs=2, resume_from_checkpoint="latest")
+    assert train_mod.train(resumed)["global_step"] == 6
+
+
+def test_output_dir_with_checkpoints_is_not_overwritten_silently(tmp_path):
+    args = run_args(tmp_path, num_train_epochs=1)
+    train_mod.train(args)
+    with pytest.raises(SystemExit, match="resume_from_checkpoint latest"):
+        train_mod.train(args)
+
+
+def test_fp16_overflow_step_is_skipped_and_not_applied(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    model = Phi(tiny_config)
+    args = run_args(tmp_path, fp16=True)
+    engine = TorchEngine(model, args, total_steps=10, device=torch.device("cpu"))
+    x = torch.randint(0, 128, (2, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    handle = model.wte.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    engine.backward(engine.forward({"input_ids": x, "labels": x}), boundary=True)
+    info = engine.step(boundary=True)
+    assert info["skipped"] and info["loss_scale"] == 2.0 ** 15
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert engine.scheduler.last_epoch == 0  # the schedule did not advance either
+    handle.remove()
+    engine.backward(engine.forward({"input_ids": x, "labels": x}), boundary=True)
+    assert not engine.step(boundary=True)["skipped"]
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_config):
+    x = torch.randint(0, 128, (4, 8))
+    grads = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = Phi(tiny_config)
+        engine = TorchEngine(model, run_args(tmp_path, gradient_accumulation_steps=accum), 10, torch.device("cpu"))
+        for chunk in x.chunk(accum):
+            engine.backward(engine.forward({"input_ids": chunk, "labels": chunk}), boundary=False)
+        grads.append(model.wte.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
