@@ -1,7 +1,8 @@
 """Build the fused LoRA CUDA extension `phift_lora_cuda`: ahead of time from setup.py, or just in time on first use.
 
-setup.py:   `setup(..., **setup_kwargs())`  (empty, so a plain Python install, when torch has no CUDA or there is
-            no CUDA toolkit; build with `pip install --no-build-isolation .` so that torch is importable here)
+setup.py:   `ext_modules=cuda_extensions()` with torch's BuildExtension as build_ext; [] (a plain Python install)
+            when torch has no CUDA or there is no toolkit. Torch must be importable while building, so use
+            `pip install --no-build-isolation .` for the ahead-of-time build.
 phift:      `phift/kernels.py` calls `load()` when the module was not built ahead of time.
 """
 from __future__ import annotations
@@ -27,15 +28,6 @@ def cuda_extensions() -> list:
         return []
     sources = [str((HERE / s).relative_to(HERE.parent)) for s in SOURCES]  # setuptools wants paths from setup.py
     return [CUDAExtension(NAME, sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})]
-
-
-def setup_kwargs() -> dict:
-    """ext_modules and the torch build_ext command for setup(), or {} when there is nothing to compile."""
-    extensions = cuda_extensions()
-    if not extensions:
-        return {}
-    from torch.utils.cpp_extension import BuildExtension
-    return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension}}
 
 
 def load(verbose: bool = False):

@@ -30,6 +30,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_name_or_path", required=True,
                    help="checkpoint directory, hub repo id (e.g. microsoft/phi-1_5), or a preset name for a "
                         "random-init model (tiny, phi-1, phi-1_5, phi-2)")
+    g.add_argument("--tokenizer_name_or_path", default=None,
+                   help="tokenizer directory for a preset (random-init) model; default: a demo tokenizer trained "
+                        "on the dataset")
     g.add_argument("--finetuning_type", default="lora", choices=["lora", "full"])
     g.add_argument("--template", default="vanilla")
     _bool(g, "--flash_attn", False, "accepted for compatibility: attention always runs through PyTorch SDPA, "
@@ -103,6 +106,8 @@ def train_parser() -> argparse.ArgumentParser:
     _bool(g, "--do_eval", False, "eval loss and perplexity on the validation split")
     _bool(g, "--do_predict", False, "generate on the dataset and score BLEU-4 / ROUGE")
     _bool(g, "--predict_with_generate", False, "required with --do_predict, as in LLaMA-Factory")
+    g.add_argument("--mcq_files", default=None,
+                   help="comma-separated exam CSVs (input,output,A,B,C,D,...,multichoice) to score by likelihood")
     g.add_argument("--max_new_tokens", type=int, default=512)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top_p", type=float, default=1.0)

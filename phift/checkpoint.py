@@ -110,7 +110,7 @@ def _weight_files(d: Path) -> dict[str, Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {k: d / f for k, f in weight_map.items()}
-    files = sorted(d.glob("*.safetensors"))
+    files = sorted(f for f in d.glob("*.safetensors") if not f.name.startswith("adapter_"))  # not LoRA files
     if not files:
         extra = " (it has pytorch_model.bin: phift loads safetensors only, never pickles)" if any(
             d.glob("*.bin")) else ""

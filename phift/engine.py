@@ -217,5 +217,28 @@ class DeepSpeedEngine:
                                     exclude_frozen_parameters=True)
 
     def load(self, directory: Path):
-        self.engine.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False,
+        tag = "deepspeed"
+        saved_world = json.loads((directory / "trainer_state.json").read_text()).get("world_size", 1)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if saved_world != world:
+            # ZeRO partitions the optimizer state by rank; DeepSpeed's universal checkpoint re-partitions it
+            tag = "deepspeed_universal"
+            if int(os.environ.get("RANK", "0")) == 0 and not (directory / tag).is_dir():
+                _to_universal(directory / "deepspeed", directory / tag)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint at call time
+        self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+
+
+def _to_universal(src: Path, dst: Path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")

@@ -56,7 +56,13 @@ def load_base(args, device, dtype, texts=None):
     if args.model_name_or_path in PRESETS and not Path(args.model_name_or_path).exists():
         torch.manual_seed(args.seed)
         config = PhiConfig.from_name(args.model_name_or_path)
-        tokenizer = train_demo_tokenizer(texts, vocab_size=min(config.vocab_size, 2048))
+        if args.tokenizer_name_or_path:
+            tokenizer = load_tokenizer(args.tokenizer_name_or_path)
+        else:
+            tokenizer = train_demo_tokenizer(texts, vocab_size=min(config.vocab_size, 2048))
+        if tokenizer.vocab_size > config.vocab_size:
+            raise SystemExit(f"tokenizer has {tokenizer.vocab_size} tokens, model {config.name} only "
+                             f"{config.vocab_size}")
         model = Phi(config).to(device=device, dtype=dtype)
         return model, tokenizer, None
     d = resolve_checkpoint_dir(args.model_name_or_path)
@@ -94,10 +100,14 @@ def prepare_model(args, model, dtype):
 
 
 # ------------------------------------------------------------------------------------------------------ batches
-def epoch_batches(examples, epoch, args, rank, world):
-    """This rank's micro-batches for an epoch: a seeded shuffle per epoch, a disjoint shard per rank."""
+def epoch_batches(examples, epoch, args, rank, world, skip: int = 0):
+    """This rank's micro-batches for an epoch: a seeded shuffle per epoch, then rank r takes every world-th sample.
+
+    Interleaved shards make the samples consumed after k micro-batches on every rank a prefix of the epoch's
+    order (k × batch × world long), so `skip` — samples already consumed this epoch — resumes on any world size.
+    """
     g = torch.Generator().manual_seed(args.seed + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
+    order = torch.randperm(len(examples), generator=g).tolist()[skip:]
     order += order[: (-len(order)) % world]  # every rank gets as many samples (as DistributedSampler)
     shard = [examples[i] for i in order[rank::world]]
     bs = args.per_device_train_batch_size
@@ -105,6 +115,11 @@ def epoch_batches(examples, epoch, args, rank, world):
         rows = data.pack(shard, args.cutoff_len)
         return [rows[i:i + bs] for i in range(0, len(rows), bs)]
     return [shard[i:i + bs] for i in range(0, len(shard), bs)]
+
+
+def samples_in(micro) -> int:
+    """Samples in a micro-batch (a packed row holds several)."""
+    return sum(len(row) if isinstance(row, list) else 1 for row in micro)
 
 
 def to_batch(micro, args, pad_id, device):
@@ -211,7 +226,7 @@ def load_checkpoint(engine, model, args, ckpt: Path) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     log0(f"resumed from {ckpt} at step {progress['global_step']} (epoch {progress['epoch']}, "
-         f"batch {progress['batch_in_epoch']})")
+         f"{progress['samples_in_epoch']} samples into it)")
     return progress
 
 
@@ -287,7 +302,7 @@ def train(args) -> dict:
     engine = Engine(model, args, total_steps, device)
     model.train()
 
-    progress = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": total_steps}
+    progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps}
     ckpt = find_checkpoint(args)
     if ckpt is not None:
         progress.update(load_checkpoint(engine, model, args, ckpt), total_steps=total_steps)
@@ -301,11 +316,13 @@ def train(args) -> dict:
     start, loss_sum, loss_n, tokens = time.time(), torch.zeros((), device=device), 0, 0
     t_log, history = time.time(), []
     pad_id = tokenizer.pad_token_id
-    epoch = progress["epoch"]
+    epoch, skip = progress["epoch"], progress["samples_in_epoch"]
     while progress["global_step"] < total_steps:
-        batches = epoch_batches(train_set, epoch, args, rank, world)
-        for i in range(progress["batch_in_epoch"] if epoch == progress["epoch"] else 0, len(batches)):
+        batches = epoch_batches(train_set, epoch, args, rank, world, skip)
+        consumed = skip
+        for i in range(len(batches)):
             batch = to_batch(batches[i], args, pad_id, device)
+            consumed += samples_in(batches[i]) * world
             boundary = (i + 1) % accum == 0 or i == len(batches) - 1
             loss = engine.forward(batch)
             engine.backward(loss, boundary)
@@ -316,16 +333,19 @@ def train(args) -> dict:
             if info is None:
                 continue
             step = progress["global_step"] = progress["global_step"] + 1
-            progress.update(epoch=epoch, batch_in_epoch=i + 1)
+            progress.update(epoch=epoch, samples_in_epoch=consumed)
             if info["skipped"]:
                 log0(f"step {step}: fp16 overflow, update skipped (loss scale now {info['loss_scale']})")
             bar.update(1)
             if step % args.logging_steps == 0 or step == total_steps:
+                if world > 1:  # the logged loss is the mean over all ranks' micro-batches
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
                 elapsed = time.time() - t_log
                 entry = {"current_steps": step, "total_steps": total_steps,
                          "loss": round((loss_sum / max(loss_n, 1)).item(), 4),
                          "learning_rate": engine.lr(), "grad_norm": round(info["grad_norm"], 4),
-                         "epoch": round(epoch + (i + 1) / len(batches), 2),
+                         "epoch": round(epoch + consumed / len(train_set), 2),
                          "tokens_per_second": round(tokens * world / max(elapsed, 1e-9), 1),
                          "percentage": round(100 * step / total_steps, 2),
                          "elapsed_time": round(time.time() - start, 1)}
@@ -348,8 +368,8 @@ def train(args) -> dict:
             if step >= total_steps:
                 break
         else:
-            epoch += 1
-            progress.update(epoch=epoch, batch_in_epoch=0)
+            epoch, skip = epoch + 1, 0
+            progress.update(epoch=epoch, samples_in_epoch=0)
     bar.close()
 
     runtime = time.time() - start
@@ -372,7 +392,7 @@ def main(argv=None):
     args = parse_train_args(argv)
     if args.do_train:
         train(args)
-    if args.do_eval or args.do_predict:
+    if args.do_eval or args.do_predict or args.mcq_files:
         from .evaluate import run_from_args
 
         run_from_args(args)
