@@ -103,21 +103,26 @@ def kernel_profile(fn, n_sets, iters=10):
 
 
 def product_timings(sets, rank, n_sets, repeats):
-    """The matrix products of the fused op, alone, next to the base's: where the fused op's time goes."""
-    d_in = sets[0][0].shape[1]
-    aug = [(torch.cat([x.detach(), x.detach()[:, :rank]], 1), torch.cat([w, lb.detach().to(w.dtype)], 1))
-           for x, w, _, _, lb, _ in sets]
+    """The fused op's matrix products alone, next to the base's, with [x | u] / [W | B] padded to several widths."""
+    mm_f32 = torch.ops.aten.mm.dtype
     fns = {
-        "fwd  x·Wᵀ (base)": lambda i: torch.mm(sets[i][0].detach(), sets[i][1].t()),
-        "fwd  [x|su]·[W|B]ᵀ": lambda i: torch.mm(aug[i][0], aug[i][1].t()),
+        "fwd  x·Wᵀ + b (base)": lambda i: torch.addmm(sets[i][2], sets[i][0].detach(), sets[i][1].t()),
         "dgrad dy·W (base)": lambda i: torch.mm(sets[i][5], sets[i][1]),
-        "dgrad dy·[W|B]": lambda i: torch.mm(sets[i][5], aug[i][1]),
-        "dB = dyᵀ·su": lambda i: torch.mm(sets[i][5].t(), aug[i][0][:, d_in:]),
-        "dA = gᵀ·x": lambda i: torch.mm(aug[i][0][:, d_in:].t(), sets[i][0].detach()),
-        "g = dy·B (alone)": lambda i: torch.mm(sets[i][5], aug[i][1][:, d_in:]),
-        "copy x": lambda i: sets[i][0].detach().clone(),
-        "copy dy": lambda i: sets[i][5].clone(),
     }
+    d_in = sets[0][0].shape[1]
+    for width in (8, 16, 64, 128):
+        aug = [(F.pad(x.detach(), (0, width)), F.pad(w, (0, width))) for x, w, _, _, _, _ in sets]
+        fns[f"fwd  [x|u]·[W|B]ᵀ + b, width {width}"] = (
+            lambda i, aug=aug: torch.addmm(sets[i][2], aug[i][0], aug[i][1].t()))
+        fns[f"dgrad dy·[W|B], width {width}"] = lambda i, aug=aug: torch.mm(sets[i][5], aug[i][1])
+    u = [torch.randn(x.shape[0], d_in + 8, device="cuda").to(x.dtype)[:, d_in:d_in + rank]  # strided, as in the op
+         for x, *_ in sets]
+    fns["dB = dyᵀ·su (fp32 out)"] = lambda i: mm_f32(sets[i][5].t(), u[i], torch.float32)
+    fns["dBᵀ = suᵀ·dy (fp32 out)"] = lambda i: mm_f32(u[i].t(), sets[i][5], torch.float32)
+    fns["dA = gᵀ·x (fp32 out)"] = lambda i: mm_f32(u[i].t(), sets[i][0].detach(), torch.float32)
+    fns["dAᵀ = xᵀ·g (fp32 out)"] = lambda i: mm_f32(sets[i][0].detach().t(), u[i], torch.float32)
+    fns["copy x"] = lambda i: sets[i][0].detach().clone()
+    fns["copy dy"] = lambda i: sets[i][5].clone()
     return median_ms(fns, n_sets, repeats)
 
 

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 TOKENIZER_DIR = ROOT / ".device" / "phi-1_5-tokenizer"
 VOCAB_USED = 50295  # tokens of the real phi-1_5 tokenizer; the embedding is padded to 51200
 LR, MAX_GRAD_NORM = 2e-4, 1.0
@@ -98,8 +99,12 @@ RUNS = [
     ("lora-6x1024-ckpt", "hf+compile", False),
 ]
 
-# Seconds a run needs at least (to start it) and at most (its timeout), on an H100.
-MIN_S = {"eager": 20, "compile": 35, "ds": 45, "train": 45}
+# phift's recipe-3 run also stands for the T4 budget's "full fine-tuning with ZeRO-2 CPU offload runs"
+T4_CAPPED = {("recipe3-full-1x1024-zero2", "phift+ds")}
+
+# Seconds a run needs at least (to start it; "compile" when the pre-pass left its caches warm) and at most (its
+# timeout), on an H100.
+MIN_S = {"eager": 20, "compile": 35, "cold compile": 100, "ds": 45, "train": 45}
 MAX_S = {"eager": 120, "compile": 240, "ds": 180, "train": 180}
 
 
@@ -186,7 +191,7 @@ def hf_model(c: Config, spec: dict, device, dtype):
     hf_cfg = HFPhiConfig(**model_shape(spec["tiny"]).to_hf_dict())
     hf_cfg.use_cache = False
     with torch.device(device):
-        model = PhiForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dtype)
+        model = PhiForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
     return model
 
 
@@ -323,11 +328,12 @@ def worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     if impl == "phift (no fused kernel)":
         os.environ["PHIFT_DISABLE_KERNELS"] = "1"
+    cap = mem_cap(spec["config"], impl)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if c.mem_cap_gib:
+        if cap:
             total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-            torch.cuda.set_per_process_memory_fraction(min(1.0, c.mem_cap_gib / total), device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     family = "phift" if impl.startswith("phift") else impl.split("+")[0]
@@ -412,6 +418,10 @@ def train_worker(spec: dict) -> dict:
             "wall_s": round(wall, 1), "log": log}
 
 
+def mem_cap(config: str, impl: str) -> float | None:
+    return T4_GIB if (config, impl) in T4_CAPPED else CONFIGS[config].mem_cap_gib
+
+
 def tiny_config(c: Config) -> Config:
     return Config(c.mode, min(c.batch, 2), min(c.seq, 64), c.dtype, c.ckpt, None)
 
@@ -447,6 +457,7 @@ class Harness:
         if a.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""
         self.results: list[dict] = []
+        self.warm_caches: set[str] = set()  # ids whose compile pre-pass finished
 
     def remaining(self) -> float:
         return self.deadline - time.time()
@@ -456,9 +467,11 @@ class Harness:
             f.write(text)
 
     def spec(self, config, impl, prepass=False) -> dict:
-        compiled = kind(impl) == "compile"
+        k = kind(impl)
+        warmup = 2 if prepass or k == "ds" else self.a.warmup + (1 if k == "compile" else 0)
+        steps = max(2, self.a.steps // 2) if k == "ds" else self.a.steps  # DeepSpeed's offloaded steps are slow
         return {"config": config, "impl": impl, "device": self.a.device, "tiny": self.a.tiny, "prepass": prepass,
-                "warmup": self.a.warmup + (1 if compiled else 0), "steps": self.a.steps,
+                "warmup": warmup, "steps": steps,
                 "total_steps": 1000, "tmp": str(self.tmp / re.sub(r"\W+", "_", f"{config}_{impl}_{prepass}"))}
 
     def launch(self, spec: dict) -> subprocess.Popen:
@@ -497,7 +510,8 @@ class Harness:
     def prepass(self, runs):
         """Compile every selected compiled run once, several at a time (nothing is timed meanwhile), so that the
         timed runs find inductor's FX-graph and AOT-autograd caches warm; also waits for the builds."""
-        todo = [(cfg, impl) for cfg, impl in runs if kind(impl) == "compile"]
+        todo = [(cfg, impl) for cfg, impl in runs if kind(impl) == "compile"
+                and (self.a.prepass_only is None or re.search(self.a.prepass_only, run_id(cfg, impl)))]
         limit_s = min(self.a.prepass_s, max(0.0, self.remaining() - 60))
         t_end = time.time() + limit_s
         running: list[tuple[str, float, float, subprocess.Popen]] = []
@@ -509,6 +523,8 @@ class Harness:
                     out = proc.communicate()[0] or ""
                     self.log(f"\n===== prepass {rid} (rc {proc.returncode}, {time.time() - t0:.0f} s)\n{out[-4000:]}")
                     done.append(f"{rid}: {'ok' if proc.returncode == 0 else 'failed'} {time.time() - t0:.0f} s")
+                    if proc.returncode == 0:
+                        self.warm_caches.add(rid)
                     running.remove(item)
             while todo and len(running) < self.a.prepass_jobs:
                 cfg, impl = todo[0]
@@ -537,7 +553,8 @@ class Harness:
         rid = run_id(config, impl)
         k = kind(impl)
         row = {"id": rid, "config": config, "impl": impl}
-        need = MIN_S[k] if not self.a.tiny else 5
+        cold = k == "compile" and rid not in self.warm_caches and self.a.device == "cuda"
+        need = MIN_S["cold compile" if cold else k] if not self.a.tiny else 5
         if self.remaining() < need:
             row["status"] = f"skipped: time budget ({self.remaining():.0f} s left, needs ~{need} s)"
             return self.record(row)
@@ -568,10 +585,11 @@ class Harness:
 
 
 def est_gib(c: Config, impl: str) -> float:
-    """A rough peak (GiB) for scheduling the concurrent pre-pass on an 80 GB card; wrong only costs a retry."""
+    """A rough peak (GiB) of a compiled run, for scheduling the concurrent pre-pass on an 80 GB card (from HF
+    compiled LoRA 6×1024 at 13 GiB); a wrong guess only costs an OOM in an untimed pre-pass."""
     tokens = c.batch * c.seq
-    base = 3.0 if c.mode == "lora" else 24.0
-    per_token = (0.4 if c.ckpt else 2.0) * 1e-3 * (2.0 if impl.startswith("hf") else 1.0)
+    base = 3.0 if c.mode == "lora" else 22.0
+    per_token = 0.4e-3 if c.ckpt else (1.7e-3 if impl.startswith("hf") else 1.4e-3)
     return base + tokens * per_token + 2.0
 
 
@@ -710,7 +728,9 @@ def report(h: Harness, meta: dict, ceiling: dict, notes: list[str]) -> str:
         f"labelled; AdamW (fused on CUDA) lr {LR}, clipping {MAX_GRAD_NORM}; LoRA r 8 α 16 dropout 0.1 (phift on "
         "Wqkv, PEFT on q/k/v_proj, litgpt on query/key/value), half base + fp32 adapters + autocast; full: fp32 "
         f"master weights + autocast, or DeepSpeed fp16 (ZeRO-2, CPU Adam). {h.a.warmup} warm-up steps (+1 when "
-        f"compiled), then {h.a.steps} steps timed with CUDA events; tokens/s = batch × seq ÷ mean step time; peak = "
+        f"compiled; 2 under DeepSpeed), then {h.a.steps} steps ({max(2, h.a.steps // 2)} under DeepSpeed) timed "
+        "with CUDA events; compiled runs were compiled first in an untimed pre-pass (their warm-up shows the "
+        "re-trace with warm inductor caches); tokens/s = batch × seq ÷ mean step time; peak = "
         "torch.cuda.max_memory_allocated over the timed steps.", "",
         f"MFU = tokens/s × FLOPs/token ÷ the bf16 matmul ceiling measured in this run "
         f"({fmt(tf, 0)} TFLOP/s, 8192³ torch.mm, median of 20). FLOPs/token = 4N (LoRA: no weight gradients) or "
@@ -730,8 +750,8 @@ def report(h: Harness, meta: dict, ceiling: dict, notes: list[str]) -> str:
         x_hf = r["tokens_per_s"] / hf["tokens_per_s"] if hf and r is not hf else None
         x_peer = r["tokens_per_s"] / peer["tokens_per_s"] if peer and r["impl"].startswith("phift") else None
         note = [f"{c.dtype}{', ckpt' if c.ckpt else ''}"]
-        if c.mem_cap_gib:
-            note.append(f"{c.mem_cap_gib:.0f} GiB cap")
+        if mem_cap(r["config"], r["impl"]):
+            note.append(f"{mem_cap(r['config'], r['impl']):.0f} GiB cap")
         if r.get("fused_kernel") is not None:
             note.append("fused LoRA kernel" if r["fused_kernel"] else "PyTorch LoRA fallback")
         note.append(f"warm-up {r['warmup_s']:.0f} s")
@@ -765,19 +785,19 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the 2-layer 'tiny' shape, short batches: a smoke test")
     p.add_argument("--quick", action="store_true", help="only the runs marked quick in RUNS")
     p.add_argument("--only", default=None, help="regex over 'config/impl' ids")
-    p.add_argument("--budget-s", type=float, default=400.0, help="stop starting runs when this runs out")
+    p.add_argument("--budget-s", type=float, default=380.0, help="stop starting runs when this runs out")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prepass-s", type=float, default=150.0, help="time limit of the concurrent compile pre-pass")
     p.add_argument("--prepass-jobs", type=int, default=4)
-    p.add_argument("--prepass-gib", type=float, default=60.0)
+    p.add_argument("--prepass-gib", type=float, default=68.0, help="estimated GPU memory of concurrent pre-passes")
+    p.add_argument("--prepass-only", default=None, help="regex: pre-pass only these compiled runs")
     p.add_argument("--no-prepass", action="store_true")
     p.add_argument("--list", action="store_true", help="print the selected run ids and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--train-worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker or a.train_worker:
-        sys.path.insert(0, str(ROOT))
         spec = json.loads(a.worker or a.train_worker)
         result = (worker if a.worker else train_worker)(spec)
         print("RESULT " + json.dumps(result), flush=True)
@@ -796,7 +816,7 @@ def main(argv=None):
     ceiling = matmul_ceiling(a.device)
     print(f"bf16 matmul ceiling: {ceiling}", flush=True)
     notes = []
-    if not a.no_prepass and a.device == "cuda":
+    if not a.no_prepass:
         notes = h.prepass(runs)
         print("pre-pass:", *notes, sep="\n  ", flush=True)
     elif a.device == "cuda":

@@ -136,14 +136,18 @@ def fill_deepspeed_config(config: dict, args, world_size: int, hidden_size: int)
             if k not in zero_auto:
                 raise ValueError(f"DeepSpeed config: don't know how to fill zero_optimization.{k}=\"auto\"")
             zero[k] = zero_auto[k]
+    adamw = {"lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
+             "weight_decay": args.weight_decay}
     if "optimizer" not in cfg:
-        # DeepSpeed builds its CPU Adam when the optimizer is offloaded, FusedAdam on GPU, torch's AdamW on CPU
-        cfg["optimizer"] = {"type": "AdamW", "params": {
-            "lr": args.learning_rate, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_epsilon,
-            "weight_decay": args.weight_decay}}
-        offload = zero.get("offload_optimizer", {}).get("device", "none")
-        if offload == "none" and not torch.cuda.is_available():
-            cfg["optimizer"]["params"]["torch_adam"] = True
+        cfg["optimizer"] = {"type": "AdamW", "params": dict(adamw)}
+        if zero.get("offload_optimizer", {}).get("device", "none") == "none":
+            # DeepSpeed's CPU Adam serves an offloaded optimizer; otherwise torch's AdamW (fused on CUDA) needs no
+            # JIT-built op, unlike DeepSpeed's FusedAdam
+            cfg["optimizer"]["params"].update(torch_adam=True, fused=torch.cuda.is_available())
+    opt_params = cfg["optimizer"].setdefault("params", {})
+    for k, v in list(opt_params.items()):
+        if v == "auto" and k in adamw:
+            opt_params[k] = adamw[k]
     bad = [k for k, v in _walk(cfg) if v == "auto"]
     if bad:
         raise ValueError(f"DeepSpeed config: cannot fill \"auto\" for {', '.join(bad)}")

@@ -117,13 +117,14 @@ def epoch_batches(examples, epoch, args, rank, world, skip: int = 0):
     return [shard[i:i + bs] for i in range(0, len(shard), bs)]
 
 
-def samples_in(micro) -> int:
-    """Samples in a micro-batch (a packed row holds several)."""
-    return sum(len(row) if isinstance(row, list) else 1 for row in micro)
+def count(micro) -> tuple[int, int]:
+    """(samples, tokens) in a micro-batch of examples or of packed rows (lists of examples); padding not counted."""
+    examples = [e for row in micro for e in (row if isinstance(row, list) else [row])]
+    return len(examples), sum(len(e["input_ids"]) for e in examples)
 
 
-def to_batch(micro, args, pad_id, device):
-    if args.packing:
+def to_batch(micro, packed: bool, pad_id, device):
+    if packed:
         b = data.collate_packed(micro, pad_id)
     else:
         b = data.collate(micro, pad_id)
@@ -240,7 +241,7 @@ def eval_loss(engine, examples, args, pad_id, device) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=device)
     bs = args.per_device_eval_batch_size
     for i in range(0, len(shard), bs):
-        batch = to_batch(shard[i:i + bs], argparse_no_packing(args), pad_id, device)
+        batch = to_batch(shard[i:i + bs], False, pad_id, device)
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         total += torch.stack([engine.forward(batch).double() * n, n.double()])
     if world > 1:
@@ -249,14 +250,10 @@ def eval_loss(engine, examples, args, pad_id, device) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def argparse_no_packing(args):
-    return args if not args.packing else type(args)(**{**vars(args), "packing": False})
-
-
 # ---------------------------------------------------------------------------------------------------- the loop
-def train(args) -> dict:
-    rank, world = rank_and_world()
-    if world > 1 and not args.deepspeed:
+def setup_device(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); DeepSpeed runs start torch.distributed (NCCL on GPUs, gloo on the CPU)."""
+    if rank_and_world()[1] > 1 and not args.deepspeed:
         raise SystemExit("multi-process runs go through DeepSpeed: add --deepspeed <config.json>")
     if args.deepspeed:
         if not torch.cuda.is_available():
@@ -265,19 +262,27 @@ def train(args) -> dict:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = rank_and_world()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return (*rank_and_world(), device)
+
+
+def append_log(log_file: Path, entry: dict):
+    if rank_and_world()[0] == 0:
+        with log_file.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def train(args) -> dict:
+    rank, world, device = setup_device(args)
     out = Path(args.output_dir)
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and any(out.glob("checkpoint-*")):
         raise SystemExit(f"{out} already holds checkpoints: pass --resume_from_checkpoint latest to continue, or "
                          "--overwrite_output_dir True to start over")
     out.mkdir(parents=True, exist_ok=True)
     dtype = precision(args, device)
-    if args.fp16 and args.deepspeed is None and args.finetuning_type == "lora":
-        pass  # base in fp16, adapters fp32, autocast + GradScaler (TorchEngine)
 
     rows = data.load_rows(args.dataset, args.dataset_dir, args.max_samples, args.identity_name,
                           args.identity_author)
@@ -321,15 +326,16 @@ def train(args) -> dict:
         batches = epoch_batches(train_set, epoch, args, rank, world, skip)
         consumed = skip
         for i in range(len(batches)):
-            batch = to_batch(batches[i], args, pad_id, device)
-            consumed += samples_in(batches[i]) * world
+            batch = to_batch(batches[i], args.packing, pad_id, device)
+            n_samples, n_tokens = count(batches[i])
+            consumed += n_samples * world
             boundary = (i + 1) % accum == 0 or i == len(batches) - 1
             loss = engine.forward(batch)
             engine.backward(loss, boundary)
             info = engine.step(boundary)
             loss_sum += loss.detach().float()
             loss_n += 1
-            tokens += int((batch["input_ids"] != pad_id).sum()) if args.packing else int(batch["labels"].numel())
+            tokens += n_tokens
             if info is None:
                 continue
             step = progress["global_step"] = progress["global_step"] + 1
@@ -349,20 +355,18 @@ def train(args) -> dict:
                          "tokens_per_second": round(tokens * world / max(elapsed, 1e-9), 1),
                          "percentage": round(100 * step / total_steps, 2),
                          "elapsed_time": round(time.time() - start, 1)}
+                if device.type == "cuda":
+                    entry["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 history.append(entry)
+                append_log(log_file, entry)
                 bar.set_postfix(loss=entry["loss"], lr=f"{entry['learning_rate']:.2e}")
-                if rank == 0:
-                    with log_file.open("a") as f:
-                        f.write(json.dumps(entry) + "\n")
                 loss_sum.zero_()
                 loss_n, tokens, t_log = 0, 0, time.time()
             if val_set and step % args.eval_steps == 0:
                 entry = {"current_steps": step, "eval_loss": round(eval_loss(engine, val_set, args, pad_id, device), 4)}
                 log0(f"step {step}: eval_loss {entry['eval_loss']}")
                 history.append(entry)
-                if rank == 0:
-                    with log_file.open("a") as f:
-                        f.write(json.dumps(entry) + "\n")
+                append_log(log_file, entry)
             if step % args.save_steps == 0 and step < total_steps:
                 save_checkpoint(engine, model, args, progress, tokenizer, source_dir)
             if step >= total_steps:

@@ -169,3 +169,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_config):
             engine.backward(engine.forward({"input_ids": chunk, "labels": chunk}), boundary=False)
         grads.append(model.wte.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_validation_split_logs_eval_loss_every_eval_steps(tmp_path):
+    args = run_args(tmp_path, max_samples=16, val_size=0.25, eval_steps=2, num_train_epochs=2)
+    results = train_mod.train(args)
+    log = [json.loads(line) for line in (Path(args.output_dir) / "trainer_log.jsonl").read_text().splitlines()]
+    assert [e["current_steps"] for e in log if "eval_loss" in e] == [2, 4, 6]  # 12 train samples / 4 × 2 epochs
+    assert results["eval_loss"] > 0
+
+
+def test_packed_training_trains_on_the_same_tokens(tmp_path):
+    args = run_args(tmp_path, packing=True, cutoff_len=128, num_train_epochs=15, learning_rate=3e-3)
+    train_mod.train(args)
+    curve = losses(args.output_dir)
+    assert sum(curve[-3:]) / 3 < 0.6 * sum(curve[:3]) / 3

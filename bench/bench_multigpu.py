@@ -1,0 +1,105 @@
+"""Multi-GPU through the DeepSpeed launcher (issue 8): `phift train` unchanged under `deepspeed --num_gpus N`.
+
+For each case it runs the same global batch on 1 GPU (gradient accumulation) and on N GPUs, reads
+trainer_log.jsonl, and reports tokens/s, the N-GPU speed-up, peak memory and the largest loss difference over the
+run (same seed and data order, so the curves should coincide up to bf16 noise). Data: synthetic samples long
+enough that every row is cut to exactly `cutoff_len` tokens.
+
+    python bench/bench_multigpu.py --tokenizer DIR --out $OUT/multigpu.md [--gpus 2]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("court contract liability statute evidence judgment appeal damages property tort claim party law "
+         "article clause defendant plaintiff ruling 法院 合同 责任 证据 判决 上诉 赔偿 财产 条款 被告 原告").split()
+
+CASES = [  # name, model preset, finetuning type, micro batch, cutoff, ZeRO stage, steps
+    ("LoRA r8 6×1024", "phi-1_5", "lora", 6, 1024, 2, 50),
+    ("full 4×1024", "phi-1_5", "full", 4, 1024, 2, 15),
+    ("phi-2 full 2×1024 ZeRO-3", "phi-2", "full", 2, 1024, 3, 6),
+]
+
+
+def synthetic_dataset(directory: Path, n: int = 600, words: int = 1400):
+    rng = random.Random(0)
+    rows = [{"instruction": " ".join(rng.choices(WORDS, k=words // 2)), "input": "",
+             "output": " ".join(rng.choices(WORDS, k=words // 2))} for _ in range(n)]
+    (directory / "synthetic.json").write_text(json.dumps(rows, ensure_ascii=False))
+    (directory / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
+
+
+def run(name, gpus, accum, case, args, data_dir, work):
+    _, preset, ft, micro, cutoff, stage, steps = case
+    cfg = work / f"ds_z{stage}.json"
+    cfg.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                               "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage}}))
+    out = work / name
+    cmd = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(29600 + gpus), str(ROOT / "examples" /
+           "train_bash.py"), "--deepspeed", str(cfg), "--model_name_or_path", preset, "--tokenizer_name_or_path",
+           args.tokenizer, "--dataset", "synthetic", "--dataset_dir", str(data_dir), "--template", "vanilla",
+           "--finetuning_type", ft, "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps",
+           str(accum), "--cutoff_len", str(cutoff), "--max_steps", str(steps), "--logging_steps", "1",
+           "--save_steps", "100000", "--learning_rate", "1e-4" if ft == "full" else "2e-4", "--bf16", "True",
+           "--lora_dropout", "0", "--disable_gradient_checkpointing", "True", "--output_dir", str(out),
+           "--overwrite_output_dir", "True"]
+    t = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    (Path(args.log_dir) / f"{name}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:160], "wall": time.time() - t}
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    timed = log[len(log) // 3:]  # past warm-up
+    elapsed = timed[-1]["elapsed_time"] - log[len(log) // 3 - 1]["elapsed_time"]
+    tokens = len(timed) * micro * accum * gpus * cutoff
+    return {"tok_s": tokens / elapsed, "mem": max(e.get("gpu_mem_gib", 0) for e in log),
+            "losses": [e["loss"] for e in log], "wall": time.time() - t}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    p.add_argument("--log_dir", default=tempfile.gettempdir())
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp())
+    synthetic_dataset(work)
+    n = args.gpus
+    lines = [f"Multi-GPU scaling (`bench/bench_multigpu.py`), {torch.cuda.get_device_name(0)} × {n}, torch "
+             f"{torch.__version__}, {datetime.date.today()}. Same global batch on 1 GPU (accumulation {n}) and on "
+             f"{n} GPUs; bf16; tokens/s over the last two thirds of the steps; peak = max_memory_allocated.", "",
+             f"| case | 1 GPU tok/s | {n} GPUs tok/s | speed-up | peak GiB 1 / {n} | max loss diff |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for case in CASES:
+        one = run(f"{case[0]}-1", 1, n, case, args, work, work) if case[1] != "phi-2" else {"skipped": True}
+        many = run(f"{case[0]}-{n}", n, 1, case, args, work, work)
+        if "error" in many or "error" in one:
+            lines.append(f"| {case[0]} | {one.get('error', '')} | {many.get('error', '')} | failed | | |")
+            continue
+        if "skipped" in one:
+            lines.append(f"| {case[0]} | not run | {many['tok_s']:,.0f} | | – / {many['mem']:.1f} | |")
+            continue
+        diff = max(abs(a - b) / a for a, b in zip(one["losses"], many["losses"]))
+        lines.append(f"| {case[0]} | {one['tok_s']:,.0f} | {many['tok_s']:,.0f} | {many['tok_s'] / one['tok_s']:.2f}× "
+                     f"| {one['mem']:.1f} / {many['mem']:.1f} | {100 * diff:.2f} % |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+// The op `phift::lora_linear_fused`: its schema, CUDA implementation (cuBLAS + the two passes in lora_cuda.cu)
+// and autograd, all in C++ so that a call costs one dispatch. phift/kernels.py registers the fake (shape-only)
+// implementations that torch.compile traces with.
+//
+// With u = dropout(x) Aᵀ and coef = scaling / (1 - p):
+//   forward    y = [x | u] · [W | coef·B]ᵀ + b               one GEMM over K + R
+//   backward   [dx_base | g] = dy · [W | coef·B]              one GEMM; g = coef · dy B comes as R more columns
+//              dx = dx_base + mask ⊙ (g A),  dA = gᵀ (mask ⊙ x),  dB = dyᵀ (coef · u)
+// R is the rank rounded up to 8, 16, 32 or 64 (padding columns of [W | coef·B] stay zero).
+#include <torch/extension.h>
+
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+std::vector<at::Tensor> lora_prep(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, at::Tensor& w_aug,
+                                  int64_t padded_rank, double coef, int64_t threshold);
+at::Tensor lora_fix(const at::Tensor& dx_aug, const at::Tensor& a, int64_t padded_rank, int64_t threshold,
+                    const at::Tensor& rng);
+
+namespace {
+
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+int64_t padded_rank(int64_t rank) {
+  for (int64_t padded : {8, 16, 32, 64})
+    if (rank <= padded) return padded;
+  TORCH_CHECK(false, "phift::lora_linear_fused: rank ", rank, " is above 64");
+}
+
+// The kernels draw 16 random bits per element and drop it when they are below this: p rounded to 2⁻¹⁶
+// (phift/kernels.py rounds the same way).
+int64_t dropout_threshold(double p) {
+  return std::min<int64_t>(static_cast<int64_t>(std::floor(p * 65536.0 + 0.5)), 65535);
+}
+
+double dropout_coef(double scaling, int64_t threshold) { return scaling / (1.0 - threshold / 65536.0); }
+
+// [W | coef·B] as one [N, K + R] matrix, kept for each frozen W. Copying W into it on every call would cost about
+// as much as all the LoRA math, so W's part is copied once (the price: one more copy of each adapted weight in
+// memory); the forward pass rewrites the B columns every call, inside the prep kernel. A W changed in place
+// (merge, unmerge) has a new version and is copied again; entries of freed weights are dropped.
+using WeakTensorRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct Augmented {
+  WeakTensorRef weight;
+  int64_t version;
+  at::Tensor matrix;
+  const void* written_b;  // the B (data pointer) and coef that the B columns hold now
+  double written_coef;
+};
+std::mutex augmented_mutex;
+std::map<std::pair<const c10::TensorImpl*, int64_t>, Augmented> augmented_weights;
+
+Augmented& augmented_weight(const at::Tensor& weight, int64_t padded) {
+  const int64_t version = weight.is_inference() ? 0 : weight._version();
+  const auto key = std::make_pair(weight.unsafeGetTensorImpl(), padded);
+  auto it = augmented_weights.find(key);
+  if (it == augmented_weights.end() || it->second.weight.expired() || it->second.version != version) {
+    for (auto i = augmented_weights.begin(); i != augmented_weights.end();)
+      i = i->second.weight.expired() ? augmented_weights.erase(i) : std::next(i);
+    const c10::InferenceMode normal_tensors(false);  // a cache made under inference mode must serve training
+    const int64_t n = weight.size(0), k = weight.size(1);
+    at::Tensor matrix = at::zeros({n, k + padded}, weight.options());
+    matrix.narrow(1, 0, k).copy_(weight);
+    const Augmented entry{WeakTensorRef(weight.getIntrusivePtr()), version, matrix, nullptr, 0};
+    it = augmented_weights.insert_or_assign(key, entry).first;
+  }
+  return it->second;
+}
+
+Tensors4 forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout) {
+  const c10::OptionalDeviceGuard guard(x.device());
+  const int64_t k = x.size(-1), n = weight.size(0), padded = padded_rank(lora_A.size(0));
+  at::Tensor x2 = x.reshape({-1, k});
+  if (!x2.is_contiguous() || reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16) x2 = x2.clone(at::MemoryFormat::Contiguous);
+  const int64_t threshold = dropout_threshold(dropout);
+  const double coef = dropout_coef(scaling, threshold);
+  const at::Tensor b = lora_B.to(at::kFloat).contiguous();
+  at::Tensor x_aug, xm, su, rng, y;
+  {
+    const std::lock_guard<std::mutex> lock(augmented_mutex);
+    Augmented& w_aug = augmented_weight(weight, padded);
+    auto outs = lora_prep(x2, lora_A.to(x.scalar_type()).contiguous(), b, w_aug.matrix, padded, coef, threshold);
+    x_aug = outs[0], xm = outs[1], su = outs[2], rng = outs[3];
+    w_aug.written_b = lora_B.data_ptr();
+    w_aug.written_coef = coef;
+    y = bias ? at::addmm(*bias, x_aug, w_aug.matrix.t()) : at::mm(x_aug, w_aug.matrix.t());
+  }
+  std::vector<int64_t> y_shape = x.sizes().vec();
+  y_shape.back() = n;
+  return {y.view(y_shape), xm, su, rng};
+}
+
+// saved_x is mask ⊙ x with dropout, x without. dx is empty unless need_dx.
+Tensors3 backward_cuda(const at::Tensor& dy, const at::Tensor& saved_x, const at::Tensor& su, const at::Tensor& rng,
+                       const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                       double dropout, bool need_dx) {
+  const c10::OptionalDeviceGuard guard(dy.device());
+  const int64_t rank = lora_A.size(0), k = lora_A.size(1), padded = padded_rank(rank);
+  const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
+  const int64_t threshold = dropout_threshold(dropout);
+  const double coef = dropout_coef(scaling, threshold);
+  at::Tensor dx, g;
+  {
+    const std::lock_guard<std::mutex> lock(augmented_mutex);
+    Augmented& w_aug = augmented_weight(weight, padded);
+    if (w_aug.written_b != lora_B.data_ptr() || w_aug.written_coef != coef) {  // another adapter on this W ran
+      w_aug.matrix.narrow(1, k, rank).copy_(lora_B.mul(coef));
+      w_aug.written_b = lora_B.data_ptr();
+      w_aug.written_coef = coef;
+    }
+    if (need_dx) {
+      const at::Tensor dx_aug = at::mm(dy2, w_aug.matrix);  // [M, K + R]: dy W, then g
+      g = dx_aug.narrow(1, k, rank);
+      std::vector<int64_t> dx_shape = dy.sizes().vec();
+      dx_shape.back() = k;
+      dx = lora_fix(dx_aug, lora_A.to(dy.scalar_type()).contiguous(), padded, threshold, rng).view(dx_shape);
+    } else {
+      g = at::mm(dy2, w_aug.matrix.narrow(1, k, rank));
+      dx = at::empty({0}, dy.options());
+    }
+  }
+  at::Tensor d_A = at::mm(g.t(), saved_x.reshape({-1, k}), at::kFloat);
+  at::Tensor d_B = at::mm(dy2.t(), su.narrow(1, 0, rank), at::kFloat);
+  return {dx, d_A.to(lora_A.scalar_type()), d_B.to(lora_B.scalar_type())};
+}
+
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                                                double dropout) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("phift::lora_linear_fused", "")
+                         .typed<decltype(forward_cuda)>();
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, xm, su, rng] = op.call(x, weight, bias, lora_A, lora_B, scaling, dropout);
+    ctx->save_for_backward({dropout_threshold(dropout) ? xm : x, su, rng, weight, lora_A, lora_B});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->mark_non_differentiable({xm, su, rng});
+    return {y, xm, su, rng};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("phift::lora_linear_fused_backward", "")
+                         .typed<decltype(backward_cuda)>();
+    if (!grads[0].defined()) return torch::autograd::variable_list(7);
+    const auto saved = ctx->get_saved_variables();
+    const bool need_dx = ctx->needs_input_grad(0);
+    auto [dx, d_A, d_B] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                  ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout"].toDouble(),
+                                  need_dx);
+    return {need_dx ? dx : at::Tensor(), at::Tensor(), at::Tensor(), d_A, d_B, at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensors4 forward_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout) {
+  auto outs = LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scaling, dropout);
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(phift, m) {
+  m.def("lora_linear_fused(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lora_linear_fused_backward(Tensor dy, Tensor saved_x, Tensor su, Tensor rng, Tensor weight, "
+        "Tensor lora_A, Tensor lora_B, float scaling, float dropout, bool need_dx) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(phift, CUDA, m) {
+  m.impl("lora_linear_fused", &forward_cuda);
+  m.impl("lora_linear_fused_backward", &backward_cuda);
+}
+
+TORCH_LIBRARY_IMPL(phift, Autograd, m) { m.impl("lora_linear_fused", &forward_autograd); }
+
+// Importing the module registers the ops above; it has no Python functions of its own.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "phift::lora_linear_fused (see torch.ops.phift)"; }
