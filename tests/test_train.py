@@ -179,8 +179,8 @@ def test_validation_split_logs_eval_loss_every_eval_steps(tmp_path):
     assert results["eval_loss"] > 0
 
 
-def test_packed_training_trains_on_the_same_tokens(tmp_path):
-    args = run_args(tmp_path, packing=True, cutoff_len=128, num_train_epochs=15, learning_rate=3e-3)
+def test_packed_training_learns(tmp_path):
+    args = run_args(tmp_path, packing=True, cutoff_len=128, num_train_epochs=45, learning_rate=3e-3)
     train_mod.train(args)
     curve = losses(args.output_dir)
     assert sum(curve[-3:]) / 3 < 0.6 * sum(curve[:3]) / 3
