@@ -76,12 +76,12 @@ CONFIGS = {
 
 # (config, impl, in --quick), in the order they run: what the targets need most comes first
 RUNS = [
-    ("lora-6x1024", "hf", True), ("lora-6x1024", "hf+compile", True),
-    ("lora-6x1024", "litgpt", True), ("lora-6x1024", "litgpt+compile", True),
+    ("lora-6x1024", "hf", True), ("lora-6x1024", "hf+compile", True), ("lora-6x1024", "litgpt+compile", True),
     ("lora-6x1024", "phift", True), ("lora-6x1024", "phift+compile", True),
     ("lora-6x1024-ckpt", "phift", True), ("lora-6x1024-ckpt", "phift+compile", True),
     ("recipe3-full-1x1024-zero2", "phift+ds", True), ("recipe3-full-1x1024-zero2", "seed", True),
     ("issue5-self-cognition", "phift train", True), ("issue5-self-cognition", "phift train+ds", True),
+    ("lora-6x1024", "litgpt", True),
     ("full-1x1024-ckpt", "hf", True), ("full-1x1024-ckpt", "phift", True),
     ("full-1x1024-ckpt", "hf+compile", True), ("full-1x1024-ckpt", "phift+compile", True),
     ("lora-1x1792", "hf+compile", True), ("lora-1x1792", "litgpt+compile", True),
@@ -326,6 +326,8 @@ def worker(spec: dict) -> dict:
     c = CONFIGS[spec["config"]] if not spec["tiny"] else tiny_config(CONFIGS[spec["config"]])
     impl = spec["impl"]
     device = torch.device(spec["device"])
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device and DeepSpeed want an index
     if impl == "phift (no fused kernel)":
         os.environ["PHIFT_DISABLE_KERNELS"] = "1"
     cap = mem_cap(spec["config"], impl)

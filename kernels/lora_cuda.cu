@@ -8,8 +8,8 @@
 // the same (seed, offset), one draw (as curand4) per 8-element vector, 16 random bits per element; an element is
 // dropped when its bits are below `threshold` = p·2¹⁶ (the caller rounds p to that grid and uses it in coef).
 //
-// Both kernels give each warp ROWS whole rows, walked in 8-element (16-byte) vectors by its 32 lanes, so that
-// each vector of A loaded serves ROWS rows and the per-row sums reduce within the warp, with no block barrier.
+// Both kernels give each block ROWS rows, walked in 8-element (16-byte) vectors by its threads, so that each
+// vector of A loaded serves ROWS rows.
 #include <ATen/ATen.h>
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -25,8 +25,8 @@
 
 namespace {
 
-constexpr int kWarps = 8;  // warps per block
-constexpr int kVec = 8;    // elements per 16-byte access
+constexpr int kThreads = 256;
+constexpr int kVec = 8;  // elements per 16-byte access
 
 template <typename T> struct Conv;
 template <> struct Conv<__nv_bfloat16> {
@@ -136,14 +136,18 @@ struct PrepArgs {
 };
 
 template <typename T, int R, int ROWS>
-__global__ void __launch_bounds__(kWarps * 32, 2) prep_kernel(PrepArgs p) {
+__global__ void __launch_bounds__(kThreads) prep_kernel(PrepArgs p) {
   static_assert((ROWS * R) % 32 == 0, "the per-row sums must fill whole warps");
   constexpr int kSums = ROWS * R;
+  __shared__ float partial[kThreads / 32][kSums];
   const T* x = static_cast<const T*>(p.x);
   const T* a = static_cast<const T*>(p.a);
   T* x_aug = static_cast<T*>(p.x_aug);
   T* xm = static_cast<T*>(p.xm);
+  T* su = static_cast<T*>(p.su);
+  T* w_aug = static_cast<T*>(p.w_aug);
   const int64_t ld_aug = p.k + p.width, nvec = p.k / kVec;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * ROWS;
 
   uint64_t seed = 0, offset = 0;
   if (p.threshold) {
@@ -151,41 +155,33 @@ __global__ void __launch_bounds__(kWarps * 32, 2) prep_kernel(PrepArgs p) {
     seed = std::get<0>(seed_offset);
     offset = std::get<1>(seed_offset);
   }
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (tid == 0) {
     p.rng_out[0] = static_cast<int64_t>(seed);
     p.rng_out[1] = static_cast<int64_t>(offset);
   }
-  T* w_aug = static_cast<T*>(p.w_aug);
-  for (int64_t i = tid; i < p.n * p.rank; i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+  for (int64_t i = tid; i < p.n * p.rank; i += static_cast<int64_t>(gridDim.x) * kThreads)
     w_aug[(i / p.rank) * ld_aug + p.k + i % p.rank] = Conv<T>::from_float(p.coef * p.b[i]);
-
-  const int lane = threadIdx.x % 32;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * ROWS;
-  if (row0 >= p.rows) return;
 
   float acc[kSums];
 #pragma unroll
   for (int i = 0; i < kSums; ++i) acc[i] = 0.f;
 
-#pragma unroll 1
-  for (int64_t v = lane; v < nvec; v += 32) {
-    uint4 raw[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-      raw[r] = row0 + r < p.rows ? load16(x + (row0 + r) * p.k + v * kVec) : make_uint4(0, 0, 0, 0);
+  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
     float xf[ROWS][kVec];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t row = row0 + r;
+      uint4 raw = make_uint4(0, 0, 0, 0);
       if (row < p.rows) {
-        store16(x_aug + row * ld_aug + v * kVec, raw[r]);
+        raw = load16(x + row * p.k + v * kVec);
+        store16(x_aug + row * ld_aug + v * kVec, raw);
         if (p.threshold) {
-          raw[r] = apply_mask(raw[r], keep_bits(seed, offset, static_cast<uint64_t>(row * nvec + v), p.threshold));
-          store16(xm + row * p.k + v * kVec, raw[r]);
+          raw = apply_mask(raw, keep_bits(seed, offset, static_cast<uint64_t>(row * nvec + v), p.threshold));
+          store16(xm + row * p.k + v * kVec, raw);
         }
       }
-      unpack8<T>(raw[r], xf[r]);
+      unpack8<T>(raw, xf[r]);
     }
 #pragma unroll
     for (int j = 0; j < R; ++j) {
@@ -199,63 +195,58 @@ __global__ void __launch_bounds__(kWarps * 32, 2) prep_kernel(PrepArgs p) {
     }
   }
 
-  T* su = static_cast<T*>(p.su);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int g = 0; g < kSums / 32; ++g) {
     float chunk[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) chunk[i] = acc[g * 32 + i];
-    const float u = transpose_reduce(chunk, lane);  // the sum for row0 + idx / R, rank idx % R
-    const int idx = g * 32 + lane;
-    const int64_t row = row0 + idx / R;
-    if (row < p.rows) {
-      x_aug[row * ld_aug + p.k + idx % R] = Conv<T>::from_float(u);
-      su[row * R + idx % R] = Conv<T>::from_float(p.coef * u);
-    }
+    partial[warp][g * 32 + lane] = transpose_reduce(chunk, lane);
   }
-  for (int64_t c = R + lane; c < p.width; c += 32)  // padding columns: zero, never uninitialized (NaN · 0 = NaN)
+  __syncthreads();
+  for (int i = threadIdx.x; i < kSums; i += kThreads) {
+    const int64_t row = row0 + i / R;
+    if (row >= p.rows) continue;
+    float u = 0.f;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-      if (row0 + r < p.rows) x_aug[(row0 + r) * ld_aug + p.k + c] = Conv<T>::from_float(0.f);
+    for (int w = 0; w < kThreads / 32; ++w) u += partial[w][i];
+    x_aug[row * ld_aug + p.k + i % R] = Conv<T>::from_float(u);
+    su[row * R + i % R] = Conv<T>::from_float(p.coef * u);
+  }
+  // padding columns: zero, never left uninitialized (NaN · 0 = NaN in the GEMM)
+  const int64_t pad_vecs = (p.width - R) / kVec;
+  for (int64_t i = threadIdx.x; i < ROWS * pad_vecs; i += kThreads) {
+    const int64_t row = row0 + i / pad_vecs;
+    if (row < p.rows) store16(x_aug + row * ld_aug + p.k + R + (i % pad_vecs) * kVec, make_uint4(0, 0, 0, 0));
+  }
 }
 
 template <typename T, int R, int ROWS>
-__global__ void __launch_bounds__(kWarps * 32, 2) fix_kernel(const T* __restrict__ dx_aug, const T* __restrict__ a,
-                                                       T* __restrict__ dx, int64_t rows, int64_t k, int64_t width,
-                                                       int64_t rank, uint32_t threshold,
-                                                       const int64_t* __restrict__ rng) {
-  __shared__ float g_shared[kWarps][ROWS][R];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * ROWS;
-  if (row0 >= rows) return;
+__global__ void __launch_bounds__(kThreads) fix_kernel(const T* __restrict__ dx_aug, const T* __restrict__ a,
+                                                     T* __restrict__ dx, int64_t rows, int64_t k, int64_t width,
+                                                     int64_t rank, uint32_t threshold,
+                                                     const int64_t* __restrict__ rng) {
+  __shared__ float g[ROWS][R];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * ROWS;
   const int64_t ld_aug = k + width, nvec = k / kVec;
-  float(&g)[ROWS][R] = g_shared[warp];
-  for (int i = lane; i < ROWS * R; i += 32) {
+  for (int i = threadIdx.x; i < ROWS * R; i += kThreads) {
     const int64_t row = row0 + i / R;
     g[i / R][i % R] = row < rows ? Conv<T>::to_float(dx_aug[row * ld_aug + k + i % R]) : 0.f;
   }
-  __syncwarp();
   uint64_t seed = 0, offset = 0;
   if (threshold) {
     seed = static_cast<uint64_t>(rng[0]);
     offset = static_cast<uint64_t>(rng[1]);
   }
+  __syncthreads();
 
-  for (int64_t v = lane; v < nvec; v += 32) {
-    uint4 raw[ROWS];
-    uint32_t bits[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t row = row0 + r;
-      raw[r] = row < rows ? load16(dx_aug + row * ld_aug + v * kVec) : make_uint4(0, 0, 0, 0);
-      bits[r] = threshold ? keep_bits(seed, offset, static_cast<uint64_t>(row * nvec + v), threshold) : 0xffu;
-    }
+  for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
     float d[ROWS][kVec];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
       for (int e = 0; e < kVec; ++e) d[r][e] = 0.f;
-#pragma unroll 4  // full unrolling would hoist all R vectors of A into registers
+#pragma unroll 8  // full unrolling would hoist all R vectors of A into registers
     for (int j = 0; j < R; ++j) {
       if (j >= rank) break;
       float af[kVec];
@@ -269,31 +260,29 @@ __global__ void __launch_bounds__(kWarps * 32, 2) fix_kernel(const T* __restrict
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      if (row0 + r >= rows) break;
+      const int64_t row = row0 + r;
+      if (row >= rows) continue;
       float out[kVec];
-      unpack8<T>(raw[r], out);
+      unpack8<T>(load16(dx_aug + row * ld_aug + v * kVec), out);
+      const uint32_t bits =
+          threshold ? keep_bits(seed, offset, static_cast<uint64_t>(row * nvec + v), threshold) : 0xffu;
 #pragma unroll
       for (int e = 0; e < kVec; ++e)
-        if ((bits[r] >> e) & 1u) out[e] += d[r][e];
-      store16(dx + (row0 + r) * k + v * kVec, pack8<T>(out));
+        if ((bits >> e) & 1u) out[e] += d[r][e];
+      store16(dx + row * k + v * kVec, pack8<T>(out));
     }
   }
 }
 
-// Rows per warp: enough to reuse each loaded vector of A a few times, few enough to keep the sums in registers.
+// Rows per block: enough to reuse each loaded vector of A a few times, few enough to keep the sums in registers.
 template <int R> constexpr int prep_rows() { return R >= 32 ? 1 : 32 / R; }
 constexpr int kFixRows = 4;
 
-int64_t blocks_for(int64_t rows, int rows_per_warp) {
-  const int64_t warps = (rows + rows_per_warp - 1) / rows_per_warp;
-  return std::max<int64_t>(1, (warps + kWarps - 1) / kWarps);
-}
-
 template <typename T, int R>
 void launch_prep(const PrepArgs& args) {
-  constexpr int rows_per_warp = prep_rows<R>();
-  prep_kernel<T, R, rows_per_warp><<<blocks_for(args.rows, rows_per_warp), kWarps * 32, 0,
-                                     c10::cuda::getCurrentCUDAStream()>>>(args);
+  constexpr int rows_per_block = prep_rows<R>();
+  const int64_t blocks = std::max<int64_t>(1, (args.rows + rows_per_block - 1) / rows_per_block);
+  prep_kernel<T, R, rows_per_block><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -301,7 +290,7 @@ template <typename T, int R>
 void launch_fix(const at::Tensor& dx_aug, const at::Tensor& a, at::Tensor& dx, int64_t threshold,
                 const at::Tensor& rng) {
   const int64_t rows = dx.size(0);
-  fix_kernel<T, R, kFixRows><<<blocks_for(rows, kFixRows), kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  fix_kernel<T, R, kFixRows><<<(rows + kFixRows - 1) / kFixRows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<const T*>(dx_aug.data_ptr()), static_cast<const T*>(a.data_ptr()), static_cast<T*>(dx.data_ptr()),
       rows, dx.size(1), dx_aug.size(1) - dx.size(1), a.size(0), static_cast<uint32_t>(threshold),
       rng.data_ptr<int64_t>());

@@ -4,8 +4,8 @@ A LoRA layer calls `lora_linear`; it runs the fused CUDA op when it can, else th
 
 The fused op `torch.ops.phift.lora_linear_fused` (C++/CUDA in kernels/, built by kernels/build.py) folds the LoRA
 term into the base matrix products instead of running its own: with u = dropout(x) Aᵀ, an [M, r] matrix,
-    forward    y = [x | u] · [W | s·B]ᵀ + b              one GEMM over in + r
-    backward   [dx_base | g] = dy · [W | s·B]             one GEMM; g = s · dy B comes out as r extra columns
+    forward    y = [x | u] · [W | s·B]ᵀ + b              one GEMM over in + 64 (u and B zero-padded)
+    backward   [dx_base | g] = dy · [W | s·B]             one GEMM; g = s · dy B comes out as extra columns
                dx = dx_base + mask ⊙ (g A),   dA = gᵀ (mask ⊙ x),   dB = dyᵀ (s · u)
 (s = scaling / (1 - p)). Two small CUDA passes build [x | u] and add the dx correction; cuBLAS does every product.
 The dropout mask is regenerated from its Philox seed in backward, never stored. The op keeps one [W | s·B] copy

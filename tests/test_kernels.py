@@ -3,6 +3,7 @@
 GPU tests need CUDA and build the extension on first use (about a minute); on CPU they skip.
 """
 import math
+import os
 import warnings
 
 import pytest
@@ -95,9 +96,18 @@ def poisoned_memory():
         torch.use_deterministic_algorithms(False)
 
 
-def run_fused(x, weight, bias, lora_A, lora_B, scaling, p, dy):
+@pytest.fixture(scope="module")
+def fused_op():
+    """torch.ops.phift.lora_linear_fused, which exists once the extension is loaded (compiled on first use)."""
+    if os.environ.get("PHIFT_DISABLE_KERNELS", "0") not in ("", "0"):
+        pytest.skip("PHIFT_DISABLE_KERNELS is set")
+    assert kernels._extension() is not None, "the fused LoRA extension failed to build or load"
+    return torch.ops.phift.lora_linear_fused
+
+
+def run_fused(op, x, weight, bias, lora_A, lora_B, scaling, p, dy):
     """The op's y and gradients, and the dropout mask it used (read back from its saved mask ⊙ x)."""
-    y, xm, _, _ = torch.ops.phift.lora_linear_fused(x, weight, bias, lora_A, lora_B, scaling, p)
+    y, xm, _, _ = op(x, weight, bias, lora_A, lora_B, scaling, p)
     wrt = (x, lora_A, lora_B) if x.requires_grad else (lora_A, lora_B)
     grads = torch.autograd.grad(y, wrt, dy)
     keep = (xm.view(x.shape) != 0).double() if p > 0 else None
@@ -120,11 +130,12 @@ SHAPES = [  # (leading shape, in, out, rank): Phi-1.5's Wqkv, fc1 and fc2, odd t
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lead,d_in,d_out,rank", SHAPES)
-def test_fused_op_matches_float64_with_the_mask_it_used(lead, d_in, d_out, rank, bias, p, dtype, poisoned_memory):
+def test_fused_op_matches_float64_with_the_mask_it_used(lead, d_in, d_out, rank, bias, p, dtype, fused_op,
+                                                        poisoned_memory):
     # the gradients come from a mask regenerated in backward: matching the forward's mask is part of the check
     x, w, b, A, B = make_inputs(lead, d_in, d_out, rank, dtype, "cuda", bias=bias)
     dy = torch.randn(*lead, d_out, device="cuda").to(dtype)
-    y, grads, keep = run_fused(x, w, b, A, B, 0.5, p, dy)
+    y, grads, keep = run_fused(fused_op, x, w, b, A, B, 0.5, p, dy)
     y_ref, grads_ref = float64_lora(x, w, b, A, B, 0.5, dy, keep, p)
     for name, out, ref in zip(("y", "dx", "dA", "dB"), (y, *grads), (y_ref, *grads_ref)):
         assert_close(name, out, ref)
@@ -132,10 +143,10 @@ def test_fused_op_matches_float64_with_the_mask_it_used(lead, d_in, d_out, rank,
 
 
 @needs_cuda
-def test_fused_op_without_input_grad_still_gives_adapter_grads(poisoned_memory):
+def test_fused_op_without_input_grad_still_gives_adapter_grads(fused_op, poisoned_memory):
     x, w, b, A, B = make_inputs((513,), 2048, 6144, 8, torch.bfloat16, "cuda", x_grad=False)
     dy = torch.randn(513, 6144, device="cuda").to(torch.bfloat16)
-    _, grads, keep = run_fused(x, w, b, A, B, 2.0, 0.1, dy)
+    _, grads, keep = run_fused(fused_op, x, w, b, A, B, 2.0, 0.1, dy)
     _, (_, dA_ref, dB_ref) = float64_lora(x, w, b, A, B, 2.0, dy, keep, 0.1)
     assert_close("dA", grads[0], dA_ref)
     assert_close("dB", grads[1], dB_ref)
@@ -143,20 +154,20 @@ def test_fused_op_without_input_grad_still_gives_adapter_grads(poisoned_memory):
 
 @needs_cuda
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_fused_dropout_keeps_one_minus_p(p):
+def test_fused_dropout_keeps_one_minus_p(p, fused_op):
     x, w, b, A, B = make_inputs((6144,), 2048, 64, 8, torch.bfloat16, "cuda", x_grad=False)
-    _, xm, _, _ = torch.ops.phift.lora_linear_fused(x, w, b, A, B, 1.0, p)
+    _, xm, _, _ = fused_op(x, w, b, A, B, 1.0, p)
     kept = (xm != 0).double().mean().item()
     sigma = math.sqrt(p * (1 - p) / xm.numel())
     assert abs(kept - (1 - p)) < 6 * sigma + 2 ** -16
 
 
 @needs_cuda
-def test_fused_dropout_mask_is_fresh_per_call_and_follows_the_seed():
+def test_fused_dropout_mask_is_fresh_per_call_and_follows_the_seed(fused_op):
     x, w, b, A, B = make_inputs((64,), 256, 64, 8, torch.bfloat16, "cuda", x_grad=False)
 
     def mask():
-        return torch.ops.phift.lora_linear_fused(x, w, b, A, B, 1.0, 0.5)[1] != 0
+        return fused_op(x, w, b, A, B, 1.0, 0.5)[1] != 0
 
     torch.manual_seed(0)
     first, second = mask(), mask()
@@ -215,6 +226,6 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
 
 
 @needs_cuda
-def test_op_registration_passes_opcheck():
+def test_op_registration_passes_opcheck(fused_op):
     x, w, b, A, B = make_inputs((3, 5), 64, 48, 8, torch.bfloat16, "cuda")
-    torch.library.opcheck(torch.ops.phift.lora_linear_fused.default, (x, w, b, A, B, 0.5, 0.0))
+    torch.library.opcheck(fused_op.default, (x, w, b, A, B, 0.5, 0.0))
