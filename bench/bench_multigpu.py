@@ -48,16 +48,21 @@ def run(name, gpus, accum, case, args, data_dir, work):
                                "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage}}))
     out = work / name
     cmd = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(29600 + gpus), str(ROOT / "examples" /
-           "train_bash.py"), "--deepspeed", str(cfg), "--model_name_or_path", preset, "--tokenizer_name_or_path",
-           args.tokenizer, "--dataset", "synthetic", "--dataset_dir", str(data_dir), "--template", "vanilla",
+           "train_bash.py"), "--deepspeed", str(cfg), "--model_name_or_path", preset, "--dataset", "synthetic", "--dataset_dir", str(data_dir), "--template", "vanilla",
            "--finetuning_type", ft, "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps",
            str(accum), "--cutoff_len", str(cutoff), "--max_steps", str(steps), "--logging_steps", "1",
-           "--save_steps", "100000", "--learning_rate", "1e-4" if ft == "full" else "2e-4", "--bf16", "True",
+           "--save_strategy", "no", "--learning_rate", "1e-4" if ft == "full" else "2e-4", "--bf16", "True",
            "--lora_dropout", "0", "--disable_gradient_checkpointing", "True", "--output_dir", str(out),
-           "--overwrite_output_dir", "True"]
+           "--overwrite_output_dir", "True", "--tokenizer_name_or_path", args.tokenizer]
     t = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    (Path(args.log_dir) / f"{name}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.run_timeout)
+    except subprocess.TimeoutExpired as e:
+        (Path(args.log_dir) / f"{name.replace(' ', '_').replace('×', 'x')}.log").write_text(
+            str(e.stdout)[-20000:] + str(e.stderr)[-20000:])
+        return {"error": f"timed out after {args.run_timeout} s", "wall": time.time() - t}
+    (Path(args.log_dir) / f"{name.replace(' ', '_').replace('×', 'x')}.log").write_text(
+        proc.stdout[-20000:] + proc.stderr[-20000:])
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:160], "wall": time.time() - t}
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
@@ -74,6 +79,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
     p.add_argument("--log_dir", default=tempfile.gettempdir())
+    p.add_argument("--run_timeout", type=int, default=150)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
     synthetic_dataset(work)

@@ -125,7 +125,8 @@ def model_shape(tiny: bool):
 
 def flops_per_token(cfg, mode: str, seq: int) -> tuple[float, float]:
     """(FLOPs per trained token, N): 2N forward, 2N backward to activations, 2N more for weight gradients (full);
-    attention 2·L·T·d forward (QKᵀ and AV, 4·T·d per token and layer, halved for the causal mask), ×3 with backward.
+    attention 2·L·T·d forward (QKᵀ and AV, 4·T·d per token and layer, halved for the causal mask), ×3 with
+    backward.
     N = matmul parameters incl. lm_head; recompute under activation checkpointing is not counted."""
     d, L = cfg.hidden_size, cfg.num_layers
     n = L * (4 * d * d + 2 * d * cfg.intermediate_size) + d * cfg.vocab_size
@@ -684,7 +685,8 @@ def targets(rows, ceiling) -> list[str]:
     ck = best(rows, "lora-6x1024-ckpt", PHIFT_PLAIN)
     q = ratio(ck, hf_eager)
     line("LoRA 6×1024 with checkpointing: phift ÷ HF eager (no checkpointing)",
-         f"{fmt(q, 2)}× at {fmt(ck and ck['peak_gib'], 1)} GiB ({ck['impl'] if ck else '—'})", "≥ 2.5× at ≤ 7.5 GiB",
+         f"{fmt(q, 2)}× at {fmt(ck and ck['peak_gib'], 1)} GiB ({ck['impl'] if ck else '—'})",
+         "≥ 2.5× at ≤ 7.5 GiB",
          None if q is None or ck["peak_gib"] is None else (q >= 2.5 and ck["peak_gib"] <= 7.5))
     fast, peer = best(rows, "lora-1x1792", PHIFT_PLAIN), best(rows, "lora-1x1792", COMPILED_PEERS)
     q = ratio(fast, peer)
@@ -695,17 +697,19 @@ def targets(rows, ceiling) -> list[str]:
         fast, he, hc = best(rows, cfg, PHIFT_PLAIN), ok(rows, cfg, "hf"), ok(rows, cfg, "hf+compile")
         qe, qc = ratio(fast, he), ratio(fast, hc)
         mem_ok = None
-        if fast and (he or hc):
+        if fast and (he or hc) and all(r["peak_gib"] is not None for r in (fast, he, hc) if r):
             mem_ok = all(fast["peak_gib"] <= r["peak_gib"] for r in (he, hc) if r)
         line(f"{cfg}: phift fastest ÷ HF eager / ÷ HF compiled, memory ≤ HF's",
              f"{fmt(qe, 2)}× / {fmt(qc, 2)}×, {fmt(fast and fast['peak_gib'], 1)} GiB vs "
              f"{fmt(he and he['peak_gib'], 1)} / {fmt(hc and hc['peak_gib'], 1)} GiB",
-             "≥ 2× / ≥ 1.2×, ≤", None if qe is None or qc is None else (qe >= 2 and qc >= 1.2 and mem_ok))
+             "≥ 2× / ≥ 1.2×, ≤",
+             None if qe is None or qc is None or mem_ok is None else (qe >= 2 and qc >= 1.2 and mem_ok))
     ph, sd = ok(rows, "recipe3-full-1x1024-zero2", "phift+ds"), ok(rows, "recipe3-full-1x1024-zero2", "seed")
     q = ratio(ph, sd)
     line("Recipe 3 (full, ZeRO-2 CPU offload, fp16 1×1024): phift ÷ seed's stack, memory",
          f"{fmt(q, 2)}×, {fmt(ph and ph['peak_gib'], 1)} vs {fmt(sd and sd['peak_gib'], 1)} GiB", "≥ 2×, ≤",
-         None if q is None else (q >= 2 and ph["peak_gib"] <= sd["peak_gib"]))
+         None if q is None or None in (ph["peak_gib"], sd["peak_gib"])
+         else (q >= 2 and ph["peak_gib"] <= sd["peak_gib"]))
     line("Law recipe end to end vs the seed's HF stack / HF compiled", "—", "≥ 3× / ≥ 1.5×", None)
     for cfg, impl, what in (("t4-lora-1x2048-fp16", "phift", "LoRA fp16 1×2048, no offload"),
                             ("recipe3-full-1x1024-zero2", "phift+ds", "full fp16 1×1024, ZeRO-2 CPU offload")):
@@ -717,20 +721,23 @@ def targets(rows, ceiling) -> list[str]:
     return out
 
 
-def report(h: Harness, meta: dict, ceiling: dict, notes: list[str]) -> str:
-    rows = [r for r in h.results if not r["config"].startswith("issue5")]
+def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) -> str:
+    """The markdown: the issue-7 table and its targets (when it has rows), the issue-5 table (when it has rows).
+    meta: versions, date, command, tiny, warmup, steps."""
+    rows = [r for r in results if not r["config"].startswith("issue5")]
     tf = ceiling.get("tflops")
-    shape = model_shape(h.a.tiny)
+    shape = model_shape(meta["tiny"])
     _, n = flops_per_token(shape, "lora", 1)
+    warmup, steps = meta["warmup"], meta["steps"]
     lines = [
-        "## Training throughput (issue 7)" + (" — TINY SMOKE TEST, not a measurement" if h.a.tiny else ""), "",
+        "## Training throughput (issue 7)" + (" — TINY SMOKE TEST, not a measurement" if meta["tiny"] else ""), "",
         f"{meta['device']} · torch {meta['torch']} (CUDA {meta['cuda']}) · transformers {meta['transformers']} · "
         f"peft {meta['peft']} · litgpt {meta['litgpt']} · deepspeed {meta['deepspeed']} · {meta['date']}", "",
         f"Command: `{meta['command']}`. Random-weight {shape.name}-shaped models, random tokens, every position "
         f"labelled; AdamW (fused on CUDA) lr {LR}, clipping {MAX_GRAD_NORM}; LoRA r 8 α 16 dropout 0.1 (phift on "
         "Wqkv, PEFT on q/k/v_proj, litgpt on query/key/value), half base + fp32 adapters + autocast; full: fp32 "
-        f"master weights + autocast, or DeepSpeed fp16 (ZeRO-2, CPU Adam). {h.a.warmup} warm-up steps (+1 when "
-        f"compiled; 2 under DeepSpeed), then {h.a.steps} steps ({max(2, h.a.steps // 2)} under DeepSpeed) timed "
+        f"master weights + autocast, or DeepSpeed fp16 (ZeRO-2, CPU Adam). {warmup} warm-up steps (+1 when "
+        f"compiled; 2 under DeepSpeed), then {steps} steps ({max(2, steps // 2)} under DeepSpeed) timed "
         "with CUDA events; compiled runs were compiled first in an untimed pre-pass (their warm-up shows the "
         "re-trace with warm inductor caches); tokens/s = batch × seq ÷ mean step time; peak = "
         "torch.cuda.max_memory_allocated over the timed steps.", "",
@@ -747,8 +754,8 @@ def report(h: Harness, meta: dict, ceiling: dict, notes: list[str]) -> str:
             lines.append(f"| {r['config']} | {r['impl']} | — | — | — | — | — | — | {r['status']} |")
             continue
         mfu = r["tokens_per_s"] * r["flops_per_token"] / (tf * 1e12) if tf else None
-        hf = ok(h.results, r["config"], "hf")
-        peer = best(h.results, r["config"], COMPILED_PEERS)
+        hf = ok(results, r["config"], "hf")
+        peer = best(results, r["config"], COMPILED_PEERS)
         x_hf = r["tokens_per_s"] / hf["tokens_per_s"] if hf and r is not hf else None
         x_peer = r["tokens_per_s"] / peer["tokens_per_s"] if peer and r["impl"].startswith("phift") else None
         note = [f"{c.dtype}{', ckpt' if c.ckpt else ''}"]
@@ -761,23 +768,64 @@ def report(h: Harness, meta: dict, ceiling: dict, notes: list[str]) -> str:
                      f"{fmt(r['peak_gib'], 2)} | {'—' if mfu is None else f'{100 * mfu:.1f} %'} | "
                      f"{fmt(x_hf, 2)} | {fmt(x_peer, 2)} | {', '.join(note)} |")
     lines += ["", "### Issue 7 targets, judged from the rows above", "",
-              "| target | measured | goal | |", "| --- | --- | --- | --- |", *targets(h.results, tf)]
-    i5 = [r for r in h.results if r["config"].startswith("issue5")]
+              "| target | measured | goal | |", "| --- | --- | --- | --- |", *targets(results, tf)]
+    if not rows:  # an issue-5-only report: its own title, the versions line
+        lines = ["## The self-cognition recipe end to end (issue 5)", "", lines[2], "",
+                 f"Command: `{meta['command']}`."]
+    i5 = [r for r in results if r["config"].startswith("issue5")]
     if i5:
         lines += ["", "### Issue 5: the self-cognition recipe end to end (`phift train`, phi-1_5-shaped random "
                   "model, real tokenizer, LoRA Wqkv, cutoff 1024, batch 6, fp16, 20 steps, checkpointing on)", "",
                   "Step time = (elapsed at the last log − elapsed at the first log, step 5) ÷ steps between, from "
-                  "trainer_log.jsonl; tokens/s = the logged value (padded batch tokens) averaged over those "
-                  "intervals; peak = torch.cuda.max_memory_allocated over the whole process.", "",
-                  "| run | step ms | tokens/s | peak GiB | first 5 steps s | process wall s | status |",
+                  "trainer_log.jsonl; tokens/s = trainer_log's tokens_per_second (phift counts the samples' "
+                  "tokens, not padding) averaged over those intervals; peak = torch.cuda.max_memory_allocated over the whole process.", "",
+                  "| run | step ms | tokens/s | peak GiB | first 5 steps s | train.main wall s | status |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in i5:
             lines.append(f"| {r['impl']} | {fmt(r.get('step_ms'), 1)} | {fmt(r.get('tokens_per_s'))} | "
                          f"{fmt(r.get('peak_gib'), 2)} | {fmt(r.get('first_interval_s'), 1)} | "
                          f"{fmt(r.get('wall_s'), 1)} | {r['status']} |")
-    lines += ["", "Pre-pass and builds: " + "; ".join(notes) if notes else "",
-              f"Harness wall time {time.time() - h.t_start:.0f} s of a {h.a.budget_s:.0f} s budget."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + footer) + "\n"
+
+
+def header_from_stdout(path: Path) -> dict:
+    """For a .jsonl written before it carried its header: meta, ceiling and pre-pass notes from the harness's
+    printed output (its first line, 'bf16 matmul ceiling: ...' and the 'pre-pass:' block)."""
+    import ast
+    text = path.read_text().splitlines()
+    meta = ast.literal_eval(text[0])
+    cmd = meta["command"].split()
+    meta.setdefault("tiny", "--tiny" in cmd)
+    for key, default in (("warmup", 3), ("steps", 8)):
+        meta.setdefault(key, int(cmd[cmd.index(f"--{key}") + 1]) if f"--{key}" in cmd else default)
+    ceiling = ast.literal_eval(next(t for t in text if t.startswith("bf16 matmul ceiling:")).split(":", 1)[1])
+    notes = []
+    if "pre-pass:" in text:
+        for t in text[text.index("pre-pass:") + 1:]:
+            if not t.startswith("  "):
+                break
+            notes.append(t.strip())
+    return {"meta": meta, "ceiling": ceiling, "footer": ["Pre-pass and builds: " + "; ".join(notes)] if notes else []}
+
+
+def render(jsonl: Path, only: str | None, out: Path):
+    """Rebuild the markdown from a run's raw rows (its .jsonl, whose first line holds meta and the ceiling),
+    keeping the rows whose id matches `only`; the rows left out are counted in the footer."""
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    head = next((x for x in lines if "meta" in x), None) or header_from_stdout(jsonl.parent / "stdout.txt")
+    rows = [x for x in lines if "id" in x]
+    kept = [r for r in rows if only is None or re.search(only, r["id"])]
+    footer = head.get("footer", [])
+    if len(kept) < len(rows):
+        left: dict[str, int] = {}
+        for r in rows:
+            if r not in kept:
+                left[r["status"]] = left.get(r["status"], 0) + 1
+        footer = footer + [f"Rendered from the run's {jsonl.name}, keeping the rows matching `{only}`; left out "
+                           + "; ".join(f"{n} row{'s' * (n > 1)} with status '{st}'" for st, n in left.items()) + "."]
+    text = report(kept, head["meta"], head["ceiling"], footer)
+    out.write_text(text)
+    print(text)
 
 
 def main(argv=None):
@@ -796,6 +844,7 @@ def main(argv=None):
     p.add_argument("--prepass-only", default=None, help="regex: pre-pass only these compiled runs")
     p.add_argument("--no-prepass", action="store_true")
     p.add_argument("--list", action="store_true", help="print the selected run ids and exit")
+    p.add_argument("--render", type=Path, help="rebuild --out from a run's .jsonl (rows filtered by --only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--train-worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -805,18 +854,23 @@ def main(argv=None):
         print("RESULT " + json.dumps(result), flush=True)
         os._exit(0)  # skip DeepSpeed's / inductor's teardown: the result is out
 
+    if a.render:
+        render(a.render, a.only, Path(a.out))
+        return
     runs = [(cfg, impl) for cfg, impl, quick in RUNS
             if (quick or not a.quick) and (a.only is None or re.search(a.only, run_id(cfg, impl)))]
     if a.list:
         print("\n".join(run_id(*r) for r in runs))
         return
     h = Harness(a)
-    meta = {**versions(a.device), "date": datetime.date.today().isoformat(),
+    meta = {**versions(a.device), "date": datetime.date.today().isoformat(), "tiny": a.tiny, "warmup": a.warmup,
+            "steps": a.steps,
             "command": " ".join(["python", "bench/bench_train.py", *(argv if argv is not None else sys.argv[1:])])}
     print(f"{meta}\n{len(runs)} runs, budget {a.budget_s:.0f} s", flush=True)
     h.start_builds(runs)
     ceiling = matmul_ceiling(a.device)
     print(f"bf16 matmul ceiling: {ceiling}", flush=True)
+    h.jsonl.write_text(json.dumps({"meta": meta, "ceiling": ceiling}) + "\n")
     notes = []
     if not a.no_prepass:
         notes = h.prepass(runs)
@@ -827,7 +881,15 @@ def main(argv=None):
     for cfg, impl in runs:
         print(f"[{time.time() - h.t_start:5.0f} s] {run_id(cfg, impl)}", flush=True)
         h.run(cfg, impl)
-    text = report(h, meta, ceiling, notes)
+    footer = [("Pre-pass and builds: " + "; ".join(notes)) if notes else "",
+              f"Harness wall time {time.time() - h.t_start:.0f} s of a {a.budget_s:.0f} s budget."]
+    with h.jsonl.open("r+") as f:  # the header line now holds the footer too
+        rows = f.read().splitlines()
+        rows[0] = json.dumps({"meta": meta, "ceiling": ceiling, "footer": footer})
+        f.seek(0)
+        f.write("\n".join(rows) + "\n")
+        f.truncate()
+    text = report(h.results, meta, ceiling, footer)
     h.out.write_text(text)
     shutil.rmtree(h.tmp, ignore_errors=True)
     print("\n" + text, flush=True)

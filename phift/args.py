@@ -88,6 +88,8 @@ def train_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--save_steps", type=int, default=500)
+    g.add_argument("--save_strategy", default="steps", choices=["steps", "no"],
+                   help="no: write no checkpoints (the final weights are still saved)")
     g.add_argument("--save_total_limit", type=int, default=None)
     g.add_argument("--eval_steps", type=int, default=None, help="default: save_steps (needs --val_size)")
     g.add_argument("--resume_from_checkpoint", default=None,

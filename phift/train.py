@@ -63,7 +63,8 @@ def load_base(args, device, dtype, texts=None):
         if tokenizer.vocab_size > config.vocab_size:
             raise SystemExit(f"tokenizer has {tokenizer.vocab_size} tokens, model {config.name} only "
                              f"{config.vocab_size}")
-        model = Phi(config).to(device=device, dtype=dtype)
+        with torch.device(device):  # initialise on the GPU: 1.4B parameters take seconds on a CPU
+            model = Phi(config).to(dtype=dtype)
         return model, tokenizer, None
     d = resolve_checkpoint_dir(args.model_name_or_path)
     return load_model(d, dtype=dtype, device=device), load_tokenizer(d), d
@@ -288,9 +289,12 @@ def train(args) -> dict:
                           args.identity_author)
     texts = [t for r in rows for t in (r.get("prompt", ""), r.get("query", ""), r.get("response", ""))]
     model, tokenizer, source_dir = load_base(args, device, dtype, texts)
-    if source_dir is None and rank == 0:  # a random-init preset: keep its base so chat/eval can load it
-        save_model(model, out / "base_model")
-        tokenizer.save(out / "base_model")
+    if source_dir is None and args.finetuning_type == "lora" and rank == 0:
+        # a random-init preset under LoRA: keep the base so chat/eval can load the adapter onto it (the demo's
+        # tiny model; a random phi-1_5 is only ever a benchmark, and gigabytes of noise are not worth writing)
+        if model.num_params() <= 100_000_000:
+            save_model(model, out / "base_model")
+            tokenizer.save(out / "base_model")
     template = data.get_template(args.template)
     train_set, val_set = data.get_dataset(args.dataset, args.dataset_dir, tokenizer, template, args.cutoff_len,
                                           args.max_samples, args.train_on_prompt, args.val_size, args.seed,
@@ -367,7 +371,7 @@ def train(args) -> dict:
                 log0(f"step {step}: eval_loss {entry['eval_loss']}")
                 history.append(entry)
                 append_log(log_file, entry)
-            if step % args.save_steps == 0 and step < total_steps:
+            if args.save_strategy == "steps" and step % args.save_steps == 0 and step < total_steps:
                 save_checkpoint(engine, model, args, progress, tokenizer, source_dir)
             if step >= total_steps:
                 break
@@ -377,7 +381,8 @@ def train(args) -> dict:
     bar.close()
 
     runtime = time.time() - start
-    save_checkpoint(engine, model, args, progress, tokenizer, source_dir)
+    if args.save_strategy == "steps":
+        save_checkpoint(engine, model, args, progress, tokenizer, source_dir)
     state = full_state_dict(engine, args)
     results = {"train_runtime": round(runtime, 2), "global_step": progress["global_step"],
                "train_loss": next((e["loss"] for e in reversed(history) if "loss" in e), None)}
