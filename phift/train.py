@@ -289,12 +289,6 @@ def train(args) -> dict:
                           args.identity_author)
     texts = [t for r in rows for t in (r.get("prompt", ""), r.get("query", ""), r.get("response", ""))]
     model, tokenizer, source_dir = load_base(args, device, dtype, texts)
-    if source_dir is None and args.finetuning_type == "lora" and rank == 0:
-        # a random-init preset under LoRA: keep the base so chat/eval can load the adapter onto it (the demo's
-        # tiny model; a random phi-1_5 is only ever a benchmark, and gigabytes of noise are not worth writing)
-        if model.num_params() <= 100_000_000:
-            save_model(model, out / "base_model")
-            tokenizer.save(out / "base_model")
     template = data.get_template(args.template)
     train_set, val_set = data.get_dataset(args.dataset, args.dataset_dir, tokenizer, template, args.cutoff_len,
                                           args.max_samples, args.train_on_prompt, args.val_size, args.seed,
@@ -302,6 +296,12 @@ def train(args) -> dict:
     if not train_set:
         raise SystemExit(f"dataset {args.dataset} gave no training samples")
     model = prepare_model(args, model, dtype)
+    if source_dir is None and args.finetuning_type == "lora" and rank == 0:
+        # a random-init preset under LoRA: keep the base (older adapters merged in) so chat/eval can load the new
+        # adapter onto it; a random phi-1_5 is only ever a benchmark, and gigabytes of noise are not worth writing
+        if model.num_params() <= 100_000_000:
+            save_model(model, out / "base_model")
+            tokenizer.save(out / "base_model")
 
     accum = args.gradient_accumulation_steps
     batches_per_epoch = len(epoch_batches(train_set, 0, args, rank, world))

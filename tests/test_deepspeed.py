@@ -47,14 +47,15 @@ def test_zero_with_cpu_adam_matches_plain_adamw(tmp_path, stage):
         assert abs(a - b) <= 2e-3 * abs(a), (plain, deepspeed)
 
 
-def launch(tmp_path, name, world, *extra):
+def launch(tmp_path, name, world, *extra, stage=2):
     """`world` processes of one DeepSpeed run over gloo, as the deepspeed launcher would start them."""
     out = tmp_path / name
-    cfg = tmp_path / "ds_z2.json"
-    cfg.write_text(json.dumps(ds_config(2)))
+    cfg = tmp_path / f"ds_z{stage}.json"
+    cfg.write_text(json.dumps(ds_config(stage)))
     cmd = [sys.executable, "-m", "phift.cli", "train", "--model_name_or_path", "tiny", "--dataset",
            "self_cognition", "--dataset_dir", str(ROOT / "data"), "--finetuning_type", "lora", "--lora_target", "all",
-           "--lora_dropout", "0", "--max_samples", "16", "--per_device_train_batch_size", str(4 // world),
+           "--lora_dropout", "0", "--max_samples", "20", "--val_size", "4",
+           "--per_device_train_batch_size", str(4 // world),
            "--cutoff_len", "64", "--num_train_epochs", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
            "--seed", "0", "--disable_gradient_checkpointing", "True", "--save_steps", "4",
            "--deepspeed", str(cfg), "--output_dir", str(out), *extra]
@@ -68,17 +69,24 @@ def launch(tmp_path, name, world, *extra):
     return out, logs
 
 
-def test_two_ranks_follow_one_rank_write_once_and_resume_on_one(tmp_path):
-    one, _ = launch(tmp_path, "one", 1)
-    two, logs = launch(tmp_path, "two", 2)
-    curve1 = [e["loss"] for e in map(json.loads, (one / "trainer_log.jsonl").read_text().splitlines())]
-    curve2 = [e["loss"] for e in map(json.loads, (two / "trainer_log.jsonl").read_text().splitlines())]
+def losses_and_eval(out):
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in log if "loss" in e], json.loads((out / "train_results.json").read_text())["eval_loss"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_follow_one_rank_write_once_and_resume_on_one(tmp_path, stage):
+    one, _ = launch(tmp_path, "one", 1, stage=stage)
+    two, logs = launch(tmp_path, "two", 2, stage=stage)
+    curve1, eval1 = losses_and_eval(one)
+    curve2, eval2 = losses_and_eval(two)
     assert len(curve1) == len(curve2) == 8  # one line a step: only rank 0 writes
     for a, b in zip(curve1, curve2):  # same global batch and data order; per-rank means differ slightly
         assert abs(a - b) <= 0.02 * a, (curve1, curve2)
+    assert abs(eval1 - eval2) <= 0.02 * eval1  # the eval loss is summed over both ranks' halves of the split
     assert "trainable params" in logs[0] and "trainable params" not in logs[1]
-    resumed, _ = launch(tmp_path, "two", 1, "--resume_from_checkpoint", str(two / "checkpoint-4"))
-    log = [json.loads(line) for line in (resumed / "trainer_log.jsonl").read_text().splitlines()]
+    resumed, _ = launch(tmp_path, "two", 1, "--resume_from_checkpoint", str(two / "checkpoint-4"), stage=stage)
+    log = [e for e in map(json.loads, (resumed / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e]
     assert [e["current_steps"] for e in log[8:]] == [5, 6, 7, 8]  # appended after the 2-rank run's lines
     for a, b in zip([e["loss"] for e in log[8:]], curve2[4:]):
         assert abs(a - b) <= 0.02 * a, (log, curve2)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from phift import lora
 from phift import train as train_mod
 from phift.args import parse_train_args
 from phift.engine import TorchEngine, fill_deepspeed_config, lr_lambda
@@ -184,3 +186,21 @@ def test_packed_training_learns(tmp_path):
     train_mod.train(args)
     curve = losses(args.output_dir)
     assert sum(curve[-3:]) / 3 < 0.6 * sum(curve[:3]) / 3
+
+
+def test_checkpoint_dir_resumes_or_stacks_a_new_adapter_on_the_merged_one(tmp_path):
+    first = run_args(tmp_path / "a", finetuning_type="lora", lora_target="all", learning_rate=3e-3,
+                     num_train_epochs=6)
+    train_mod.train(first)
+    start, end = losses(first.output_dir)[0], losses(first.output_dir)[-1]
+    first_A = load_file(str(Path(first.output_dir) / lora.ADAPTER_WEIGHTS))["layers.0.attn.Wqkv.lora_A"]
+    for resume in (True, False):
+        again = run_args(tmp_path / str(resume), finetuning_type="lora", lora_target="all", learning_rate=3e-3,
+                         num_train_epochs=1, checkpoint_dir=first.output_dir, resume_lora_training=resume,
+                         model_name_or_path=str(Path(first.output_dir) / "base_model"))
+        train_mod.train(again)
+        # either way the run starts from what the first one learned, not from the base model's loss
+        assert losses(again.output_dir)[0] < end + 0.5 * (start - end)
+        A = load_file(str(Path(again.output_dir) / lora.ADAPTER_WEIGHTS))["layers.0.attn.Wqkv.lora_A"]
+        # True: the same adapter trained on (a few small steps away); False: a fresh one on the merged base
+        assert ((A - first_A).norm() < 0.2 * first_A.norm()) == resume
