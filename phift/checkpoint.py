@@ -99,9 +99,14 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None
         raise CheckpointError(f"{p} is a file; give the directory holding config.json and *.safetensors")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name_or_path), revision=revision,
-                                  allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json",
-                                                  "tokenizer*", "vocab.json", "merges.txt"]))
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision,
+                                      allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json",
+                                                      "tokenizer*", "vocab.json", "merges.txt"]))
+    except Exception as e:  # offline, a typo, a gated repo: say which, and what else would work
+        raise CheckpointError(f"{name_or_path} is not a local directory and could not be fetched from the hub "
+                              f"({type(e).__name__}: {e}); give a directory holding config.json and "
+                              "*.safetensors, or a preset name for a random-init model (tiny, phi-1_5, ...)") from e
 
 
 def _weight_files(d: Path) -> dict[str, Path]:

@@ -202,3 +202,15 @@ def test_hub_id_downloads_safetensors_and_json_only(hf_dir, monkeypatch):
     assert "*.safetensors" in calls["allow_patterns"]
     assert not any(p.endswith(".bin") or p == "*" for p in calls["allow_patterns"])
     assert model.config.num_layers == 2
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"microsoft/phi-1_5 is not a local directory and could not be "
+                                              r"fetched from the hub \(OSError: no network\)"):
+        load_model("microsoft/phi-1_5")
