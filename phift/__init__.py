@@ -5,4 +5,6 @@ from .generate import generate
 from .model import KVCache, Phi
 from .tokenizer import Tokenizer, load_tokenizer
 
+__all__ = ["KVCache", "PRESETS", "Phi", "PhiConfig", "Tokenizer", "generate", "load_model", "load_tokenizer",
+           "save_model"]
 __version__ = "0.1.0"
