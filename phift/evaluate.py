@@ -139,28 +139,34 @@ def predict(model, tokenizer, template, rows: list[dict], batch_size: int = 8, m
 # ---------------------------------------------------------------------------------------------------- eval loss
 
 @torch.no_grad()
+def loss_sums(forward, examples: list[dict], pad_token_id: int, batch_size: int, device,
+              progress: bool = True) -> torch.Tensor:
+    """[Σ batch loss × its label tokens, Σ label tokens] over the examples, as float64 on `device`.
+
+    `forward(batch) -> mean loss` is the model itself or a training engine's forward (autocast, DeepSpeed).
+    The model returns each batch's mean over its own label tokens, so batches are weighted by their token counts
+    (a plain mean of batch means would over-weight short batches); summing lets ranks add their shards up.
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", disable=not progress):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()  # the tokens the shifted loss reads
+        total += torch.stack([forward(batch).double() * n, n])
+    return total
+
+
 def evaluate_loss(model, examples: list[dict], pad_token_id: int, batch_size: int = 8) -> dict[str, float]:
     """eval_loss: the mean cross-entropy over every label token of the split, and its perplexity.
 
-    The model returns each batch's mean over its own label tokens, so batches are weighted by their token counts
-    (a plain mean of batch means would over-weight short batches). Adapters stay as they are, merged or not.
+    Adapters stay as they are, merged or not.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
     try:
-        for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch"):
-            batch = collate(examples[start:start + batch_size], pad_token_id)
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the tokens the shifted loss reads
-            if n == 0:
-                continue
-            loss = model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                         attention_mask=batch["attention_mask"].to(device))
-            total += loss.item() * n
-            count += n
+        total, count = loss_sums(lambda batch: model(**batch), examples, pad_token_id, batch_size,
+                                 next(model.parameters()).device).tolist()
     finally:
         model.train(was_training)
     if count == 0:

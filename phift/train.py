@@ -20,7 +20,8 @@ from .args import parse_train_args
 from .checkpoint import load_model, load_state_dict, resolve_checkpoint_dir, save_model
 from .config import PRESETS, PhiConfig
 from .engine import DeepSpeedEngine, TorchEngine, init_distributed_env
-from .model import IGNORE_INDEX, Phi
+from .evaluate import loss_sums
+from .model import Phi
 from .plot import plot_loss
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 
@@ -232,22 +233,15 @@ def load_checkpoint(engine, model, args, ckpt: Path) -> dict:
     return progress
 
 
-@torch.no_grad()
 def eval_loss(engine, examples, args, pad_id, device) -> float:
-    """Token-weighted mean loss over this rank's shard, summed across ranks."""
-    model = engine.module
-    model.eval()
+    """Token-weighted mean loss over the split: each rank takes a shard, the sums are added across ranks."""
     rank, world = rank_and_world()
-    shard = examples[rank::world]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    bs = args.per_device_eval_batch_size
-    for i in range(0, len(shard), bs):
-        batch = to_batch(shard[i:i + bs], False, pad_id, device)
-        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        total += torch.stack([engine.forward(batch).double() * n, n.double()])
+    engine.module.eval()
+    total = loss_sums(engine.forward, examples[rank::world], pad_id, args.per_device_eval_batch_size, device,
+                      progress=rank == 0)
     if world > 1:
         torch.distributed.all_reduce(total)
-    model.train()
+    engine.module.train()
     return (total[0] / total[1].clamp(min=1)).item()
 
 
