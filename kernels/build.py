@@ -11,7 +11,7 @@ from pathlib import Path
 
 NAME = "phift_lora_cuda"
 HERE = Path(__file__).resolve().parent
-SOURCES = ("lora_cuda.cu", "lora_op.cpp")
+SOURCES = ("lora_cuda.cu", "lora_op.cpp", "ce_cuda.cu", "ce_op.cpp", "rotary_cuda.cu", "rotary_op.cpp")
 CXX_FLAGS = ["-O3"]
 # Target architectures come from TORCH_CUDA_ARCH_LIST (else the visible GPUs), as torch's builder decides.
 NVCC_FLAGS = ["-O3", "-lineinfo"]

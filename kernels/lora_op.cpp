@@ -3,11 +3,14 @@
 // implementations that torch.compile traces with.
 //
 // With u = dropout(x) Aᵀ and coef = scaling / (1 - p):
-//   forward    y = [x | u] · [W | coef·B]ᵀ + b               one GEMM over K + R
-//   backward   [dx_base | g] = dy · [W | coef·B]              one GEMM; g = coef · dy B comes as R more columns
-//              dx = dx_base + mask ⊙ (g A),  dA = gᵀ (mask ⊙ x),  dB = dyᵀ (coef · u)
+//   forward    prep: [x | u] and coef·u                         one pass over x
+//              y = [x | u] · [W | coef·B]ᵀ + b                  one GEMM over K + R
+//   backward   [dx_base | g] = dy · [W | coef·B]                one GEMM; g = coef · dy B comes as R more columns
+//              fix: dx = dx_base + mask ⊙ (g A), dA = gᵀ (mask ⊙ x)     one pass over dx_base and x
+//              dB = dyᵀ (coef · u)                              one GEMM
 // The kernels run at R, the rank rounded up to 8, 16, 32 or 64; [x | u] and [W | coef·B] carry kWidth columns
-// beyond K whatever the rank, the unused ones zero.
+// beyond K whatever the rank, the unused ones zero. Autograd keeps x itself (no copy, and often held by the caller
+// anyway), coef·u and the mask's Philox (seed, offset): [x | u] is freed after the forward GEMM.
 #include <torch/extension.h>
 
 #include <c10/core/DeviceGuard.h>
@@ -20,8 +23,8 @@
 
 std::vector<at::Tensor> lora_prep(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, at::Tensor& w_aug,
                                   int64_t padded_rank, double coef, int64_t threshold);
-at::Tensor lora_fix(const at::Tensor& dx_aug, const at::Tensor& a, int64_t padded_rank, int64_t threshold,
-                    const at::Tensor& rng);
+std::vector<at::Tensor> lora_fix(const at::Tensor& g, const at::Tensor& dx_base, const at::Tensor& x,
+                                 const at::Tensor& a, int64_t padded_rank, int64_t threshold, const at::Tensor& rng);
 
 namespace {
 
@@ -29,7 +32,6 @@ namespace {
 // both products faster so on an H100 (bench_lora_kernel.py --details) than with K + 8.
 constexpr int64_t kWidth = 64;
 
-using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 int64_t padded_rank(int64_t rank) {
@@ -38,8 +40,7 @@ int64_t padded_rank(int64_t rank) {
   TORCH_CHECK(false, "phift::lora_linear_fused: rank ", rank, " is above 64");
 }
 
-// The kernels draw 16 random bits per element and drop it when they are below this: p rounded to 2⁻¹⁶
-// (phift/kernels.py rounds the same way).
+// The kernels draw 16 random bits per element and drop it when they are below this: p rounded to 2⁻¹⁶.
 int64_t dropout_threshold(double p) {
   return std::min<int64_t>(static_cast<int64_t>(std::floor(p * 65536.0 + 0.5)), 65535);
 }
@@ -79,33 +80,40 @@ Augmented& augmented_weight(const at::Tensor& weight) {
   return it->second;
 }
 
-Tensors4 forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// x as the [M, K] matrix the kernels read, 16 bytes at a time: contiguous and 16-byte aligned.
+at::Tensor as_rows(const at::Tensor& x) {
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (!x2.is_contiguous() || reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16)
+    x2 = x2.clone(at::MemoryFormat::Contiguous);
+  return x2;
+}
+
+Tensors3 forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout) {
   const c10::OptionalDeviceGuard guard(x.device());
-  const int64_t k = x.size(-1), n = weight.size(0), padded = padded_rank(lora_A.size(0));
-  at::Tensor x2 = x.reshape({-1, k});
-  if (!x2.is_contiguous() || reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16)  // the kernels read 16 bytes at a time
-    x2 = x2.clone(at::MemoryFormat::Contiguous);
+  const int64_t n = weight.size(0), padded = padded_rank(lora_A.size(0));
+  const at::Tensor x2 = as_rows(x);
   const int64_t threshold = dropout_threshold(dropout);
   const double coef = dropout_coef(scaling, threshold);
   const at::Tensor b = lora_B.to(at::kFloat).contiguous();
-  at::Tensor x_aug, xm, su, rng, y;
+  at::Tensor su, rng, y;
   {
     const std::lock_guard<std::mutex> lock(augmented_mutex);
     Augmented& w_aug = augmented_weight(weight);
     auto outs = lora_prep(x2, lora_A.to(x.scalar_type()).contiguous(), b, w_aug.matrix, padded, coef, threshold);
-    x_aug = outs[0], xm = outs[1], su = outs[2], rng = outs[3];
+    const at::Tensor& x_aug = outs[0];
+    su = outs[1], rng = outs[2];
     w_aug.written_b = lora_B.data_ptr();
     w_aug.written_coef = coef;
     y = bias ? at::addmm(*bias, x_aug, w_aug.matrix.t()) : at::mm(x_aug, w_aug.matrix.t());
   }
   std::vector<int64_t> y_shape = x.sizes().vec();
   y_shape.back() = n;
-  return {y.view(y_shape), xm, su, rng};
+  return {y.view(y_shape), su, rng};
 }
 
-// saved_x is mask ⊙ x with dropout, x without. dx is empty unless need_dx.
-Tensors3 backward_cuda(const at::Tensor& dy, const at::Tensor& saved_x, const at::Tensor& su, const at::Tensor& rng,
+// x, su and rng as the forward saw and returned them. dx is empty unless need_dx.
+Tensors3 backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& su, const at::Tensor& rng,
                        const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
                        double dropout, bool need_dx) {
   const c10::OptionalDeviceGuard guard(dy.device());
@@ -113,7 +121,7 @@ Tensors3 backward_cuda(const at::Tensor& dy, const at::Tensor& saved_x, const at
   const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
   const int64_t threshold = dropout_threshold(dropout);
   const double coef = dropout_coef(scaling, threshold);
-  at::Tensor dx, g;
+  at::Tensor g, dx_base;  // g: [M, R] coef · dy B; dx_base: dy W, only with need_dx
   {
     const std::lock_guard<std::mutex> lock(augmented_mutex);
     Augmented& w_aug = augmented_weight(weight);
@@ -124,18 +132,21 @@ Tensors3 backward_cuda(const at::Tensor& dy, const at::Tensor& saved_x, const at
     }
     if (need_dx) {
       const at::Tensor dx_aug = at::mm(dy2, w_aug.matrix);  // [M, K + kWidth]: dy W, then g
-      g = dx_aug.narrow(1, k, rank);
-      std::vector<int64_t> dx_shape = dy.sizes().vec();
-      dx_shape.back() = k;
-      dx = lora_fix(dx_aug, lora_A.to(dy.scalar_type()).contiguous(), padded, threshold, rng).view(dx_shape);
+      dx_base = dx_aug.narrow(1, 0, k);
+      g = dx_aug.narrow(1, k, padded);
     } else {
-      g = at::mm(dy2, w_aug.matrix.narrow(1, k, rank));
-      dx = at::empty({0}, dy.options());
+      g = at::mm(dy2, w_aug.matrix.narrow(1, k, padded));
     }
   }
-  at::Tensor d_A = at::mm(g.t(), saved_x.reshape({-1, k}), at::kFloat);
+  auto outs = lora_fix(g, dx_base, as_rows(x), lora_A.to(dy.scalar_type()).contiguous(), padded, threshold, rng);
+  at::Tensor dx = at::empty({0}, dy.options());
+  if (need_dx) {
+    std::vector<int64_t> dx_shape = dy.sizes().vec();
+    dx_shape.back() = k;
+    dx = outs[0].view(dx_shape);
+  }
   at::Tensor d_B = at::mm(dy2.t(), su.narrow(1, 0, rank), at::kFloat);
-  return {dx, d_A.to(lora_A.scalar_type()), d_B.to(lora_B.scalar_type())};
+  return {dx, outs[1].to(lora_A.scalar_type()), d_B.to(lora_B.scalar_type())};
 }
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -148,13 +159,13 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                          .findSchemaOrThrow("phift::lora_linear_fused", "")
                          .typed<decltype(forward_cuda)>();
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, xm, su, rng] = op.call(x, weight, bias, lora_A, lora_B, scaling, dropout);
-    ctx->save_for_backward({dropout_threshold(dropout) ? xm : x, su, rng, weight, lora_A, lora_B});
+    auto [y, su, rng] = op.call(x, weight, bias, lora_A, lora_B, scaling, dropout);
+    ctx->save_for_backward({x, su, rng, weight, lora_A, lora_B});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout"] = dropout;
-    ctx->mark_non_differentiable({xm, su, rng});
-    ctx->set_materialize_grads(false);  // no zero-filled gradients for xm, su, rng
-    return {y, xm, su, rng};
+    ctx->mark_non_differentiable({su, rng});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for su, rng
+    return {y, su, rng};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -172,18 +183,18 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   }
 };
 
-Tensors4 forward_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+Tensors3 forward_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout) {
   auto outs = LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scaling, dropout);
-  return {outs[0], outs[1], outs[2], outs[3]};
+  return {outs[0], outs[1], outs[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(phift, m) {
   m.def("lora_linear_fused(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-        "float dropout) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("lora_linear_fused_backward(Tensor dy, Tensor saved_x, Tensor su, Tensor rng, Tensor weight, "
+        "float dropout) -> (Tensor, Tensor, Tensor)");
+  m.def("lora_linear_fused_backward(Tensor dy, Tensor x, Tensor su, Tensor rng, Tensor weight, "
         "Tensor lora_A, Tensor lora_B, float scaling, float dropout, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
 

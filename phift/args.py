@@ -41,6 +41,9 @@ def train_parser() -> argparse.ArgumentParser:
     _bool(g, "--upcast_layernorm", False, "keep LayerNorm weights in fp32")
     _bool(g, "--disable_gradient_checkpointing", False,
           "activation checkpointing is on by default, as in LLaMA-Factory; True turns it off (faster, more memory)")
+    g.add_argument("--gradient_checkpointing_policy", default="full", choices=["full", "mlp"],
+                   help="full: recompute whole blocks in backward (least memory); mlp: recompute only each "
+                        "block's fc1 + GELU (their activation is the largest; faster, more memory)")
     g.add_argument("--checkpoint_dir", default=None,
                    help="comma-separated adapter directories to start from (see --resume_lora_training)")
     _bool(g, "--resume_lora_training", True, "True: keep training the last adapter of --checkpoint_dir; "

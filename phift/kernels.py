@@ -7,9 +7,18 @@ term into the base matrix products instead of running its own: with u = dropout(
     forward    y = [x | u] · [W | s·B]ᵀ + b              one GEMM over in + 64 (u and B zero-padded)
     backward   [dx_base | g] = dy · [W | s·B]             one GEMM; g = s · dy B comes out as extra columns
                dx = dx_base + mask ⊙ (g A),   dA = gᵀ (mask ⊙ x),   dB = dyᵀ (s · u)
-(s = scaling / (1 - p)). Two small CUDA passes build [x | u] and add the dx correction; cuBLAS does every product.
-The dropout mask is regenerated from its Philox seed in backward, never stored. The op keeps one [W | s·B] copy
-of each adapted frozen weight on the GPU.
+(s = scaling / (1 - p)). Two CUDA passes do the rest: one reads x and writes [x | u]; the other reads dx_base and x
+once for both the dx correction and dA. cuBLAS does the three big products. Neither the dropout mask nor mask ⊙ x
+is stored: backward regenerates the mask from its Philox seed, and autograd keeps x itself. The op keeps one
+[W | s·B] copy of each adapted frozen weight on the GPU.
+
+The LM head's chunked loss calls `cross_entropy_grad_`; its fused op `phift::cross_entropy_grad_` reads a chunk's
+fp16/bf16 logits once and writes softmax − onehot over them, where PyTorch makes about eight passes over an fp32 copy.
+
+Attention calls `rotary_qkv` to split the Wqkv output into q, k, v and rotate q and k (`apply_rotary`). Eagerly that
+is about ten elementwise passes over q and k each way; the fused ops `phift::rotary_qkv_fused` and its backward
+(kernels/rotary_cuda.cu) read qkv once and write q, k, v once, and read dq, dk, dv once and write dqkv once, with
+the same fp32 operations, so that they give the same bits as the PyTorch math.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MAX_KERNEL_RANK = 64
+MAX_KERNEL_VOCAB = 65536  # kernels/ce_cuda.cu keeps a row in registers: 1024 threads × 64 elements
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -50,6 +60,80 @@ def fused_applies(x, weight, bias, lora_A, lora_B) -> bool:
             and not weight.requires_grad and not (bias is not None and bias.requires_grad)
             and x.shape[-1] % 8 == 0 and lora_A.shape[0] <= MAX_KERNEL_RANK and x.numel() > 0
             and kernels_enabled())
+
+
+def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool,
+                        ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cross-entropy of each row of logits [rows, V] against labels [rows], in fp32, and when write_grad its
+    gradient softmax − onehot (else None). Rows labelled ignore_index get loss 0 and a zero gradient.
+
+    The fused op reads fp16/bf16 logits once, computes in fp32 and writes the gradient over them, so that it comes
+    back in their dtype; the fallback computes on an fp32 copy and returns an fp32 gradient.
+    """
+    if cross_entropy_fused_applies(logits, labels):
+        loss = torch.ops.phift.cross_entropy_grad_(logits, labels, ignore_index, write_grad)
+        return loss, logits if write_grad else None
+    logits = logits.float()
+    keep = labels != ignore_index
+    target = torch.where(keep, labels, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = torch.where(keep, lse - logits.gather(1, target[:, None]).squeeze(1), 0.0)
+    if not write_grad:
+        return loss, None
+    g = (logits - lse[:, None]).exp_()
+    g[torch.arange(len(labels), device=g.device), target] -= 1.0
+    return loss, g.masked_fill_(~keep[:, None], 0.0)  # as in the fused op, whatever an ignored row holds
+
+
+def cross_entropy_fused_applies(logits, labels) -> bool:
+    """Whether `cross_entropy_grad_` runs the fused CUDA op for these arguments."""
+    return (logits.is_cuda and logits.dtype in (torch.float16, torch.bfloat16) and logits.dim() == 2
+            and logits.is_contiguous() and 0 < logits.shape[1] <= MAX_KERNEL_VOCAB and labels.dtype == torch.int64
+            and kernels_enabled())
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
+    """q, k, v as [B, H, T, head_dim] from the Wqkv output qkv [B, T, 3·H·head_dim] (rows q;k;v), q and k rotated by
+    `apply_rotary` with cos, sin [B, T, rotary_dim] (fp32, from model.rotary_cos_sin)."""
+    if rotary_fused_applies(qkv, cos, sin, num_heads):
+        return _FusedRotaryQKV.apply(qkv, cos, sin, num_heads)
+    B, T, width = qkv.shape
+    q, k, v = qkv.view(B, T, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary on the first cos.shape[-1] dims of x [B, H, T, head_dim]; the rest pass through."""
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+def rotary_fused_applies(qkv, cos, sin, num_heads) -> bool:
+    """Whether `rotary_qkv` runs the fused CUDA ops for these arguments."""
+    return (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.dim() == 3
+            and qkv.shape[-1] % (3 * num_heads * 8) == 0  # the kernels move 8-element vectors, never across heads
+            and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (*qkv.shape[:2], cos.shape[-1])
+            and not (cos.requires_grad or sin.requires_grad)  # the ops give no gradient for them
+            and qkv.numel() > 0 and kernels_enabled())
+
+
+class _FusedRotaryQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, num_heads):
+        ctx.save_for_backward(cos, sin)
+        out = torch.ops.phift.rotary_qkv_fused(qkv, cos, sin, num_heads)  # [3, B, T, H, head_dim]
+        # [B, H, T, head_dim] views with head_dim contiguous, as SDPA's flash kernel reads them: no copy
+        q, k, v = out.transpose(2, 3).unbind(0)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return torch.ops.phift.rotary_qkv_fused_backward(dq, dk, dv, cos, sin), None, None, None
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing: no graph break
@@ -92,11 +176,6 @@ def _load_extension():
         return None
 
 
-def _dropout_threshold(p: float) -> int:
-    """As in kernels/lora_op.cpp: elements whose 16 random bits fall below this are dropped (p rounded to 2⁻¹⁶)."""
-    return min(int(p * 65536.0 + 0.5), 65535)
-
-
 def _padded_rank(rank: int) -> int:
     return next(padded for padded in (8, 16, 32, 64) if padded >= rank)
 
@@ -107,11 +186,24 @@ def _register_fakes():
     @torch.library.register_fake("phift::lora_linear_fused")
     def _(x, weight, bias, lora_A, lora_B, scaling, dropout):
         rows = x.numel() // x.shape[-1]
-        xm_rows = rows if _dropout_threshold(dropout) else 0
-        return (x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(xm_rows, x.shape[-1]),
-                x.new_empty(rows, _padded_rank(lora_A.shape[0])), x.new_empty(2, dtype=torch.int64))
+        return (x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, _padded_rank(lora_A.shape[0])),
+                x.new_empty(2, dtype=torch.int64))
 
     @torch.library.register_fake("phift::lora_linear_fused_backward")
-    def _(dy, saved_x, su, rng, weight, lora_A, lora_B, scaling, dropout, need_dx):
+    def _(dy, x, su, rng, weight, lora_A, lora_B, scaling, dropout, need_dx):
         dx = dy.new_empty(*dy.shape[:-1], lora_A.shape[1]) if need_dx else dy.new_empty(0)
         return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+    @torch.library.register_fake("phift::cross_entropy_grad_")
+    def _(logits, labels, ignore_index, write_grad):
+        return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("phift::rotary_qkv_fused")
+    def _(qkv, cos, sin, num_heads):
+        B, T, width = qkv.shape
+        return qkv.new_empty(3, B, T, num_heads, width // (3 * num_heads))
+
+    @torch.library.register_fake("phift::rotary_qkv_fused_backward")
+    def _(dq, dk, dv, cos, sin):
+        B, H, T, head_dim = dq.shape
+        return dq.new_empty(B, T, 3 * H * head_dim)

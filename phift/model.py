@@ -2,7 +2,7 @@
 
 embedding → N × [one LayerNorm feeding attention and MLP in parallel: x + attn(ln(x)) + mlp(ln(x))] → LayerNorm → lm_head
 Attention uses a fused Wqkv projection (rows q;k;v), rotary embedding on the first `rotary_dim` dims of each head
-(rotate-half, computed in fp32) and PyTorch's scaled_dot_product_attention.
+(rotate-half, computed in fp32; `kernels.rotary_qkv`, one CUDA pass on GPU) and PyTorch's scaled_dot_product_attention.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import PhiConfig
+from .kernels import cross_entropy_grad_, rotary_qkv
 
 IGNORE_INDEX = -100
 
@@ -25,16 +26,6 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float):
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary on the first cos.shape[-1] dims of x [B, H, T, head_dim]; the rest pass through."""
-    rd = cos.shape[-1]
-    x_rot, x_pass = x[..., :rd].float(), x[..., rd:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    cos, sin = cos[:, None], sin[:, None]
-    rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
-    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
 
 
 class KVCache:
@@ -82,14 +73,13 @@ class LayerNorm(nn.LayerNorm):
 class Attention(nn.Module):
     def __init__(self, config: PhiConfig):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.num_heads = config.num_heads
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.Wqkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = rotary_qkv(self.Wqkv(x), cos, sin, self.num_heads)  # one fused pass on CUDA
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
@@ -106,8 +96,15 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def hidden(self, x):
+        return F.gelu(self.fc1(x), approximate="tanh")
+
+    def forward(self, x, recompute_hidden: bool = False):
+        """recompute_hidden: keep only x for backward and recompute fc1 and GELU there. Their [T, 4·hidden]
+        activation is the largest a block keeps; fc2 stays outside the checkpoint so that it is never rerun."""
+        if recompute_hidden:
+            return self.fc2(checkpoint(self.hidden, x, use_reentrant=False))
+        return self.fc2(self.hidden(x))
 
 
 class Block(nn.Module):
@@ -117,16 +114,17 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recompute_mlp=False):
         h = self.ln(x)
-        return x + self.attn(h, cos, sin, mask, is_causal, kv_cache, layer) + self.mlp(h)
+        return x + self.attn(h, cos, sin, mask, is_causal, kv_cache, layer) + self.mlp(h, recompute_mlp)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """mean CE(h Wᵀ + b, labels) computed a chunk of rows at a time.
 
     The gradients are computed in the forward pass, chunk by chunk, and only they are kept: the [n, vocab]
-    fp32 logits (n × 51200 × 4 bytes, the largest activation of a phi step) never exist all at once.
+    fp32 logits (n × 51200 × 4 bytes, the largest activation of a phi step) never exist all at once. On CUDA a
+    chunk's loss and softmax − onehot come from one fused kernel over its fp16/bf16 logits.
     """
 
     @staticmethod
@@ -140,16 +138,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         for s in range(0, n, chunk_rows):
             hc, lc = h[s:s + chunk_rows], labels[s:s + chunk_rows]
-            logits = F.linear(hc, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
-            if want_h or want_w or want_b:
-                # d(sum CE)/d logits = softmax − onehot, in [-1, 1]: safe to cast to fp16/bf16 before the matmuls
-                # (dividing by n first would underflow fp16); the 1/n of the mean is applied in fp32 after.
-                g = (logits - lse[:, None]).exp_()
-                g[torch.arange(len(lc), device=g.device), lc] -= 1.0
+            # d(sum CE)/d logits = softmax − onehot, in [-1, 1]: safe in fp16/bf16 for the matmuls (dividing by n
+            # first would underflow fp16); the 1/n of the mean is applied in fp32 after.
+            loss, g = cross_entropy_grad_(F.linear(hc, weight, bias), lc, want_h or want_w or want_b)
+            total += loss.sum()
+            if g is not None:
                 if want_b:
-                    grad_b += g.sum(0)
+                    grad_b += g.sum(0, dtype=torch.float32)
                 g = g.to(h.dtype)
                 if want_h:
                     grad_h[s:s + chunk_rows] = g @ weight
@@ -174,13 +169,20 @@ class LMHead(nn.Linear):
 
     chunk_bytes = 1 << 28  # fp32 logits per chunk
 
-    def forward(self, h, labels=None):
+    @staticmethod
+    def label_rows(labels):
+        """Indices of the shifted positions that carry a label: prompt and padding rows never reach the vocabulary
+        projection. Finding them waits for the GPU (their count sizes the chunks), so Phi.forward asks before it
+        queues the blocks, while the GPU has almost nothing to finish, rather than here, after all of them."""
+        return (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+    def forward(self, h, labels=None, rows=None):
         if labels is None:
             return super().forward(h)
-        h = h[:, :-1].reshape(-1, h.shape[-1])
-        labels = labels[:, 1:].reshape(-1)
-        keep = labels != IGNORE_INDEX  # prompt and padding rows never reach the vocabulary projection
-        h, labels = h[keep], labels[keep]
+        if rows is None:
+            rows = self.label_rows(labels)
+        h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
+        labels = labels[:, 1:].reshape(-1).index_select(0, rows)
         chunk_rows = max(1, self.chunk_bytes // (4 * self.out_features))
         return _ChunkedLinearCrossEntropy.apply(h, self.weight, self.bias, labels, chunk_rows,
                                                 torch.is_grad_enabled())
@@ -195,6 +197,8 @@ class Phi(nn.Module):
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.gradient_checkpointing = False
+        # what checkpointing recomputes: "full" every block (least memory), "mlp" only each block's fc1 + GELU
+        self.checkpoint_policy = "full"
         self.neftune_alpha = 0.0  # NEFTune noise on input embeddings, training only (--neft_alpha)
         self.apply(self._init_weights)
 
@@ -213,6 +217,7 @@ class Phi(nn.Module):
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        label_rows = LMHead.label_rows(labels) if labels is not None else None
         x = self.wte(input_ids)
         if self.training and self.neftune_alpha > 0:
             mag = self.neftune_alpha / math.sqrt(T * x.shape[-1])
@@ -227,14 +232,17 @@ class Phi(nn.Module):
             mask, is_causal = build_attention_mask(attention_mask, T, past), False
         else:  # no padding: plain causal (flash attention); a single new token sees the whole cache
             mask, is_causal = None, past == 0 and T > 1
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if ckpt and self.checkpoint_policy not in ("full", "mlp"):
+            raise ValueError(f"checkpoint_policy must be 'full' or 'mlp', got {self.checkpoint_policy!r}")
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if ckpt and self.checkpoint_policy == "full":
                 x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, is_causal, kv_cache, i)
+                x = block(x, cos, sin, mask, is_causal, kv_cache, i, recompute_mlp=ckpt)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.lm_head(self.ln_f(x), labels)
+        return self.lm_head(self.ln_f(x), labels, label_rows)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

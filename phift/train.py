@@ -94,6 +94,7 @@ def prepare_model(args, model, dtype):
             if isinstance(m, torch.nn.LayerNorm):
                 m.float()
     model.gradient_checkpointing = not args.disable_gradient_checkpointing
+    model.checkpoint_policy = args.gradient_checkpointing_policy
     model.neftune_alpha = args.neft_alpha
     if args.compile:
         for block in model.layers:
@@ -126,6 +127,10 @@ def count(micro) -> tuple[int, int]:
 
 
 def to_batch(micro, packed: bool, pad_id, device):
+    if packed and all(len(row) == 1 for row in micro):
+        # rows of one sample each (long samples leave no room to pack): the same batch unpacked needs no
+        # segment mask, so attention keeps its flash kernel
+        micro, packed = [row[0] for row in micro], False
     if packed:
         b = data.collate_packed(micro, pad_id)
     else:

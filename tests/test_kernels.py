@@ -105,12 +105,24 @@ def fused_op():
     return torch.ops.phift.lora_linear_fused
 
 
+def keep_mask(rng, shape, p):
+    """The dropout mask (1 kept, 0 dropped) that the op draws from Philox state `rng` for an input of `shape`, read
+    back through its backward: with W = 0 and A, B, dy all ones, dx = mask ⊙ (g A) is nonzero exactly where kept."""
+    rows, d_in = math.prod(shape[:-1]), shape[-1]
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    dy, x, su, w = (torch.ones(rows, 8, **bf16), torch.ones(rows, d_in, **bf16), torch.zeros(rows, 8, **bf16),
+                    torch.zeros(8, d_in, **bf16))
+    A, B = torch.ones(1, d_in, device="cuda"), torch.ones(8, 1, device="cuda")
+    dx, _, _ = torch.ops.phift.lora_linear_fused_backward(dy, x, su, rng, w, A, B, 1.0, p, True)
+    return (dx != 0).double().view(shape)
+
+
 def run_fused(op, x, weight, bias, lora_A, lora_B, scaling, p, dy):
-    """The op's y and gradients, and the dropout mask it used (read back from its saved mask ⊙ x)."""
-    y, xm, _, _ = op(x, weight, bias, lora_A, lora_B, scaling, p)
+    """The op's y and gradients, and the dropout mask it used."""
+    y, _, rng = op(x, weight, bias, lora_A, lora_B, scaling, p)
     wrt = (x, lora_A, lora_B) if x.requires_grad else (lora_A, lora_B)
     grads = torch.autograd.grad(y, wrt, dy)
-    keep = (xm.view(x.shape) != 0).double() if p > 0 else None
+    keep = keep_mask(rng, x.shape, p) if p > 0 else None
     return y, grads, keep
 
 
@@ -153,12 +165,35 @@ def test_fused_op_without_input_grad_still_gives_adapter_grads(fused_op, poisone
 
 
 @needs_cuda
+def test_fused_backward_is_reproducible_bit_for_bit(fused_op):
+    # dA sums per-block partials in a fixed order (no float atomics)
+    x, w, b, A, B = (t.detach() for t in make_inputs((6144,), 2048, 6144, 8, torch.bfloat16, "cuda"))
+    dy = torch.randn(6144, 6144, device="cuda").to(torch.bfloat16)
+    _, su, rng = fused_op(x, w, b, A, B, 0.5, 0.1)
+    first, second = (torch.ops.phift.lora_linear_fused_backward(dy, x, su, rng, w, A, B, 0.5, 0.1, True)
+                     for _ in range(2))
+    for name, out, again in zip(("dx", "dA", "dB"), first, second):
+        assert torch.equal(out, again), f"{name} differs between two runs on the same inputs"
+
+
+@needs_cuda
+def test_training_forward_keeps_no_masked_copy_of_x(fused_op):
+    # backward regenerates mask ⊙ x from x itself: the forward leaves behind only y, s·u and the Philox state
+    x, w, b, A, B = make_inputs((2048,), 2048, 256, 8, torch.bfloat16, "cuda")
+    lora_linear(x, w, b, A, B, 0.5, 0.1, training=True)  # builds the cached [W | s·B] outside the measurement
+    before = torch.cuda.memory_allocated()
+    y = lora_linear(x, w, b, A, B, 0.5, 0.1, training=True)
+    kept = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+    assert kept < x.numel() * x.element_size() / 8, f"the forward keeps {kept} bytes beyond y"
+
+
+@needs_cuda
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_fused_dropout_keeps_one_minus_p(p, fused_op):
     x, w, b, A, B = make_inputs((6144,), 2048, 64, 8, torch.bfloat16, "cuda", x_grad=False)
-    _, xm, _, _ = fused_op(x, w, b, A, B, 1.0, p)
-    kept = (xm != 0).double().mean().item()
-    sigma = math.sqrt(p * (1 - p) / xm.numel())
+    keep = keep_mask(fused_op(x, w, b, A, B, 1.0, p)[2], x.shape, p)
+    kept = keep.mean().item()
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
     assert abs(kept - (1 - p)) < 6 * sigma + 2 ** -16
 
 
@@ -167,7 +202,7 @@ def test_fused_dropout_mask_is_fresh_per_call_and_follows_the_seed(fused_op):
     x, w, b, A, B = make_inputs((64,), 256, 64, 8, torch.bfloat16, "cuda", x_grad=False)
 
     def mask():
-        return fused_op(x, w, b, A, B, 1.0, 0.5)[1] != 0
+        return keep_mask(fused_op(x, w, b, A, B, 1.0, 0.5)[2], x.shape, 0.5)
 
     torch.manual_seed(0)
     first, second = mask(), mask()

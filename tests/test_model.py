@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from phift.generate import generate, sample_next
-from phift.model import LMHead, Phi, apply_rotary, rotary_cos_sin
+from phift.kernels import apply_rotary
+from phift.model import LMHead, Phi, rotary_cos_sin
 
 
 @pytest.fixture
@@ -89,9 +90,11 @@ def test_left_padding_gives_the_unpadded_logits(model):
         torch.testing.assert_close(model(padded, attention_mask=mask)[:, 3:], model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_activation_checkpointing_gives_the_same_gradients(model):
+@pytest.mark.parametrize("policy", ["full", "mlp"])
+def test_activation_checkpointing_gives_the_same_gradients(model, policy):
     x = torch.randint(0, 128, (2, 12))
     model.train()
+    model.checkpoint_policy = policy
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
@@ -100,6 +103,31 @@ def test_activation_checkpointing_gives_the_same_gradients(model):
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1)
+
+
+def saved_activation_bytes(model, x) -> int:
+    """Bytes of the tensors autograd keeps for backward outside checkpointed regions (parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, labels=x)
+    return sum(seen.values())
+
+
+def test_mlp_checkpointing_keeps_less_than_none_and_more_than_full(model):
+    x = torch.randint(0, 128, (2, 12))
+    model.train()
+    sizes = {}
+    for name, ckpt, policy in (("none", False, "full"), ("mlp", True, "mlp"), ("full", True, "full")):
+        model.gradient_checkpointing, model.checkpoint_policy = ckpt, policy
+        sizes[name] = saved_activation_bytes(model, x)
+    assert sizes["full"] < sizes["mlp"] < sizes["none"], sizes
 
 
 def test_neftune_noise_only_in_training(model):

@@ -204,3 +204,14 @@ def test_checkpoint_dir_resumes_or_stacks_a_new_adapter_on_the_merged_one(tmp_pa
         A = load_file(str(Path(again.output_dir) / lora.ADAPTER_WEIGHTS))["layers.0.attn.Wqkv.lora_A"]
         # True: the same adapter trained on (a few small steps away); False: a fresh one on the merged base
         assert ((A - first_A).norm() < 0.2 * first_A.norm()) == resume
+
+
+def test_packed_rows_of_one_sample_each_batch_as_unpacked():
+    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    single = train_mod.to_batch([[examples[0]], [examples[1]]], True, 0, "cpu")
+    assert "attention_mask" not in single  # no segment mask: SDPA may take its flash kernel
+    unpacked = train_mod.to_batch(examples, False, 0, "cpu")
+    assert single.keys() == unpacked.keys()
+    for k in single:
+        assert torch.equal(single[k], unpacked[k]), k
+    assert "attention_mask" in train_mod.to_batch([examples], True, 0, "cpu")  # two samples share a row

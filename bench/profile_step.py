@@ -1,0 +1,97 @@
+"""Where a training step's GPU time goes: one (config, impl) of bench_train.py under torch.profiler.
+
+    python bench/profile_step.py lora-6x1024 phift [--steps 3] [--top 25] [--trace $OUT/trace.json]
+
+Prints the step time (CUDA events), the GPU-busy share of it, the kernel time by category (GEMM, attention,
+fused phift kernels, elementwise, reductions, copies, optimizer) and the top kernels. This informs the levers in
+BENCHMARKS.md; it is not a benchmark (profiling slows the host side).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train as bt  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("phift fused", r"phift|lora|prep_kernel|fix_kernel|ce_|rotary"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|ampere_|sm80_|nvjet|cublas|matmul"),
+    ("optimizer", r"adam|foreach|multi_tensor"),
+    ("triton (inductor)", r"triton"),
+    ("reduction", r"reduce|softmax|norm|logsumexp|sum"),
+    ("copy/cast", r"copy|cat|gather|scatter|index|fill|memcpy|memset"),
+    ("elementwise", r"elementwise|vectorized|unrolled|gelu|mul|add|exp"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, pat in CATEGORIES if re.search(pat, low)), "other")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", choices=sorted(bt.CONFIGS))
+    p.add_argument("impl")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace", help="write a chrome trace here")
+    a = p.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    c = bt.CONFIGS[a.config]
+    spec = {"config": a.config, "impl": a.impl, "device": "cuda", "tiny": False, "prepass": False,
+            "warmup": a.warmup, "steps": a.steps, "total_steps": 1000, "tmp": "/tmp/phift_profile"}
+    family = "phift" if a.impl.startswith("phift") else a.impl.split("+")[0]
+    step, _ = bt.BUILDERS[family](c, a.impl, spec, device)
+    ids = torch.randint(0, bt.VOCAB_USED, (c.batch, c.seq), device=device)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    for _ in range(a.warmup):
+        step(batch)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(a.steps):
+        step(batch)
+    end.record()
+    torch.cuda.synchronize()
+    step_ms = start.elapsed_time(end) / a.steps
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step(batch)
+        torch.cuda.synchronize()
+    if a.trace:
+        prof.export_chrome_trace(a.trace)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name, by_cat, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for e in kernels:
+        us = e.device_time / a.steps if hasattr(e, "device_time") else e.cuda_time / a.steps
+        by_name[e.name] += us
+        count[e.name] += 1
+        by_cat[category(e.name)] += us
+    busy_ms = sum(by_cat.values()) / 1e3
+    tokens = c.batch * c.seq
+    print(f"\n{a.config} / {a.impl}: step {step_ms:.2f} ms (unprofiled), {tokens / step_ms * 1e3:,.0f} tok/s; "
+          f"kernel time {busy_ms:.2f} ms/step ({busy_ms / step_ms:.0%} of the step), "
+          f"{len(kernels) / a.steps:.0f} kernel launches/step")
+    print("\nby category (ms/step):")
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:20s} {us / 1e3:8.2f}  {us / 1e3 / step_ms:6.1%}")
+    print(f"\ntop {a.top} kernels (µs/step, launches/step):")
+    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:a.top]:
+        print(f"  {us:9.0f} {count[name] / a.steps:5.0f}  {category(name):12s} {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
