@@ -455,7 +455,8 @@ std::vector<at::Tensor> lora_prep(const at::Tensor& x, const at::Tensor& a, cons
               "phift_lora_cuda: shapes disagree");
   check_matrix(x, "x", k, x.scalar_type());
   check_matrix(a, "lora_A", k, x.scalar_type());
-  check_matrix(b, "lora_B", rank, at::kFloat);
+  TORCH_CHECK(b.is_cuda() && b.dim() == 2 && b.is_contiguous() && b.scalar_type() == at::kFloat,
+              "phift_lora_cuda: lora_B must be a contiguous 2-D CUDA float32 tensor");  // read one element at a time
   check_matrix(w_aug, "[W | B]", k + width, x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor x_aug = at::empty({rows, k + width}, x.options());

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_KERNEL_RANK = 64
+# Above rank 32 the fused op's one-pass dx + dA loses to the PyTorch math (BENCHMARKS.md, lora_kernel: r 64)
+MAX_KERNEL_RANK = 32
 MAX_KERNEL_VOCAB = 65536  # kernels/ce_cuda.cu keeps a row in registers: 1024 threads × 64 elements
 
 

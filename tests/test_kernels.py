@@ -226,8 +226,8 @@ def test_dispatch_falls_back_for_what_the_kernels_do_not_cover():
     assert not fused_applies(x, w.clone().requires_grad_(), b, A, B)  # a trainable base
     x_odd, w_odd, b_odd, A_odd, B_odd = make_inputs((5,), 60, 32, 8, torch.bfloat16, "cuda")
     assert not fused_applies(x_odd, w_odd, b_odd, A_odd, B_odd)  # in_features not a multiple of 8
-    x_r, w_r, b_r, A_r, B_r = make_inputs((5,), 64, 32, 128, torch.bfloat16, "cuda")
-    assert not fused_applies(x_r, w_r, b_r, A_r, B_r)  # rank above 64
+    x_r, w_r, b_r, A_r, B_r = make_inputs((5,), 64, 32, kernels.MAX_KERNEL_RANK + 1, torch.bfloat16, "cuda")
+    assert not fused_applies(x_r, w_r, b_r, A_r, B_r)  # rank above MAX_KERNEL_RANK
 
 
 @needs_cuda
