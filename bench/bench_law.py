@@ -198,6 +198,7 @@ def worker(spec: dict) -> dict:
             if steps % spec["mark_every"] == 0:
                 sync()
                 marks.append((steps, tokens, time.perf_counter() - t_run))
+                print(f"MARK {steps} {tokens} {marks[-1][2]:.2f}", flush=True)  # what a killed run still tells
             if time.perf_counter() - t_proc > spec["limit_s"]:
                 stopped = True
                 break
@@ -326,6 +327,10 @@ def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
                 row.update(json.loads(found[-1][len("RESULT "):]), status="ok")
             else:
                 row["status"] = bt.classify_failure(text, rc)
+                last = [line.split() for line in text.splitlines() if line.startswith("MARK ")][-1:]
+                row["status"] += (f" after {last[0][1]} steps ({last[0][2]} tokens) in {float(last[0][3]):.0f} s of "
+                                  "training" if last else " before its first time mark (the first "
+                                  f"{meta['mark_every']} steps, compilation included)")
         rows.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
