@@ -19,6 +19,10 @@ Attention calls `rotary_qkv` to split the Wqkv output into q, k, v and rotate q 
 is about ten elementwise passes over q and k each way; the fused ops `phift::rotary_qkv_fused` and its backward
 (kernels/rotary_cuda.cu) read qkv once and write q, k, v once, and read dq, dk, dv once and write dqkv once, with
 the same fp32 operations, so that they give the same bits as the PyTorch math.
+
+Each `*_applies` check runs before its op is called, so the ops only ever see inputs they take: their own
+TORCH_CHECKs are a last line of defence. (On the GPU machine's torch 2.11 + CUDA 13, an exception thrown from the
+extension ended the process instead of raising a RuntimeError.)
 """
 from __future__ import annotations
 

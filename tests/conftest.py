@@ -1,4 +1,5 @@
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,26 @@ def tiny_config():
     from phift.config import PhiConfig
 
     return PhiConfig.from_name("tiny", vocab_size=128, max_position_embeddings=256)
+
+
+@pytest.fixture
+def poisoned_memory():
+    """While active, every new CUDA tensor starts as NaN, so an element that a kernel never writes shows up."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deterministic mode warns about some ops; only its NaN fill is wanted
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="session")
+def phift_extension():
+    """The compiled CUDA extension that registers torch.ops.phift.* (built on first use, about a minute)."""
+    if os.environ.get("PHIFT_DISABLE_KERNELS", "0") not in ("", "0"):
+        pytest.skip("PHIFT_DISABLE_KERNELS is set")
+    from phift import kernels
+
+    extension = kernels._extension()
+    assert extension is not None, "the phift CUDA extension failed to build or load"
+    return extension
+

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import bench_law
+import bench_law  # noqa: E402 (bench/ is not a package)
 
 
 def test_tiny_run_reports_every_step_and_packing_takes_fewer(tmp_path):

@@ -3,8 +3,6 @@ float64 rotation by each token's position.
 
 GPU tests need CUDA and build the extension on first use (about a minute); on CPU they skip.
 """
-import os
-import warnings
 
 import pytest
 import torch
@@ -110,22 +108,8 @@ def test_cpu_tensors_take_the_fallback_without_loading_the_extension(monkeypatch
 
 # ---------------------------------------------------------------- the fused op (CUDA)
 
-@pytest.fixture
-def poisoned_memory():
-    """While active, every new CUDA tensor starts as NaN, so an element that a kernel never writes shows up."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deterministic mode warns about some ops; only its NaN fill is wanted
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        yield
-        torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(scope="module")
-def fused_ops():
-    """Skips unless the extension (which registers torch.ops.phift.rotary_qkv_fused*) is in use."""
-    if os.environ.get("PHIFT_DISABLE_KERNELS", "0") not in ("", "0"):
-        pytest.skip("PHIFT_DISABLE_KERNELS is set")
-    assert kernels._extension() is not None, "the phift CUDA extension failed to build or load"
+def fused_ops(phift_extension):
     return torch.ops.phift.rotary_qkv_fused, torch.ops.phift.rotary_qkv_fused_backward
 
 
