@@ -7,14 +7,19 @@ phift:      `phift/kernels.py` calls `load()` when the module was not built ahea
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 NAME = "phift_lora_cuda"
 HERE = Path(__file__).resolve().parent
 SOURCES = ("lora_cuda.cu", "lora_op.cpp", "ce_cuda.cu", "ce_op.cpp", "rotary_cuda.cu", "rotary_op.cpp")
-CXX_FLAGS = ["-O3"]
+HEADERS = ("common.cuh",)
+# torch's just-in-time builder rebuilds when a source or a flag changes, not a header: the headers' digest, as a
+# flag, makes a header change count.
+_DIGEST = hashlib.sha256(b"".join((HERE / h).read_bytes() for h in HEADERS)).hexdigest()[:16]
+CXX_FLAGS = ["-O3", f"-DPHIFT_HEADERS_DIGEST={_DIGEST}"]
 # Target architectures come from TORCH_CUDA_ARCH_LIST (else the visible GPUs), as torch's builder decides.
-NVCC_FLAGS = ["-O3", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "-lineinfo", f"-DPHIFT_HEADERS_DIGEST={_DIGEST}"]
 
 
 def cuda_extensions() -> list:

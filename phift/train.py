@@ -404,6 +404,12 @@ def main(argv=None):
         from .evaluate import run_from_args
 
         run_from_args(args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank waits for rank 0's last save, then the group is torn down before the interpreter exits: a
+        # live gloo or shared-memory group at exit has aborted a finished run ("terminate called without an
+        # active exception")
+        barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
