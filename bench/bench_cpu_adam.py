@@ -1,0 +1,92 @@
+"""Is the CPU optimizer step of recipe 3 (full fine-tuning, ZeRO-2 with the optimizer offloaded) bound by host memory?
+
+    python bench/bench_cpu_adam.py --out $OUT/cpu_adam.md [--params 1.42e9] [--threads 16,8]
+    python bench/bench_cpu_adam.py --params 2e6 --out /tmp/cpu_adam.md        # smoke test (any machine)
+
+Times, on the CPU the run is on: a large in-place host add (the memory bandwidth ceiling), one step of
+DeepSpeed's CPU Adam (what ZeRO-Offload runs) and of torch's fused CPU AdamW over `--params` fp32 parameters with
+fp32 gradients, at each thread count. An Adam step must read parameter, gradient and both moments and write back
+parameter and moments: 28 bytes a parameter at the least. The table gives each step's effective bandwidth against the
+stream's: near 1 means the step is at the memory wall, and recipe 3 (train-2 in BENCHMARKS.md: the step is the wall)
+can only go faster by moving fewer bytes or fewer parameters through the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+BYTES_PER_PARAM = 28  # read p, g, m, v (4 B each); write p, m, v
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up: page faults, thread pool start
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def stream_bandwidth(n_bytes: int, repeats: int) -> float:
+    """GB/s of an in-place a += b over host tensors, counting the bytes read and written. In place, as Adam updates
+    its tensors: a copy into fresh memory also reads each destination line before writing it, uncounted."""
+    a, b = torch.ones(n_bytes // 8), torch.ones(n_bytes // 8)
+    return 3 * a.nbytes / timed(lambda: a.add_(b), repeats) / 1e9
+
+
+def adam_step_s(kind: str, n: int, repeats: int) -> float:
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n) * 1e-3
+    if kind == "deepspeed":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        opt = DeepSpeedCPUAdam([p], lr=1e-5, weight_decay=0.0, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW([p], lr=1e-5, weight_decay=0.0, fused=True)
+    return timed(opt.step, repeats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--params", type=float, default=1.42e9, help="fp32 parameters in the step (phi-1_5: 1.42e9)")
+    ap.add_argument("--threads", default=str(torch.get_num_threads()), help="comma-separated thread counts")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stream-gib", type=float, default=4.0)
+    a = ap.parse_args(argv)
+    n = int(a.params)
+    rows = []
+    for threads in (int(t) for t in a.threads.split(",")):
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        stream = stream_bandwidth(int(min(a.stream_gib * 2 ** 30, max(4 * n, 2 ** 26))), a.repeats)
+        for kind in ("deepspeed", "torch fused AdamW"):
+            try:
+                s = adam_step_s(kind, n, a.repeats)
+                gbs = BYTES_PER_PARAM * n / s / 1e9
+                rows.append(f"| {threads} | {kind} | {stream:.1f} | {s * 1e3:.4g} | {gbs:.1f} | {gbs / stream:.2f} |")
+            except Exception as error:  # deepspeed missing, or its CPU Adam cannot build here
+                rows.append(f"| {threads} | {kind} | {stream:.1f} | — | — | {str(error).splitlines()[0][:80]} |")
+            print(rows[-1], flush=True)
+    text = "\n".join([
+        "### CPU optimizer step vs host memory bandwidth (recipe 3)", "",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs · torch {torch.__version__} · "
+        f"{datetime.date.today()} · `python bench/bench_cpu_adam.py --params {a.params:g} --threads {a.threads}`", "",
+        f"One Adam step over {n:,} fp32 parameters with fp32 gradients, median of {a.repeats}; effective GB/s = "
+        f"{BYTES_PER_PARAM} B a parameter ÷ step time; stream = an in-place a += b over host tensors, bytes read + "
+        "written.", "",
+        "| threads | step | stream GB/s | step ms | effective GB/s | ÷ stream |", "|---|---|---|---|---|---|", *rows])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
