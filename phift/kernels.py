@@ -122,6 +122,8 @@ def rotary_fused_applies(qkv, cos, sin, num_heads) -> bool:
     return (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.dim() == 3
             and qkv.shape[-1] % (3 * num_heads * 8) == 0  # the kernels move 8-element vectors, never across heads
             and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (*qkv.shape[:2], cos.shape[-1])
+            and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= qkv.shape[-1] // (3 * num_heads)  # rotary_dim
+            and cos.device == qkv.device
             and not (cos.requires_grad or sin.requires_grad)  # the ops give no gradient for them
             and qkv.numel() > 0 and kernels_enabled())
 

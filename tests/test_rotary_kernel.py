@@ -197,6 +197,9 @@ def test_dispatch_falls_back_for_what_the_kernels_do_not_cover(fused_ops, monkey
     qkv_12, cos_12, sin_12, _ = make_inputs(2, 7, 4, 12, 8, torch.bfloat16, "cuda")
     assert not rotary_fused_applies(qkv_12, cos_12, sin_12, 4)  # head_dim not a multiple of 8
     assert not rotary_fused_applies(qkv, cos.clone().requires_grad_(), sin, 4)  # no gradient for cos
+    assert not rotary_fused_applies(qkv, cos[..., :31], sin[..., :31], 4)  # odd rotary_dim
+    wide_cos, wide_sin = torch.cat([cos, cos, cos], -1), torch.cat([sin, sin, sin], -1)  # 96 > head_dim 64
+    assert not rotary_fused_applies(qkv, wide_cos, wide_sin, 4)
     monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
     assert not rotary_fused_applies(qkv, cos, sin, 4)
 
