@@ -92,6 +92,8 @@ RUNS = [
     ("lora-6x1024-fp16", "hf", True), ("lora-6x1024-fp16", "phift", True),
     ("lora-6x1024-ckpt", "hf", True),
     ("lora-6x1024", "phift (no fused kernel)", True),
+    ("lora-6x1024", "phift (no LoRA kernel)", False), ("lora-6x1024", "phift (no rotary kernel)", False),
+    ("lora-6x1024", "phift (no CE kernel)", False),
     ("full-4x2048-ckpt", "hf", False), ("full-4x2048-ckpt", "phift", False),
     ("full-4x2048-ckpt", "hf+compile", False), ("full-4x2048-ckpt", "phift+compile", False),
     ("lora-1x1792", "hf", False), ("lora-1x1792", "litgpt", False), ("lora-1x1792", "phift", False),
@@ -100,6 +102,10 @@ RUNS = [
     ("lora-6x1024-fp16", "hf+compile", False), ("lora-6x1024-fp16", "phift+compile", False),
     ("lora-6x1024-ckpt", "hf+compile", False),
 ]
+
+# phift eager with its CUDA ops off, all or one at a time (PHIFT_DISABLE_KERNELS): what each op gives
+NO_KERNEL = {"phift (no fused kernel)": "1", "phift (no LoRA kernel)": "lora", "phift (no rotary kernel)": "rotary",
+             "phift (no CE kernel)": "ce"}
 
 # phift's recipe-3 run also stands for the T4 budget's "full fine-tuning with ZeRO-2 CPU offload runs"
 T4_CAPPED = {("recipe3-full-1x1024-zero2", "phift+ds")}
@@ -333,8 +339,8 @@ def worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # set_device and DeepSpeed want an index
-    if impl == "phift (no fused kernel)":
-        os.environ["PHIFT_DISABLE_KERNELS"] = "1"
+    if impl in NO_KERNEL:
+        os.environ["PHIFT_DISABLE_KERNELS"] = NO_KERNEL[impl]
     cap = mem_cap(spec["config"], impl)
     if device.type == "cuda":
         torch.cuda.set_device(device)

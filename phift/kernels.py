@@ -64,7 +64,7 @@ def fused_applies(x, weight, bias, lora_A, lora_B) -> bool:
             # the op returns no gradient for W or b: it is only right for a frozen base
             and not weight.requires_grad and not (bias is not None and bias.requires_grad)
             and x.shape[-1] % 8 == 0 and lora_A.shape[0] <= MAX_KERNEL_RANK and x.numel() > 0
-            and kernels_enabled())
+            and kernels_enabled("lora"))
 
 
 def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, write_grad: bool,
@@ -94,7 +94,7 @@ def cross_entropy_fused_applies(logits, labels) -> bool:
     """Whether `cross_entropy_grad_` runs the fused CUDA op for these arguments."""
     return (logits.is_cuda and logits.dtype in (torch.float16, torch.bfloat16) and logits.dim() == 2
             and logits.is_contiguous() and 0 < logits.shape[1] <= MAX_KERNEL_VOCAB and labels.dtype == torch.int64
-            and kernels_enabled())
+            and kernels_enabled("ce"))
 
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
@@ -125,7 +125,7 @@ def rotary_fused_applies(qkv, cos, sin, num_heads) -> bool:
             and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= qkv.shape[-1] // (3 * num_heads)  # rotary_dim
             and cos.device == qkv.device
             and not (cos.requires_grad or sin.requires_grad)  # the ops give no gradient for them
-            and qkv.numel() > 0 and kernels_enabled())
+            and qkv.numel() > 0 and kernels_enabled("rotary"))
 
 
 class _FusedRotaryQKV(torch.autograd.Function):
@@ -144,9 +144,13 @@ class _FusedRotaryQKV(torch.autograd.Function):
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing: no graph break
-def kernels_enabled() -> bool:
-    """False when PHIFT_DISABLE_KERNELS=1, or when the extension can be neither imported nor built."""
-    return os.environ.get("PHIFT_DISABLE_KERNELS", "0") in ("", "0") and _extension() is not None
+def kernels_enabled(op: str = "") -> bool:
+    """False when the extension can be neither imported nor built, or when PHIFT_DISABLE_KERNELS is 1 (every op) or
+    names `op` in a comma-separated list of lora, ce, rotary (to measure what each op gives)."""
+    setting = os.environ.get("PHIFT_DISABLE_KERNELS", "0").replace(" ", "")
+    if setting == "1" or (op and op in setting.split(",")):
+        return False
+    return _extension() is not None
 
 
 _NOT_LOADED = object()

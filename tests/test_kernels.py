@@ -82,6 +82,24 @@ def test_env_var_disables_the_kernels(monkeypatch):
     assert not kernels_enabled()
 
 
+def test_env_var_can_disable_single_ops(monkeypatch):
+    monkeypatch.setattr(kernels, "_extension", lambda: object())
+    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "rotary, ce")
+    assert not kernels_enabled("rotary") and not kernels_enabled("ce")
+    assert kernels_enabled("lora") and kernels_enabled()
+
+
+def test_per_op_switch_is_a_constant_under_torch_compile(monkeypatch):
+    monkeypatch.setattr(kernels, "_extension", lambda: object())
+    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "rotary")
+
+    def f(x):
+        return (x * 2 if kernels_enabled("lora") else x) + (x * 10 if kernels_enabled("rotary") else x)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True)(torch.ones(3)), torch.full((3,), 3.0))
+
+
 # ---------------------------------------------------------------- the fused op (CUDA)
 
 @pytest.fixture(scope="module")
