@@ -31,7 +31,6 @@ import math
 import os
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -257,15 +256,6 @@ def launch(spec: dict, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: inductor's compile workers go with it
-        except ProcessLookupError:
-            pass
-    return proc.communicate()[0] or ""
-
-
 def prebuild(impls, env) -> list[str]:
     """The fused kernels and DeepSpeed's CPU Adam are built once per machine, not inside a timed run."""
     notes = []
@@ -318,7 +308,7 @@ def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
             try:
                 text, rc = proc.communicate(timeout=limit)[0], proc.returncode
             except subprocess.TimeoutExpired:
-                text, rc = stop(proc), None
+                text, rc = bt.Harness.stop(proc), None
             row["process_s"] = round(time.time() - t0, 1)
             with logfile.open("a") as f:
                 f.write(f"\n===== {impl} (rc {rc}, {row['process_s']} s)\n{text[-6000:]}")

@@ -180,10 +180,10 @@ def _load_extension():
         spec = importlib.util.spec_from_file_location("phift_kernels_build", build)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        log.info("compiling the fused LoRA kernel (first use only; cached in TORCH_EXTENSIONS_DIR)")
+        log.info("compiling phift's CUDA kernels (first use only; cached in TORCH_EXTENSIONS_DIR)")
         return module.load()
     except Exception as error:  # no toolkit, a compiler error, ...: the PyTorch math still runs
-        warnings.warn(f"phift: fused LoRA kernel unavailable, using the PyTorch fallback ({error})", stacklevel=3)
+        warnings.warn(f"phift: CUDA kernels unavailable, using the PyTorch fallbacks ({error})", stacklevel=3)
         return None
 
 
