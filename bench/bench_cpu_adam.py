@@ -53,6 +53,26 @@ def adam_step_s(kind: str, n: int, repeats: int) -> float:
     return timed(opt.step, repeats)
 
 
+def link_rows(n_bytes: int, repeats: int) -> list[str]:
+    """GB/s of the copies an offloaded step makes between GPU and host, for fp16 data the size of the model."""
+    if not torch.cuda.is_available():
+        return []
+    gpu = torch.empty(n_bytes // 2, dtype=torch.float16, device="cuda")
+    rows = []
+    for pinned in (True, False):
+        host = torch.empty(n_bytes // 2, dtype=torch.float16, pin_memory=pinned)
+        for name, fn in (("GPU → host", lambda: host.copy_(gpu, non_blocking=pinned)),
+                         ("host → GPU", lambda: gpu.copy_(host, non_blocking=pinned))):
+            def synced(fn=fn):
+                fn()
+                torch.cuda.synchronize()
+            s = timed(synced, repeats)
+            rows.append(f"| {name} | {'pinned' if pinned else 'pageable'} | {n_bytes / 2 ** 30:.2f} | {s * 1e3:.4g} | "
+                        f"{n_bytes / s / 1e9:.1f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -75,6 +95,7 @@ def main(argv=None):
             except Exception as error:  # deepspeed missing, or its CPU Adam cannot build here
                 rows.append(f"| {threads} | {kind} | {stream:.1f} | — | — | {str(error).splitlines()[0][:80]} |")
             print(rows[-1], flush=True)
+    links = link_rows(int(min(2 * n, a.stream_gib * 2 ** 30)), a.repeats)
     text = "\n".join([
         "### CPU optimizer step vs host memory bandwidth (recipe 3)", "",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs · torch {torch.__version__} · "
@@ -82,7 +103,10 @@ def main(argv=None):
         f"One Adam step over {n:,} fp32 parameters with fp32 gradients, median of {a.repeats}; effective GB/s = "
         f"{BYTES_PER_PARAM} B a parameter ÷ step time; stream = an in-place a += b over host tensors, bytes read + "
         "written.", "",
-        "| threads | step | stream GB/s | step ms | effective GB/s | ÷ stream |", "|---|---|---|---|---|---|", *rows])
+        "| threads | step | stream GB/s | step ms | effective GB/s | ÷ stream |", "|---|---|---|---|---|---|", *rows,
+        *(["", f"GPU ↔ host copies of fp16 data ({torch.cuda.get_device_name() if links else ''}), median of "
+           f"{a.repeats}, synchronised:", "", "| copy | host memory | GiB | ms | GB/s |", "|---|---|---|---|---|",
+           *links] if links else [])])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text + "\n")
     print("\n" + text)
