@@ -61,8 +61,8 @@ def link_rows(n_bytes: int, repeats: int) -> list[str]:
     rows = []
     for pinned in (True, False):
         host = torch.empty(n_bytes // 2, dtype=torch.float16, pin_memory=pinned)
-        for name, fn in (("GPU → host", lambda: host.copy_(gpu, non_blocking=pinned)),
-                         ("host → GPU", lambda: gpu.copy_(host, non_blocking=pinned))):
+        for name, fn in (("GPU → host", lambda host=host, pinned=pinned: host.copy_(gpu, non_blocking=pinned)),
+                         ("host → GPU", lambda host=host, pinned=pinned: gpu.copy_(host, non_blocking=pinned))):
             def synced(fn=fn):
                 fn()
                 torch.cuda.synchronize()
@@ -82,8 +82,29 @@ def main(argv=None):
     ap.add_argument("--stream-gib", type=float, default=4.0)
     a = ap.parse_args(argv)
     n = int(a.params)
-    rows = []
-    for threads in (int(t) for t in a.threads.split(",")):
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    rows, links = [], []
+
+    def write(note: str = "") -> str:  # after every row: a run killed at its time limit keeps what it measured
+        text = "\n".join([
+            "### CPU optimizer step vs host memory bandwidth (recipe 3)", "",
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs · torch {torch.__version__} · "
+            f"{datetime.date.today()} · `python bench/bench_cpu_adam.py --params {a.params:g} --threads {a.threads}`",
+            "",
+            f"One Adam step over {n:,} fp32 parameters with fp32 gradients, median of {a.repeats}; effective GB/s = "
+            f"{BYTES_PER_PARAM} B a parameter ÷ step time; stream = an in-place a += b over host tensors, bytes read + "
+            "written.", "",
+            "| threads | step | stream GB/s | step ms | effective GB/s | ÷ stream |", "|---|---|---|---|---|---|",
+            *rows, *([note] if note else []),
+            *(["", f"GPU ↔ host copies of fp16 data ({torch.cuda.get_device_name()}), median of {a.repeats}, "
+               "synchronised:", "", "| copy | host memory | GiB | ms | GB/s |", "|---|---|---|---|---|", *links]
+              if links else [])])
+        a.out.write_text(text + "\n")
+        return text
+
+    links = link_rows(int(min(2 * n, a.stream_gib * 2 ** 30)), a.repeats)
+    threads_list = [int(t) for t in a.threads.split(",")]
+    for threads in threads_list:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         stream = stream_bandwidth(int(min(a.stream_gib * 2 ** 30, max(4 * n, 2 ** 26))), a.repeats)
@@ -95,22 +116,8 @@ def main(argv=None):
             except Exception as error:  # deepspeed missing, or its CPU Adam cannot build here
                 rows.append(f"| {threads} | {kind} | {stream:.1f} | — | — | {str(error).splitlines()[0][:80]} |")
             print(rows[-1], flush=True)
-    links = link_rows(int(min(2 * n, a.stream_gib * 2 ** 30)), a.repeats)
-    text = "\n".join([
-        "### CPU optimizer step vs host memory bandwidth (recipe 3)", "",
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs · torch {torch.__version__} · "
-        f"{datetime.date.today()} · `python bench/bench_cpu_adam.py --params {a.params:g} --threads {a.threads}`", "",
-        f"One Adam step over {n:,} fp32 parameters with fp32 gradients, median of {a.repeats}; effective GB/s = "
-        f"{BYTES_PER_PARAM} B a parameter ÷ step time; stream = an in-place a += b over host tensors, bytes read + "
-        "written.", "",
-        "| threads | step | stream GB/s | step ms | effective GB/s | ÷ stream |", "|---|---|---|---|---|---|", *rows,
-        *(["", f"GPU ↔ host copies of fp16 data ({torch.cuda.get_device_name() if links else ''}), median of "
-           f"{a.repeats}, synchronised:", "", "| copy | host memory | GiB | ms | GB/s |", "|---|---|---|---|---|",
-           *links] if links else [])])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text + "\n")
-    print("\n" + text)
-
+            write(f"\n(still running: {len(rows)} of {2 * len(threads_list)} rows measured)")
+    print("\n" + write())
 
 if __name__ == "__main__":
     main()

@@ -73,7 +73,10 @@ def main():
         torch.cuda.synchronize()
     if a.trace:
         prof.export_chrome_trace(a.trace)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # CUDA-side events, less the profiler's own annotations of CPU ranges (e.g. "Optimizer.step#AdamW.step"), which
+    # span kernels already counted
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     by_name, by_cat, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for e in kernels:
         us = e.device_time / a.steps if hasattr(e, "device_time") else e.cuda_time / a.steps
