@@ -9,6 +9,7 @@ Every model is phi-1_5-shaped with random weights, trained on random tokens of a
 labelled, under the same precision policy, optimizer (AdamW, lr 2e-4, clip 1.0) and batch:
   phift            phift.train.prepare_model + phift.engine.TorchEngine, as `phift train` runs them
   phift+compile    the same with --compile True (per-block torch.compile)
+  ... (pure bf16)  full fine-tuning with --pure_bf16: bf16 weights, no autocast, fp32 masters in the optimizer
   phift+ds         phift.engine.DeepSpeedEngine with examples/ds_config.json (ZeRO-2, optimizer offloaded to the CPU)
   hf, hf+compile   transformers' PhiForCausalLM (+ PEFT LoRA on q_proj/k_proj/v_proj), a plain loop; whole-model
                    torch.compile as the HF Trainer's --torch_compile does
@@ -94,8 +95,10 @@ RUNS = [
     ("lora-6x1024", "phift (no fused kernel)", True),
     ("lora-6x1024", "phift (no LoRA kernel)", False), ("lora-6x1024", "phift (no rotary kernel)", False),
     ("lora-6x1024", "phift (no CE kernel)", False),
+    ("full-1x1024-ckpt", "phift (pure bf16)", False), ("full-1x1024-ckpt", "phift+compile (pure bf16)", False),
     ("full-4x2048-ckpt", "hf", False), ("full-4x2048-ckpt", "phift", False),
     ("full-4x2048-ckpt", "hf+compile", False), ("full-4x2048-ckpt", "phift+compile", False),
+    ("full-4x2048-ckpt", "phift (pure bf16)", False), ("full-4x2048-ckpt", "phift+compile (pure bf16)", False),
     ("lora-1x1792", "hf", False), ("lora-1x1792", "litgpt", False), ("lora-1x1792", "phift", False),
     ("lora-8x2048", "hf", False), ("lora-8x2048", "hf+compile", False), ("lora-8x2048", "litgpt", False),
     ("lora-8x2048", "litgpt+compile", False), ("lora-8x2048", "phift", False), ("lora-8x2048", "phift+compile", False),
@@ -118,7 +121,7 @@ MAX_S = {"eager": 120, "compile": 240, "ds": 180, "train": 180}
 
 def kind(impl: str) -> str:
     return "train" if impl.startswith("phift train") else "ds" if impl in ("phift+ds", "seed") else \
-        "compile" if impl.endswith("+compile") else "eager"
+        "compile" if "+compile" in impl else "eager"
 
 
 def run_id(config: str, impl: str) -> str:
@@ -149,7 +152,9 @@ def phift_args(c: Config, impl: str, spec: dict) -> list[str]:
             "--lora_dropout", "0.1", "--per_device_train_batch_size", str(c.batch), "--cutoff_len", str(c.seq),
             "--learning_rate", str(LR), "--max_grad_norm", str(MAX_GRAD_NORM), "--lr_scheduler_type", "cosine",
             "--max_steps", str(spec["total_steps"]), "--disable_gradient_checkpointing", str(not c.ckpt),
-            "--compile", str(impl.endswith("+compile")), *half]
+            "--compile", str("+compile" in impl), *half]
+    if impl.endswith("(pure bf16)"):
+        argv += ["--pure_bf16", "True"]
     if c.ckpt == "mlp":
         argv += ["--gradient_checkpointing_policy", "mlp"]
     if impl == "phift+ds":
@@ -356,6 +361,9 @@ def worker(spec: dict) -> dict:
     for _ in range(3):  # fresh tokens every step, all positions labelled
         ids = torch.randint(0, vocab, (c.batch, c.seq), device=device)
         batches.append({"input_ids": ids, "labels": ids.clone()})
+        if family == "phift":  # as phift.train.to_batch, which finds them on the CPU: no host sync in the step
+            from phift.model import LMHead
+            batches[-1]["label_rows"] = LMHead.label_rows(ids.cpu()).to(device)
 
     def sync():
         if device.type == "cuda":
@@ -660,7 +668,7 @@ def best(rows, config, impls):
     return max(found, key=lambda r: r["tokens_per_s"]) if found else None
 
 
-PHIFT_PLAIN = ("phift", "phift+compile")
+PHIFT_PLAIN = ("phift", "phift+compile", "phift (pure bf16)", "phift+compile (pure bf16)")
 COMPILED_PEERS = ("hf+compile", "litgpt+compile")
 
 
@@ -749,7 +757,8 @@ def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) ->
         f"Command: `{meta['command']}`. Random-weight {shape.name}-shaped models, random tokens, every position "
         f"labelled; AdamW (fused on CUDA) lr {LR}, clipping {MAX_GRAD_NORM}; LoRA r 8 α 16 dropout 0.1 (phift on "
         "Wqkv, PEFT on q/k/v_proj, litgpt on query/key/value), half base + fp32 adapters + autocast; full: fp32 "
-        f"master weights + autocast, or DeepSpeed fp16 (ZeRO-2, CPU Adam). {warmup} warm-up steps (+1 when "
+        f"master weights + autocast (\"(pure bf16)\": bf16 weights, fp32 masters in the optimizer), or DeepSpeed fp16 "
+        f"(ZeRO-2, CPU Adam). {warmup} warm-up steps (+1 when "
         f"compiled; 2 under DeepSpeed), then {steps} steps ({max(2, steps // 2)} under DeepSpeed) timed "
         "with CUDA events; compiled runs were compiled first in an untimed pre-pass (their warm-up shows the "
         "re-trace with warm inductor caches); tokens/s = batch × seq ÷ mean step time; peak = "

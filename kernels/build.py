@@ -12,7 +12,8 @@ from pathlib import Path
 
 NAME = "phift_lora_cuda"
 HERE = Path(__file__).resolve().parent
-SOURCES = ("lora_cuda.cu", "lora_op.cpp", "ce_cuda.cu", "ce_op.cpp", "rotary_cuda.cu", "rotary_op.cpp")
+SOURCES = ("lora_cuda.cu", "lora_op.cpp", "ce_cuda.cu", "ce_op.cpp", "rotary_cuda.cu", "rotary_op.cpp",
+           "adamw_cuda.cu", "adamw_op.cpp")
 HEADERS = ("common.cuh",)
 # torch's just-in-time builder rebuilds when a source or a flag changes, not a header: the headers' digest, as a
 # flag, makes a header change count.

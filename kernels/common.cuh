@@ -4,8 +4,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace phift {
 
@@ -55,5 +60,17 @@ template <typename P>
 __device__ __forceinline__ uint4 load16(const P* p) { return *reinterpret_cast<const uint4*>(p); }
 template <typename P>
 __device__ __forceinline__ void store16(P* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// SMs of the current device, asked of the driver once per device (not on every call of an op).
+inline int multiprocessors() {
+  static std::mutex lock;
+  static std::vector<int> counts;
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> guard(lock);
+  if (counts.size() <= static_cast<size_t>(device)) counts.resize(device + 1, 0);
+  if (counts[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  return counts[device];
+}
 
 }  // namespace phift

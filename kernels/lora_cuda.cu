@@ -387,18 +387,6 @@ void launch_prep(const PrepArgs& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// SMs of the current device, asked of the driver once per device (not on every backward call).
-static int multiprocessors() {
-  static std::mutex lock;
-  static std::vector<int> counts;
-  const int device = c10::cuda::current_device();
-  std::lock_guard<std::mutex> guard(lock);
-  if (counts.size() <= static_cast<size_t>(device)) counts.resize(device + 1, 0);
-  if (counts[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  return counts[device];
-}
-
 // One wave of blocks: each column strip is split into as many blocks of rows as fill the GPU, and no more, as every
 // block of rows costs an [r, K] fp32 partial of dA to write and read back.
 template <typename T, int R>
@@ -408,7 +396,7 @@ void launch_fix(FixArgs args, at::Tensor& d_a) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fix_kernel<T, R>, kThreads, 0));
     return std::max(n, 1);
   }();
-  const int sms = multiprocessors();
+  const int sms = phift::multiprocessors();
   const int64_t vecs_per_block = 32 / (R / kVec), rows = args.rows;
   const int64_t col_blocks = (args.k / kVec + vecs_per_block - 1) / vecs_per_block;
   const int64_t resident = static_cast<int64_t>(sms) * blocks_per_sm;

@@ -85,6 +85,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     _bool(g, "--fp16", False, "fp16 mixed precision with dynamic loss scaling (CUDA)")
     _bool(g, "--bf16", False, "bf16 mixed precision")
+    _bool(g, "--pure_bf16", False, "train the model itself in bf16, without autocast (implies --bf16); full "
+                                   "fine-tuning keeps fp32 master weights in the optimizer (phift.optim)")
     g.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON ('auto' values filled from these flags)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
 
@@ -126,6 +128,15 @@ def parse_train_args(argv=None) -> argparse.Namespace:
         p.error("--shift_attn True (LongLoRA S²-attention) is LLaMA-only in LLaMA-Factory; phi has no such path")
     if args.fp16 and args.bf16:
         p.error("--fp16 and --bf16 are exclusive")
+    if args.pure_bf16:
+        if args.fp16:
+            p.error("--pure_bf16 and --fp16 are exclusive")
+        if args.deepspeed:
+            p.error("--pure_bf16 is for the plain PyTorch engine; DeepSpeed's own bf16 mode already keeps the model "
+                    "in bf16 with fp32 master weights: drop --pure_bf16 and pass --bf16 True")
+        if args.upcast_layernorm:
+            p.error("--pure_bf16 keeps every weight in bf16; it cannot be combined with --upcast_layernorm True")
+        args.bf16 = True
     if args.do_predict and not args.predict_with_generate:
         p.error("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
     if args.finetuning_type == "full" and args.checkpoint_dir:

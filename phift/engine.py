@@ -3,7 +3,8 @@
 Both engines answer the same four calls, made by the loop on every micro-batch:
     loss = engine.forward(batch); engine.backward(loss, boundary); info = engine.step(boundary)
 and `save(dir)` / `load(dir)` for the optimizer, scheduler and loss-scaler state.
-`step` returns None between accumulation boundaries and {"grad_norm", "skipped"} at one; a step skipped for an
+`step` returns None between accumulation boundaries and {"grad_norm" (a float or a 0-dim tensor: float() it),
+"skipped"} at one; a step skipped for an
 fp16 overflow leaves the weights and the schedule untouched.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import socket
 from pathlib import Path
 
 import torch
+
+from phift.optim import MasterAdamW, clip_coefficient
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -43,18 +46,24 @@ def param_groups(model, weight_decay: float):
 
 
 class TorchEngine:
-    """AdamW (fused on CUDA), autocast for fp16/bf16, a GradScaler for fp16."""
+    """AdamW (fused on CUDA), autocast for fp16/bf16, a GradScaler for fp16. With --pure_bf16 no autocast, and
+    trainable bf16 weights (full fine-tuning) step through MasterAdamW's fp32 master weights."""
 
     def __init__(self, model, args, total_steps: int, device: torch.device):
         self.model, self.args, self.device = model, args, device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                           fused=device.type == "cuda")
+        groups = param_groups(model, args.weight_decay)
+        betas = (args.adam_beta1, args.adam_beta2)
+        self.pure = getattr(args, "pure_bf16", False)
+        if self.pure and any(p.dtype != torch.float32 for p in self.params):
+            self.optimizer = MasterAdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon,
+                                               fused=device.type == "cuda")
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps))
-        dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+        dtype = None if self.pure else torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
         self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16) if args.fp16 else None
 
@@ -76,19 +85,25 @@ class TorchEngine:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
         skipped = False
-        if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)  # skips the update when a gradient is inf/nan
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale
+        if isinstance(self.optimizer, MasterAdamW):  # bf16: no loss scaler; clipped as the gradients are read
+            norm, coef = clip_coefficient(self.params, max_norm)
+            self.optimizer.step(clip_coef=coef)
+            grad_norm = norm
         else:
-            self.optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if self.scaler:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)  # skips the update when a gradient is inf/nan
+                self.scaler.update()
+                skipped = self.scaler.get_scale() < scale
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
             self.scheduler.step()
-        return {"grad_norm": grad_norm, "skipped": skipped,
+        # grad_norm stays a device tensor: reading it waits for the GPU, so the loop does so only when it logs
+        return {"grad_norm": grad_norm.detach(), "skipped": skipped,
                 "loss_scale": self.scaler.get_scale() if self.scaler else None}
 
     def lr(self) -> float:

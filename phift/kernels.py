@@ -20,6 +20,10 @@ is about ten elementwise passes over q and k each way; the fused ops `phift::rot
 (kernels/rotary_cuda.cu) read qkv once and write q, k, v once, and read dq, dk, dv once and write dqkv once, with
 the same fp32 operations, so that they give the same bits as the PyTorch math.
 
+Full fine-tuning with --pure_bf16 steps through `adamw_master_`: the fused op `phift::adamw_master_`
+(kernels/adamw_cuda.cu) updates fp32 master weights and moments from half gradients and writes the half weights in
+one pass a tensor.
+
 Each `*_applies` check runs before its op is called, so the ops only ever see inputs they take: their own
 TORCH_CHECKs are a last line of defence. (On the GPU machine's torch 2.11 + CUDA 13, an exception thrown from the
 extension ended the process instead of raising a RuntimeError.)
@@ -143,10 +147,49 @@ class _FusedRotaryQKV(torch.autograd.Function):
         return torch.ops.phift.rotary_qkv_fused_backward(dq, dk, dv, cos, sin), None, None, None
 
 
+def adamw_master_(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float, steps: list[float]) -> None:
+    """One AdamW step (torch's math, adamw mode) of fp32 master weights from fp16/bf16 gradients, each multiplied
+    first by clip_coef (a 0-dim fp32 tensor on the weights' device, or None); the updated masters are written back,
+    rounded, into the half weights. steps[i] is tensor i's step count, this step included (bias correction)."""
+    if adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef):
+        torch.ops.phift.adamw_master_(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr, beta1, beta2,
+                                      eps, weight_decay, [float(s) for s in steps])
+        return
+    for w, g, p, m, v, step in zip(weights, grads, masters, exp_avgs, exp_avg_sqs, steps, strict=True):
+        g = g.float()
+        if clip_coef is not None:
+            g.mul_(clip_coef)
+        p.sub_(p * (lr * weight_decay))
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+        w.copy_(p)
+
+
+def adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef) -> bool:
+    """Whether `adamw_master_` runs the fused CUDA op for these arguments."""
+    if not weights or not weights[0].is_cuda or not kernels_enabled("adamw"):
+        return False
+    device = weights[0].device
+    if clip_coef is not None and not (clip_coef.device == device and clip_coef.dtype == torch.float32
+                                      and clip_coef.numel() == 1):
+        return False
+    for w, g, p, m, v in zip(weights, grads, masters, exp_avgs, exp_avg_sqs, strict=True):
+        if not (w.dtype in (torch.float16, torch.bfloat16) and g.dtype == w.dtype
+                and p.dtype == m.dtype == v.dtype == torch.float32
+                and w.device == g.device == p.device == m.device == v.device == device
+                and w.numel() == g.numel() == p.numel() == m.numel() == v.numel()
+                and all(t.is_contiguous() for t in (w, g, p, m, v))):
+            return False
+    return True
+
+
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing: no graph break
 def kernels_enabled(op: str = "") -> bool:
     """False when the extension can be neither imported nor built, or when PHIFT_DISABLE_KERNELS is 1 (every op) or
-    names `op` in a comma-separated list of lora, ce, rotary (to measure what each op gives)."""
+    names `op` in a comma-separated list of lora, ce, rotary, adamw (to measure what each op gives)."""
     setting = os.environ.get("PHIFT_DISABLE_KERNELS", "0").replace(" ", "")
     if setting == "1" or (op and op in setting.split(",")):
         return False

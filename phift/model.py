@@ -209,15 +209,19 @@ class Phi(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None,
+                label_rows=None):
         """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given.
 
+        label_rows: LMHead.label_rows(labels), when the caller found them without waiting for the GPU (the training
+        loop does, on the CPU); else they are found here, a host sync.
         attention_mask: [B, past + T], 0 = padding, else a segment index (packed samples); None = all causal.
         position_ids: [B, T]; by default counted over non-padding tokens (so left padding works).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        label_rows = LMHead.label_rows(labels) if labels is not None else None
+        if labels is not None and label_rows is None:
+            label_rows = LMHead.label_rows(labels)
         x = self.wte(input_ids)
         if self.training and self.neftune_alpha > 0:
             mag = self.neftune_alpha / math.sqrt(T * x.shape[-1])

@@ -21,7 +21,7 @@ from .checkpoint import load_model, load_state_dict, resolve_checkpoint_dir, sav
 from .config import PRESETS, PhiConfig
 from .engine import DeepSpeedEngine, TorchEngine, init_distributed_env
 from .evaluate import loss_sums
-from .model import Phi
+from .model import LMHead, Phi
 from .plot import plot_loss
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 
@@ -87,8 +87,8 @@ def prepare_model(args, model, dtype):
         else:
             lora.inject(model, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
                         dropout=args.lora_dropout, use_rslora=args.use_rslora, verbose=rank_and_world()[0] == 0)
-    elif dtype != torch.float32 and not args.deepspeed:
-        model.float()  # full fine-tuning under autocast keeps fp32 master weights
+    elif dtype != torch.float32 and not args.deepspeed and not args.pure_bf16:
+        model.float()  # full fine-tuning under autocast keeps fp32 master weights (--pure_bf16: the optimizer does)
     if args.upcast_layernorm:
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
@@ -138,6 +138,9 @@ def to_batch(micro, packed: bool, pad_id, device):
         # right padding + causal attention: real tokens never see the pads after them, so the loss is exact
         # without a mask, and SDPA can take its flash kernel
         del b["attention_mask"]
+    # the labelled rows, found here on the CPU: found on the GPU, they would make the host wait for the GPU to finish
+    # the previous step's optimizer before it could queue this step's forward
+    b["label_rows"] = LMHead.label_rows(b["labels"])
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
@@ -353,7 +356,7 @@ def train(args) -> dict:
                 elapsed = time.time() - t_log
                 entry = {"current_steps": step, "total_steps": total_steps,
                          "loss": round((loss_sum / max(loss_n, 1)).item(), 4),
-                         "learning_rate": engine.lr(), "grad_norm": round(info["grad_norm"], 4),
+                         "learning_rate": engine.lr(), "grad_norm": round(float(info["grad_norm"]), 4),
                          "epoch": round(epoch + consumed / len(train_set), 2),
                          "tokens_per_second": round(tokens * world / max(elapsed, 1e-9), 1),
                          "percentage": round(100 * step / total_steps, 2),

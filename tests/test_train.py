@@ -215,3 +215,46 @@ def test_packed_rows_of_one_sample_each_batch_as_unpacked():
     for k in single:
         assert torch.equal(single[k], unpacked[k]), k
     assert "attention_mask" in train_mod.to_batch([examples], True, 0, "cpu")  # two samples share a row
+
+
+def test_pure_bf16_full_finetuning_learns_keeps_bf16_weights_and_resumes_exactly(tmp_path):
+    args = run_args(tmp_path / "a", pure_bf16=True, num_train_epochs=6, learning_rate=3e-3, save_steps=9)
+    train_mod.train(args)
+    curve = losses(args.output_dir)
+    assert args.bf16 and sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3
+    weights = load_file(str(Path(args.output_dir) / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    state = torch.load(Path(args.output_dir) / "checkpoint-9" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert all(s["master"].dtype == torch.float32 for s in state["state"].values())
+    resumed = run_args(tmp_path / "b", pure_bf16=True, num_train_epochs=6, learning_rate=3e-3, save_steps=9,
+                       resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-9"))
+    train_mod.train(resumed)
+    assert losses(resumed.output_dir) == curve[9:]
+
+
+def test_pure_bf16_engine_steps_master_weights_without_autocast(tiny_config):
+    args = run_args(Path("/nonexistent"), pure_bf16=True)
+    model = train_mod.prepare_model(args, Phi(tiny_config).to(torch.bfloat16), torch.bfloat16)
+    engine = TorchEngine(model, args, total_steps=10, device=torch.device("cpu"))
+    assert type(engine.optimizer).__name__ == "MasterAdamW"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    loss = engine.forward({"input_ids": ids, "labels": ids})
+    assert loss.dtype == torch.float32  # the chunked loss, computed in fp32 from bf16 logits
+    engine.backward(loss, True)
+    before = model.wte.weight.detach().clone()
+    info = engine.step(True)
+    assert info["grad_norm"] > 0 and not info["skipped"]
+    assert not torch.equal(before, model.wte.weight) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--fp16", "True"], "--pure_bf16 and --fp16 are exclusive"),
+    (["--deepspeed", "examples/ds_config.json"], "drop --pure_bf16 and pass --bf16 True"),
+    (["--upcast_layernorm", "True"], "cannot be combined with --upcast_layernorm True"),
+])
+def test_pure_bf16_refuses_what_it_cannot_honour(tmp_path, bad, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--pure_bf16", "True", "--model_name_or_path", "tiny", "--dataset", "self_cognition",
+                          "--output_dir", str(tmp_path), *bad])
+    assert message in capsys.readouterr().err
