@@ -69,13 +69,13 @@ class MasterAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             states = [self._state(p) for p in params]
-            for s in states:
-                s["step"] += 1
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1.0)  # two host ops for the group, not two a tensor: the step is host-bound
             beta1, beta2 = group["betas"]
             kernels.adamw_master_([p.data for p in params], [p.grad for p in params],
                                   [s["master"] for s in states], [s["exp_avg"] for s in states],
                                   [s["exp_avg_sq"] for s in states], clip_coef, group["lr"], beta1, beta2,
-                                  group["eps"], group["weight_decay"], [s["step"].item() for s in states])
+                                  group["eps"], group["weight_decay"], torch.stack(steps).tolist())
         return loss
 
 
