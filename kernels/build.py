@@ -1,4 +1,5 @@
-"""Build the fused LoRA CUDA extension `phift_lora_cuda`: ahead of time from setup.py, or just in time on first use.
+"""Build the fused LoRA CUDA extension `phift_lora_cuda`: ahead of time from setup.py, or just in time on first use;
+and the small CPU extension `phift_cpu` (the CPU twin of the master-weight AdamW op), just in time only.
 
 setup.py:   `ext_modules=cuda_extensions()` with torch's BuildExtension as build_ext; [] (a plain Python install)
             when torch has no CUDA or there is no toolkit. Torch must be importable while building, so use
@@ -41,3 +42,17 @@ def load(verbose: bool = False):
     from torch.utils.cpp_extension import load as load_extension
     return load_extension(name=NAME, sources=[str(HERE / s) for s in SOURCES], extra_cflags=CXX_FLAGS,
                           extra_cuda_cflags=NVCC_FLAGS, verbose=verbose)
+
+
+CPU_NAME = "phift_cpu"
+CPU_SOURCES = ("adamw_cpu.cpp",)
+# -march=native: the build runs on the machine that uses it (AVX2/F16C where the CPU has them); -fopenmp: ATen's
+# parallel_for, inlined into the extension, runs on OpenMP threads only when the extension is built with it.
+CPU_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def load_cpu(verbose: bool = False):
+    """Compile (cached under TORCH_EXTENSIONS_DIR) and import the CPU extension; raises if it cannot."""
+    from torch.utils.cpp_extension import load as load_extension
+    return load_extension(name=CPU_NAME, sources=[str(HERE / s) for s in CPU_SOURCES], extra_cflags=CPU_FLAGS,
+                          extra_ldflags=["-fopenmp"], verbose=verbose)

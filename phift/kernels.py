@@ -22,7 +22,8 @@ the same fp32 operations, so that they give the same bits as the PyTorch math.
 
 Full fine-tuning with --pure_bf16 steps through `adamw_master_`: the fused op `phift::adamw_master_`
 (kernels/adamw_cuda.cu) updates fp32 master weights and moments from half gradients and writes the half weights in
-one pass a tensor.
+one pass a tensor; on the CPU its C++ twin `phift_cpu::adamw_master_` (kernels/adamw_cpu.cpp, a separate
+extension built with the host compiler) does the same.
 
 Each `*_applies` check runs before its op is called, so the ops only ever see inputs they take: their own
 TORCH_CHECKs are a last line of defence. (On the GPU machine's torch 2.11 + CUDA 13, an exception thrown from the
@@ -153,8 +154,9 @@ def adamw_master_(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr:
     first by clip_coef (a 0-dim fp32 tensor on the weights' device, or None); the updated masters are written back,
     rounded, into the half weights. steps[i] is tensor i's step count, this step included (bias correction)."""
     if adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef):
-        torch.ops.phift.adamw_master_(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr, beta1, beta2,
-                                      eps, weight_decay, [float(s) for s in steps])
+        op = torch.ops.phift.adamw_master_ if weights[0].is_cuda else torch.ops.phift_cpu.adamw_master_
+        op(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr, beta1, beta2, eps, weight_decay,
+           [float(s) for s in steps])
         return
     for w, g, p, m, v, step in zip(weights, grads, masters, exp_avgs, exp_avg_sqs, steps, strict=True):
         g = g.float()
@@ -169,8 +171,13 @@ def adamw_master_(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr:
 
 
 def adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef) -> bool:
-    """Whether `adamw_master_` runs the fused CUDA op for these arguments."""
-    if not weights or not weights[0].is_cuda or not kernels_enabled("adamw"):
+    """Whether `adamw_master_` runs a fused op for these arguments: the CUDA op, or on the CPU its C++ twin."""
+    if not weights:
+        return False
+    if weights[0].is_cuda:
+        if not kernels_enabled("adamw"):
+            return False
+    elif weights[0].device.type != "cpu" or not cpu_kernels_enabled("adamw"):
         return False
     device = weights[0].device
     if clip_coef is not None and not (clip_coef.device == device and clip_coef.dtype == torch.float32
@@ -196,8 +203,30 @@ def kernels_enabled(op: str = "") -> bool:
     return _extension() is not None
 
 
+def cpu_kernels_enabled(op: str = "") -> bool:
+    """As kernels_enabled, for the CPU extension (kernels/adamw_cpu.cpp, built with the host's C++ compiler)."""
+    setting = os.environ.get("PHIFT_DISABLE_KERNELS", "0").replace(" ", "")
+    if setting == "1" or (op and op in setting.split(",")):
+        return False
+    return _cpu_extension() is not None
+
+
 _NOT_LOADED = object()
 _extension_module = _NOT_LOADED
+_cpu_extension_module = _NOT_LOADED
+
+
+def _cpu_extension():
+    """The CPU extension, compiled on first use (cached); None where it cannot be built (no compiler, ...)."""
+    global _cpu_extension_module
+    if _cpu_extension_module is _NOT_LOADED:
+        try:
+            log.info("compiling phift's CPU kernels (first use only; cached in TORCH_EXTENSIONS_DIR)")
+            _cpu_extension_module = _build_script().load_cpu()
+        except Exception as error:  # the PyTorch math still runs
+            warnings.warn(f"phift: CPU kernels unavailable, using the PyTorch fallbacks ({error})", stacklevel=3)
+            _cpu_extension_module = None
+    return _cpu_extension_module
 
 
 def _extension():
@@ -216,18 +245,24 @@ def _load_extension():
         return phift_lora_cuda
     except ImportError:
         pass
-    build = Path(__file__).resolve().parent.parent / "kernels" / "build.py"
     try:
-        if not build.exists():
-            raise FileNotFoundError(f"phift_lora_cuda was not built and its sources are not at {build.parent}")
-        spec = importlib.util.spec_from_file_location("phift_kernels_build", build)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        build = _build_script()
         log.info("compiling phift's CUDA kernels (first use only; cached in TORCH_EXTENSIONS_DIR)")
-        return module.load()
+        return build.load()
     except Exception as error:  # no toolkit, a compiler error, ...: the PyTorch math still runs
         warnings.warn(f"phift: CUDA kernels unavailable, using the PyTorch fallbacks ({error})", stacklevel=3)
         return None
+
+
+def _build_script():
+    """kernels/build.py, imported from the source tree (it is not part of the installed package)."""
+    build = Path(__file__).resolve().parent.parent / "kernels" / "build.py"
+    if not build.exists():
+        raise FileNotFoundError(f"phift's kernels were not built and their sources are not at {build.parent}")
+    spec = importlib.util.spec_from_file_location("phift_kernels_build", build)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _padded_rank(rank: int) -> int:

@@ -1,5 +1,6 @@
 """phift.optim.MasterAdamW (--pure_bf16): fp32 master weights of bf16 parameters, against torch's AdamW on fp32
-copies; the fused CUDA op against float64 (GPU tests skip on CPU).
+copies, through the fused ops (C++ on the CPU, CUDA on a GPU) and the PyTorch fallback; the fused ops against
+float64 (the CUDA ones skip without a GPU).
 """
 import io
 
@@ -30,7 +31,17 @@ def fill_grads(params, step, scale=3.0):
         p.grad = (scale * torch.randn(p.shape, generator=g)).to(device=p.device, dtype=p.dtype)
 
 
-def test_matches_torch_adamw_on_fp32_copies_with_clipping_and_decay():
+@pytest.fixture(params=["fused", "fallback"])
+def path(request, monkeypatch):
+    """Each test of MasterAdamW runs through the fused op (the CPU extension here) and through the fallback."""
+    if request.param == "fallback":
+        monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "adamw")
+    elif not kernels.cpu_kernels_enabled("adamw"):
+        pytest.skip("phift's CPU extension could not be built here (no C++ compiler?)")
+    return request.param
+
+
+def test_matches_torch_adamw_on_fp32_copies_with_clipping_and_decay(path):
     params = half_params()
     ref = [torch.nn.Parameter(p.detach().float()) for p in params]
     opt = MasterAdamW(groups(params), **HYPER)
@@ -53,7 +64,7 @@ def test_matches_torch_adamw_on_fp32_copies_with_clipping_and_decay():
         assert not torch.equal(p.detach().float(), master)  # ...which bf16 alone could not hold
 
 
-def test_no_clip_coefficient_means_unclipped_and_infinite_max_norm_gives_one():
+def test_no_clip_coefficient_means_unclipped_and_infinite_max_norm_gives_one(path):
     params = half_params()
     fill_grads(params, 0)
     _, coef = clip_coefficient(params, float("inf"))
@@ -68,7 +79,7 @@ def test_no_clip_coefficient_means_unclipped_and_infinite_max_norm_gives_one():
     assert all(torch.equal(p, t) for p, t in zip(params, twins))
 
 
-def test_state_dict_round_trip_keeps_fp32_masters_and_continues_identically():
+def test_state_dict_round_trip_keeps_fp32_masters_and_continues_identically(path):
     params = half_params()
     opt = MasterAdamW(groups(params), **HYPER)
     for step in range(3):
@@ -107,23 +118,34 @@ def float64_reference(w, g, p, m, v, coef, lr, beta1, beta2, eps, wd, step):
     return p, m, v
 
 
-@needs_cuda
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+def fused_device(request):
+    """A device whose fused AdamW op is built: the CPU extension, or the CUDA one."""
+    if request.param == "cuda":
+        request.getfixturevalue("phift_extension")
+    elif not kernels.cpu_kernels_enabled("adamw"):
+        pytest.skip("phift's CPU extension could not be built here (no C++ compiler?)")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clip", [None, 0.37])
-def test_fused_op_against_float64(phift_extension, dtype, clip):
+def test_fused_op_against_float64(fused_device, dtype, clip, monkeypatch):
+    monkeypatch.delenv("PHIFT_DISABLE_KERNELS", raising=False)
+    device = fused_device
     torch.manual_seed(0)
     sizes = [1, 3, 4, 1027, 8192 * 3 + 5]
     weights, grads, masters, ms, vs = [], [], [], [], []
     for i, n in enumerate(sizes):
         offset = i % 2  # odd tensors start one element into their storage: the unaligned (scalar) kernel
-        w = torch.empty(n + offset, device="cuda", dtype=dtype)[offset:]
-        g = torch.empty(n + offset, device="cuda", dtype=dtype)[offset:]
-        g.copy_(torch.randn(n, device="cuda"))
-        p = torch.randn(n + offset, device="cuda")[offset:]
+        w = torch.empty(n + offset, device=device, dtype=dtype)[offset:]
+        g = torch.empty(n + offset, device=device, dtype=dtype)[offset:]
+        g.copy_(torch.randn(n, device=device))
+        p = torch.randn(n + offset, device=device)[offset:]
         w.copy_(p)
         weights.append(w), grads.append(g), masters.append(p)
-        ms.append(0.1 * torch.randn(n, device="cuda")), vs.append(torch.rand(n, device="cuda"))
-    coef = None if clip is None else torch.tensor(clip, device="cuda")
+        ms.append(0.1 * torch.randn(n, device=device)), vs.append(torch.rand(n, device=device))
+    coef = None if clip is None else torch.tensor(clip, device=device)
     steps = [float(3 + i) for i in range(len(sizes))]
     expected = [float64_reference(*t, coef, 1e-3, 0.9, 0.999, 1e-8, 0.1, s)
                 for *t, s in zip(weights, grads, masters, ms, vs, steps)]
