@@ -88,6 +88,9 @@ def train_parser() -> argparse.ArgumentParser:
     _bool(g, "--pure_bf16", False, "train the model itself in bf16, without autocast (implies --bf16); full "
                                    "fine-tuning keeps fp32 master weights in the optimizer (phift.optim)")
     g.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON ('auto' values filled from these flags)")
+    g.add_argument("--offload_optimizer", default="none", choices=["none", "cpu"],
+                   help="cpu: full fine-tuning with the fp32 optimizer state in CPU memory, without DeepSpeed "
+                        "(phift/offload.py; one GPU, --fp16 or --bf16)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
 
     g = p.add_argument_group("logging and checkpoints")
@@ -137,6 +140,15 @@ def parse_train_args(argv=None) -> argparse.Namespace:
         if args.upcast_layernorm:
             p.error("--pure_bf16 keeps every weight in bf16; it cannot be combined with --upcast_layernorm True")
         args.bf16 = True
+    if args.offload_optimizer == "cpu":
+        if args.finetuning_type != "full":
+            p.error("--offload_optimizer cpu is for --finetuning_type full (LoRA's optimizer state is a few MB)")
+        if args.deepspeed:
+            p.error("--offload_optimizer cpu is phift's own offload; with --deepspeed, offload in the DeepSpeed config")
+        if not (args.fp16 or args.bf16):
+            p.error("--offload_optimizer cpu trains the model in half precision: pass --fp16 True or --bf16 True")
+        if args.upcast_layernorm:
+            p.error("--offload_optimizer cpu keeps every weight in half precision; drop --upcast_layernorm True")
     if args.do_predict and not args.predict_with_generate:
         p.error("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
     if args.finetuning_type == "full" and args.checkpoint_dir:

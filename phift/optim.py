@@ -59,7 +59,9 @@ class MasterAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None, clip_coef: torch.Tensor | None = None):
+    def step(self, closure=None, clip_coef: torch.Tensor | None = None, after_each=None):
+        """One AdamW step of every parameter with a gradient. after_each(p), if given, runs after each parameter's
+        update (one op call per tensor then, so that the caller can overlap work with the next tensor's)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -72,10 +74,17 @@ class MasterAdamW(torch.optim.Optimizer):
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1.0)  # two host ops for the group, not two a tensor: the step is host-bound
             beta1, beta2 = group["betas"]
-            kernels.adamw_master_([p.data for p in params], [p.grad for p in params],
-                                  [s["master"] for s in states], [s["exp_avg"] for s in states],
-                                  [s["exp_avg_sq"] for s in states], clip_coef, group["lr"], beta1, beta2,
-                                  group["eps"], group["weight_decay"], torch.stack(steps).tolist())
+            hyper = (clip_coef, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            counts = torch.stack(steps).tolist()
+            if after_each is None:
+                kernels.adamw_master_([p.data for p in params], [p.grad for p in params],
+                                      [s["master"] for s in states], [s["exp_avg"] for s in states],
+                                      [s["exp_avg_sq"] for s in states], *hyper, counts)
+                continue
+            for p, s, count in zip(params, states, counts, strict=True):
+                kernels.adamw_master_([p.data], [p.grad], [s["master"]], [s["exp_avg"]], [s["exp_avg_sq"]], *hyper,
+                                      [count])
+                after_each(p)
         return loss
 
 

@@ -22,6 +22,7 @@ from .config import PRESETS, PhiConfig
 from .engine import DeepSpeedEngine, TorchEngine, init_distributed_env
 from .evaluate import loss_sums
 from .model import LMHead, Phi
+from .offload import OffloadEngine
 from .plot import plot_loss
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 
@@ -87,8 +88,8 @@ def prepare_model(args, model, dtype):
         else:
             lora.inject(model, args.lora_target, r=args.lora_rank, alpha=args.lora_alpha,
                         dropout=args.lora_dropout, use_rslora=args.use_rslora, verbose=rank_and_world()[0] == 0)
-    elif dtype != torch.float32 and not args.deepspeed and not args.pure_bf16:
-        model.float()  # full fine-tuning under autocast keeps fp32 master weights (--pure_bf16: the optimizer does)
+    elif dtype != torch.float32 and not (args.deepspeed or args.pure_bf16 or args.offload_optimizer == "cpu"):
+        model.float()  # full fine-tuning under autocast keeps fp32 master weights (else the optimizer keeps them)
     if args.upcast_layernorm:
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
@@ -309,7 +310,15 @@ def train(args) -> dict:
     batches_per_epoch = len(epoch_batches(train_set, 0, args, rank, world))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    Engine = DeepSpeedEngine if args.deepspeed else TorchEngine
+    if args.offload_optimizer == "cpu":
+        if world > 1:
+            raise SystemExit("--offload_optimizer cpu runs on one GPU; for several, use --deepspeed with "
+                             "examples/ds_config.json (ZeRO-2, optimizer offloaded)")
+        if dtype == torch.float32:
+            raise SystemExit("--offload_optimizer cpu needs a half-precision model: --fp16 needs a CUDA GPU, "
+                             "--bf16 True runs anywhere")
+    Engine = (DeepSpeedEngine if args.deepspeed else OffloadEngine if args.offload_optimizer == "cpu"
+              else TorchEngine)
     engine = Engine(model, args, total_steps, device)
     model.train()
 

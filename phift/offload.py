@@ -1,0 +1,160 @@
+"""Full fine-tuning with the optimizer in CPU memory, without DeepSpeed (`--offload_optimizer cpu`).
+
+What ZeRO-Offload does for one GPU, in one pass per tensor where DeepSpeed makes several: the model stays on the
+GPU in fp16/bf16 and no fp32 state ever lives there. During backward a hook sends each finished gradient to pinned
+host memory on a side stream, adds its squared norm to a GPU scalar, and frees it, so no full-size gradient buffer
+exists on the GPU either. At the step, one host sync reads the norm (which also tells an fp16 overflow), and
+`phift.optim.MasterAdamW` updates each tensor on the CPU (kernels/adamw_cpu.cpp: half gradient in, fp32 master and
+moments, half weight out) while the previous tensor's new weights travel back to the GPU.
+
+The update is the same AdamW as `--pure_bf16` (clipping and loss scale folded into one coefficient on the gradient);
+fp16 runs under a dynamic loss scale (2^16 to start, halved and the step skipped on an overflow, doubled after 2000
+clean steps: torch's GradScaler defaults, as the plain engine uses). One GPU only.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from phift.engine import lr_lambda
+from phift.optim import MasterAdamW
+
+
+class LossScale:
+    """Dynamic loss scaling for fp16 (GradScaler's policy); a constant 1 for bf16."""
+
+    def __init__(self, enabled: bool, init: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.enabled, self.scale, self.growth_interval, self.good_steps = enabled, init if enabled else 1.0, \
+            growth_interval, 0
+
+    def update(self, overflow: bool):
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.good_steps = self.scale * 0.5, 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
+class OffloadEngine:
+    """The engine interface of phift.engine (forward, backward, step, lr, save, load) with the optimizer on the CPU."""
+
+    def __init__(self, model, args, total_steps: int, device: torch.device):
+        self.model, self.args, self.device = model, args, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        bad = sorted({str(p.dtype) for p in self.params} - {"torch.float16", "torch.bfloat16"})
+        if bad:
+            raise ValueError(f"--offload_optimizer cpu trains a half-precision model; parameters are {bad}")
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        # the host side of each parameter: its half weight (written by the CPU step, copied to the GPU) and gradient
+        self.host = {}
+        for p in self.params:
+            h = torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda).copy_(p.detach())
+            h.grad = torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda)
+            self.host[p] = h
+        decay = [self.host[p] for p in self.params if p.ndim >= 2]
+        no_decay = [self.host[p] for p in self.params if p.ndim < 2]
+        self.optimizer = MasterAdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
+                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps))
+        self.loss_scale = LossScale(enabled=any(p.dtype == torch.float16 for p in self.params))
+        self.sumsq = torch.zeros((), device=device, dtype=torch.float32)  # Σ ‖g‖² of the offloaded gradients
+        self.fresh = set()  # parameters whose gradient reached the host this step (the others' host copy is stale)
+        self.boundary = True
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._offload)
+
+    @property
+    def module(self):
+        return self.model
+
+    def _offload(self, p):
+        """Runs as each gradient is final: on an accumulation boundary it leaves for the host and the GPU frees it."""
+        if not self.boundary:
+            return
+        g = p.grad
+        self.sumsq += torch.linalg.vector_norm(g, dtype=torch.float32).square()  # an inf/nan anywhere stays
+        host = self.host[p].grad
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                host.copy_(g, non_blocking=True)
+            g.record_stream(self.copy_stream)  # its memory is not reused before the copy is done
+        else:
+            host.copy_(g)
+        self.fresh.add(p)
+        p.grad = None
+
+    def forward(self, batch):
+        return self.model(**batch)
+
+    def backward(self, loss, boundary: bool):
+        self.boundary = boundary
+        (loss * (self.loss_scale.scale / self.args.gradient_accumulation_steps)).backward()
+
+    def step(self, boundary: bool):
+        if not boundary:
+            return None
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # every gradient is on the host (and the last step's weights on the GPU)
+        scale = self.loss_scale.scale
+        norm = math.sqrt(self.sumsq.item()) / scale  # the one host sync of a step
+        self.sumsq.zero_()
+        fresh, self.fresh = self.fresh, set()
+        overflow = not math.isfinite(norm)
+        self.loss_scale.update(overflow)
+        if overflow:  # fp16 only: nothing is applied, the schedule waits, the scale was halved
+            return {"grad_norm": norm, "skipped": True, "loss_scale": scale}
+        stale = {h: h.grad for p, h in self.host.items() if p not in fresh}
+        for h in stale:  # a parameter that got no gradient this step is not stepped (as torch's optimizers do)
+            h.grad = None
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        coef = torch.tensor(min(1.0, max_norm / (norm + 1e-6)) / scale, dtype=torch.float32)
+        params = {id(h): p for p, h in self.host.items()}
+
+        def upload(h):  # while the CPU updates the next tensor, this one's weights go back to the GPU
+            p = params[id(h)]
+            if self.copy_stream is None:
+                p.data.copy_(h)
+                return
+            with torch.cuda.stream(self.copy_stream):
+                p.data.copy_(h, non_blocking=True)
+
+        self.optimizer.step(clip_coef=coef, after_each=upload)
+        for h, g in stale.items():
+            h.grad = g
+        if self.copy_stream is not None:  # the next forward reads the new weights
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.scheduler.step()
+        return {"grad_norm": norm, "skipped": False,
+                "loss_scale": scale if self.loss_scale.enabled else None}
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path):
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "loss_scale": self.loss_scale.state_dict()}, directory / "optimizer.pt")
+
+    def load(self, directory: Path):
+        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loss_scale.load_state_dict(state["loss_scale"])
+        with torch.no_grad():
+            for p, h in self.host.items():  # the loaded model's weights, for the record: the masters rule the update
+                h.copy_(p.detach())

@@ -1,0 +1,147 @@
+"""phift.offload.OffloadEngine (--offload_optimizer cpu) on the CPU: the same updates as the --pure_bf16 engine,
+gradients off the model after each boundary backward, fp16 overflow steps skipped, a training run that learns and
+resumes exactly. (Its CUDA side, pinned copies on a side stream, runs only on a GPU.)
+"""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phift import train as train_mod
+from phift.args import parse_train_args
+from phift.engine import TorchEngine
+from phift.model import Phi
+from phift.offload import LossScale, OffloadEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import losses, run_args  # noqa: E402
+
+
+def engines(tiny_config, tmp_path, device="cpu", **over):
+    device = torch.device(device)
+    model = Phi(tiny_config).to(device=device, dtype=torch.bfloat16)
+    twin = copy.deepcopy(model)
+    args = run_args(tmp_path, pure_bf16=True, max_grad_norm=0.5, weight_decay=0.1, **over)
+    off = run_args(tmp_path, bf16=True, offload_optimizer="cpu", max_grad_norm=0.5, weight_decay=0.1, **over)
+    return TorchEngine(model, args, 10, device), OffloadEngine(twin, off, 10, device)
+
+
+def batch(tiny_config, seed, device="cpu"):
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids.to(device), "labels": ids.to(device)}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned copies on a side stream need a CUDA GPU"))])
+def test_same_updates_as_the_pure_bf16_engine(tiny_config, tmp_path, device):
+    plain, offload = engines(tiny_config, tmp_path, device)
+    for step in range(4):
+        for e in (plain, offload):
+            e.backward(e.forward(batch(tiny_config, step, device)), True)
+        assert all(p.grad is None for p in offload.model.parameters())
+        a, b = plain.step(True), offload.step(True)
+        assert float(a["grad_norm"]) == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert not b["skipped"] and b["loss_scale"] is None
+    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+        master_p = plain.optimizer.state[p]["master"]
+        master_q = offload.optimizer.state[offload.host[q]]["master"]
+        assert master_q.device.type == "cpu"
+        torch.testing.assert_close(master_q, master_p.cpu(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(q.detach().cpu(), master_q.to(torch.bfloat16))  # the model holds the rounded master
+    assert offload.lr() == plain.lr()
+
+
+def test_gradients_leave_the_model_on_a_boundary_and_accumulate_before(tiny_config, tmp_path):
+    plain, offload = engines(tiny_config, tmp_path, gradient_accumulation_steps=2)
+    for e in (plain, offload):
+        e.backward(e.forward(batch(tiny_config, 0)), False)
+    assert all(p.grad is not None for p in offload.model.parameters())  # kept on the device between boundaries
+    for e in (plain, offload):
+        e.backward(e.forward(batch(tiny_config, 1)), True)
+    assert all(p.grad is None for p in offload.model.parameters())  # the boundary sent them to the host
+    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+        torch.testing.assert_close(offload.host[q].grad.float(), p.grad.float(), rtol=0, atol=0)
+    plain.step(True)
+    offload.step(True)
+    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+        torch.testing.assert_close(offload.optimizer.state[offload.host[q]]["master"],
+                                   plain.optimizer.state[p]["master"], rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny_config, tmp_path):
+    model = Phi(tiny_config).to(torch.float16)
+    args = run_args(tmp_path, bf16=True, offload_optimizer="cpu")
+    engine = OffloadEngine(model, args, 10, torch.device("cpu"))
+    assert engine.loss_scale.enabled and engine.loss_scale.scale == 2.0 ** 16
+    engine.loss_scale.scale = 2.0 ** 40  # the fp16 gradients overflow
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.backward(engine.forward(batch(tiny_config, 0)), True)
+    info = engine.step(True)
+    assert info["skipped"] and info["loss_scale"] == 2.0 ** 40 and engine.loss_scale.scale == 2.0 ** 39
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert engine.scheduler.last_epoch == 0  # the schedule waits for an applied step
+    engine.loss_scale.scale = 2.0 ** 8
+    engine.backward(engine.forward(batch(tiny_config, 1)), True)
+    info = engine.step(True)
+    assert not info["skipped"] and engine.scheduler.last_epoch == 1
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_a_parameter_without_a_gradient_this_step_is_not_stepped(tiny_config, tmp_path):
+    _, offload = engines(tiny_config, tmp_path)
+    offload.backward(offload.forward(batch(tiny_config, 0)), True)
+    offload.step(True)  # every parameter has a host gradient now
+    skipped = offload.model.layers[0].mlp.fc1.weight
+    before = skipped.detach().clone()
+    # a non-boundary backward keeps the gradients on the model; then all but one go to the host by hand
+    offload.backward(offload.forward(batch(tiny_config, 1)), False)
+    offload.boundary = True
+    for p in offload.model.parameters():
+        if p is not skipped:
+            offload._offload(p)
+    skipped.grad = None
+    offload.step(True)
+    assert torch.equal(skipped.detach(), before)
+    assert offload.host[skipped].grad is not None  # its buffer stays for the next step
+
+
+def test_loss_scale_grows_after_its_interval_of_clean_steps():
+    scale = LossScale(enabled=True, init=8.0, growth_interval=3)
+    for _ in range(2):
+        scale.update(overflow=False)
+    assert scale.scale == 8.0
+    scale.update(overflow=False)
+    assert scale.scale == 16.0
+    scale.update(overflow=True)
+    assert scale.scale == 8.0 and scale.good_steps == 0
+    off = LossScale(enabled=False)
+    off.update(overflow=True)
+    assert off.scale == 1.0
+
+
+def test_training_run_learns_and_resumes_exactly(tmp_path):
+    args = run_args(tmp_path / "a", bf16=True, offload_optimizer="cpu", num_train_epochs=6, learning_rate=3e-3,
+                    save_steps=9)
+    train_mod.train(args)
+    curve = losses(args.output_dir)
+    assert sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3
+    resumed = run_args(tmp_path / "b", bf16=True, offload_optimizer="cpu", num_train_epochs=6, learning_rate=3e-3,
+                       save_steps=9, resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-9"))
+    train_mod.train(resumed)
+    assert losses(resumed.output_dir) == curve[9:]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--finetuning_type", "lora"], "is for --finetuning_type full"),
+    (["--deepspeed", "examples/ds_config.json"], "offload in the DeepSpeed config"),
+    ([], "pass --fp16 True or --bf16 True"),
+    (["--bf16", "True", "--upcast_layernorm", "True"], "drop --upcast_layernorm True"),
+])
+def test_refuses_what_it_cannot_honour(tmp_path, bad, message, capsys):
+    argv = ["--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir", str(tmp_path),
+            "--finetuning_type", "full", "--offload_optimizer", "cpu", *bad]
+    with pytest.raises(SystemExit):
+        parse_train_args(argv)
+    assert message in capsys.readouterr().err
