@@ -57,12 +57,20 @@ class OffloadEngine:
             raise ValueError(f"--offload_optimizer cpu trains a half-precision model; parameters are {bad}")
         cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        # the host side of each parameter: its half weight (written by the CPU step, copied to the GPU) and gradient
+        # the host side of each parameter: its half weight (written by the CPU step, copied to the GPU) and gradient,
+        # views of one pinned buffer each per dtype (pinned blocks are rounded up to powers of two one by one)
         self.host = {}
-        for p in self.params:
-            h = torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda).copy_(p.detach())
-            h.grad = torch.empty(p.shape, dtype=p.dtype, pin_memory=cuda)
-            self.host[p] = h
+        for dtype in {p.dtype for p in self.params}:
+            group = [p for p in self.params if p.dtype == dtype]
+            total = sum(p.numel() for p in group)
+            weights, grads = (torch.empty(total, dtype=dtype, pin_memory=cuda) for _ in range(2))
+            offset = 0
+            for p in group:
+                n = p.numel()
+                h = weights[offset:offset + n].view(p.shape).copy_(p.detach())
+                h.grad = grads[offset:offset + n].view(p.shape)
+                self.host[p] = h
+                offset += n
         decay = [self.host[p] for p in self.params if p.ndim >= 2]
         no_decay = [self.host[p] for p in self.params if p.ndim < 2]
         self.optimizer = MasterAdamW([{"params": decay, "weight_decay": args.weight_decay},
