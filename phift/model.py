@@ -199,6 +199,10 @@ class Phi(nn.Module):
         self.gradient_checkpointing = False
         # what checkpointing recomputes: "full" every block (least memory), "mlp" only each block's fc1 + GELU
         self.checkpoint_policy = "full"
+        # full-block checkpointing in the reentrant form (one autograd node a block, where the non-reentrant form runs
+        # a pack and an unpack hook for each of the ~23 tensors a block saves: host time that bounds small-batch
+        # eager steps). phift.train.prepare_model turns it off for per-block torch.compile, measured only that way.
+        self.checkpoint_reentrant = True
         self.neftune_alpha = 0.0  # NEFTune noise on input embeddings, training only (--neft_alpha)
         self.apply(self._init_weights)
 
@@ -239,9 +243,14 @@ class Phi(nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and self.checkpoint_policy not in ("full", "mlp"):
             raise ValueError(f"checkpoint_policy must be 'full' or 'mlp', got {self.checkpoint_policy!r}")
+        reentrant = ckpt and self.checkpoint_policy == "full" and self.checkpoint_reentrant
+        if reentrant and not x.requires_grad:
+            # a reentrant checkpoint passes gradients on only to blocks whose input requires grad: under LoRA the
+            # frozen embedding's output does not (transformers' enable_input_require_grads does the same)
+            x.requires_grad_()
         for i, block in enumerate(self.layers):
             if ckpt and self.checkpoint_policy == "full":
-                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=reentrant)
             else:
                 x = block(x, cos, sin, mask, is_causal, kv_cache, i, recompute_mlp=ckpt)
         if kv_cache is not None:

@@ -98,6 +98,7 @@ def prepare_model(args, model, dtype):
     model.checkpoint_policy = args.gradient_checkpointing_policy
     model.neftune_alpha = args.neft_alpha
     if args.compile:
+        model.checkpoint_reentrant = False  # compiled blocks were measured under the non-reentrant form only
         for block in model.layers:
             block.compile()
     return model

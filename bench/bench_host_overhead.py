@@ -1,0 +1,106 @@
+"""Host time of a phift training step: a phi-1_5-deep (24 blocks) but narrow model, so that the math is negligible and
+the step time is what the host spends issuing it (Python, autograd, the dispatcher, kernel launches). On a GPU that
+time bounds small-batch steps, e.g. full fine-tuning 1×1024 (BENCHMARKS.md, profile-full: 46 % kernel time).
+
+    python bench/bench_host_overhead.py --out $OUT/host_overhead.md [--device cuda] [--steps 30]
+
+Rows: full fine-tuning (fp32 + AdamW, or --pure_bf16 on CUDA) and LoRA, each without activation checkpointing and
+with full-block checkpointing in its reentrant (phift's default in eager) and non-reentrant forms.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from phift.args import parse_train_args  # noqa: E402
+from phift.config import PhiConfig  # noqa: E402
+from phift.engine import TorchEngine  # noqa: E402
+from phift.model import LMHead, Phi  # noqa: E402
+from phift.train import prepare_model  # noqa: E402
+
+CASES = [  # name, flags, checkpointing (None = off, else reentrant?)
+    ("full, no checkpointing", ["--finetuning_type", "full"], None),
+    ("full, checkpointing (non-reentrant)", ["--finetuning_type", "full"], False),
+    ("full, checkpointing (reentrant)", ["--finetuning_type", "full"], True),
+    ("LoRA Wqkv, checkpointing (non-reentrant)", ["--finetuning_type", "lora"], False),
+    ("LoRA Wqkv, checkpointing (reentrant)", ["--finetuning_type", "lora"], True),
+]
+
+
+def step_ms(flags, ckpt, device, layers: int, steps: int, seq: int) -> float:
+    cuda = device.type == "cuda"
+    precision = ["--pure_bf16", "True"] if cuda and "full" in flags else ["--bf16", "True"] if cuda else []
+    args = parse_train_args(["--model_name_or_path", "tiny", "--dataset", "-", "--output_dir", "/tmp/phift_host",
+                             "--lora_dropout", "0", *flags, *precision])
+    torch.manual_seed(0)
+    config = PhiConfig.from_name("tiny", vocab_size=512, max_position_embeddings=max(256, seq), num_layers=layers)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    with torch.device(device):
+        model = Phi(config).to(dtype)
+    model = prepare_model(args, model, dtype)
+    model.gradient_checkpointing = ckpt is not None
+    model.checkpoint_reentrant = bool(ckpt)
+    engine = TorchEngine(model, args, 1000, device)
+    model.train()
+    ids = torch.randint(0, 512, (1, seq), device=device)
+    batch = {"input_ids": ids, "labels": ids, "label_rows": LMHead.label_rows(ids.cpu()).to(device)}
+
+    def step():
+        engine.backward(engine.forward(batch), True)
+        engine.step(True)
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: the host time of one issuing thread)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    rows = []
+    for name, flags, ckpt in CASES:
+        ms = step_ms(flags, ckpt, device, a.layers, a.steps, a.seq)
+        rows.append(f"| {name} | {ms:.2f} |")
+        print(rows[-1], flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    text = "\n".join([
+        "### Host time of a training step (issuing, not math)", "",
+        f"{where} · torch {torch.__version__} · {datetime.date.today()} · `python bench/bench_host_overhead.py "
+        f"--device {a.device} --layers {a.layers} --seq {a.seq} --steps {a.steps} --threads {a.threads}`", "",
+        f"A phi of {a.layers} blocks, hidden 64, {a.seq} tokens, batch 1: the math is negligible, so the step time is "
+        f"the host's. Median of {a.steps} steps after 3 warm-up steps (synchronised on CUDA); TorchEngine as `phift "
+        "train` runs it (fp32 on the CPU; bf16, full fine-tuning with --pure_bf16, on CUDA).", "",
+        "| case | step ms |", "|---|---|", *rows])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
