@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "adamw_args.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,8 +19,8 @@
 
 namespace {
 
-struct Hyper {
-  float lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, scale;
+struct Hyper : phift::AdamWStep {
+  float scale;  // the clipping coefficient (× 1 / loss scale), read once on the host
 };
 
 inline float adamw(float g, float& p, float& m, float& v, const Hyper& h) {
@@ -105,10 +107,8 @@ void update(at::Tensor& weight, const at::Tensor& grad, at::Tensor& master, at::
 void adamw_master_cpu(at::TensorList weights, at::TensorList grads, at::TensorList masters, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, const c10::optional<at::Tensor>& clip_coef, double lr, double beta1,
                       double beta2, double eps, double weight_decay, at::ArrayRef<double> steps) {
+  phift::check_adamw_lists(weights, grads, masters, exp_avgs, exp_avg_sqs, steps);
   const size_t n = weights.size();
-  TORCH_CHECK(grads.size() == n && masters.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  steps.size() == n,
-              "adamw_master_: the tensor lists and steps must be equally long");
   float scale = 1.f;
   if (clip_coef.has_value()) {
     TORCH_CHECK(clip_coef->numel() == 1, "adamw_master_: clip_coef must hold one value");
@@ -116,25 +116,12 @@ void adamw_master_cpu(at::TensorList weights, at::TensorList grads, at::TensorLi
   }
   for (size_t i = 0; i < n; ++i) {
     at::Tensor w = weights[i], g = grads[i], p = masters[i], m = exp_avgs[i], v = exp_avg_sqs[i];
-    TORCH_CHECK(!w.is_cuda() && w.is_contiguous() && g.is_contiguous() && p.is_contiguous() && m.is_contiguous() &&
-                    v.is_contiguous(),
-                "adamw_master_: tensors must be contiguous CPU tensors");
-    TORCH_CHECK(g.scalar_type() == w.scalar_type() && p.scalar_type() == at::kFloat &&
-                    m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                "adamw_master_: weight and gradient share a half dtype; master and moments are fp32");
-    TORCH_CHECK(g.numel() == w.numel() && p.numel() == w.numel() && m.numel() == w.numel() && v.numel() == w.numel(),
-                "adamw_master_: sizes differ");
-    const double bias_correction1 = 1.0 - std::pow(beta1, steps[i]);
-    const double bias_correction2 = 1.0 - std::pow(beta2, steps[i]);
-    const Hyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                  static_cast<float>(eps), static_cast<float>(weight_decay),
-                  static_cast<float>(lr / bias_correction1), static_cast<float>(std::sqrt(bias_correction2)), scale};
+    phift::check_adamw_tensor(w, g, p, m, v, at::kCPU);
+    const Hyper h{phift::adamw_step(lr, beta1, beta2, eps, weight_decay, steps[i]), scale};
     if (w.scalar_type() == at::kBFloat16)
       update<c10::BFloat16>(w, g, p, m, v, h);
-    else if (w.scalar_type() == at::kHalf)
-      update<c10::Half>(w, g, p, m, v, h);
     else
-      TORCH_CHECK(false, "adamw_master_: weights must be fp16 or bf16");
+      update<c10::Half>(w, g, p, m, v, h);
   }
 }
 

@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "adamw_args.h"
 #include "common.cuh"
 
 #include <algorithm>
@@ -23,9 +24,7 @@ using phift::Conv;
 constexpr int kThreads = 256;
 constexpr int kPer = 4;  // elements per thread and iteration: one 16-byte fp32 access, one 8-byte half access
 
-struct Hyper {
-  float lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt;
-};
+using Hyper = phift::AdamWStep;
 
 __device__ __forceinline__ float adamw(float g, float& p, float& m, float& v, const Hyper& h) {
   p -= h.lr * h.weight_decay * p;
@@ -103,10 +102,8 @@ void launch(at::Tensor& weight, const at::Tensor& grad, at::Tensor& master, at::
 void adamw_master_cuda(at::TensorList weights, at::TensorList grads, at::TensorList masters, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, const c10::optional<at::Tensor>& clip_coef, double lr, double beta1,
                        double beta2, double eps, double weight_decay, at::ArrayRef<double> steps) {
+  phift::check_adamw_lists(weights, grads, masters, exp_avgs, exp_avg_sqs, steps);
   const size_t n = weights.size();
-  TORCH_CHECK(grads.size() == n && masters.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  steps.size() == n,
-              "adamw_master_: the tensor lists and steps must be equally long");
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(weights[0].device());
   const float* clip = nullptr;
@@ -117,24 +114,11 @@ void adamw_master_cuda(at::TensorList weights, at::TensorList grads, at::TensorL
   }
   for (size_t i = 0; i < n; ++i) {
     at::Tensor w = weights[i], g = grads[i], p = masters[i], m = exp_avgs[i], v = exp_avg_sqs[i];
-    TORCH_CHECK(w.is_cuda() && w.is_contiguous() && g.is_contiguous() && p.is_contiguous() && m.is_contiguous() &&
-                    v.is_contiguous(),
-                "adamw_master_: tensors must be contiguous CUDA tensors");
-    TORCH_CHECK(g.scalar_type() == w.scalar_type() && p.scalar_type() == at::kFloat &&
-                    m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                "adamw_master_: weight and gradient share a half dtype; master and moments are fp32");
-    TORCH_CHECK(g.numel() == w.numel() && p.numel() == w.numel() && m.numel() == w.numel() && v.numel() == w.numel(),
-                "adamw_master_: sizes differ");
-    const double bias_correction1 = 1.0 - std::pow(beta1, steps[i]);
-    const double bias_correction2 = 1.0 - std::pow(beta2, steps[i]);
-    const Hyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                  static_cast<float>(eps), static_cast<float>(weight_decay),
-                  static_cast<float>(lr / bias_correction1), static_cast<float>(std::sqrt(bias_correction2))};
+    phift::check_adamw_tensor(w, g, p, m, v, at::kCUDA);
+    const Hyper h = phift::adamw_step(lr, beta1, beta2, eps, weight_decay, steps[i]);
     if (w.scalar_type() == at::kBFloat16)
       launch<__nv_bfloat16>(w, g, p, m, v, clip, h);
-    else if (w.scalar_type() == at::kHalf)
-      launch<__half>(w, g, p, m, v, clip, h);
     else
-      TORCH_CHECK(false, "adamw_master_: weights must be fp16 or bf16");
+      launch<__half>(w, g, p, m, v, clip, h);
   }
 }

@@ -15,7 +15,7 @@ NAME = "phift_lora_cuda"
 HERE = Path(__file__).resolve().parent
 SOURCES = ("lora_cuda.cu", "lora_op.cpp", "ce_cuda.cu", "ce_op.cpp", "rotary_cuda.cu", "rotary_op.cpp",
            "adamw_cuda.cu", "adamw_op.cpp")
-HEADERS = ("common.cuh",)
+HEADERS = ("common.cuh", "adamw_args.h")
 # torch's just-in-time builder rebuilds when a source or a flag changes, not a header: the headers' digest, as a
 # flag, makes a header change count.
 _DIGEST = hashlib.sha256(b"".join((HERE / h).read_bytes() for h in HEADERS)).hexdigest()[:16]
@@ -48,7 +48,7 @@ CPU_NAME = "phift_cpu"
 CPU_SOURCES = ("adamw_cpu.cpp",)
 # -march=native: the build runs on the machine that uses it (AVX2/F16C where the CPU has them); -fopenmp: ATen's
 # parallel_for, inlined into the extension, runs on OpenMP threads only when the extension is built with it.
-CPU_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+CPU_FLAGS = ["-O3", "-march=native", "-fopenmp", f"-DPHIFT_HEADERS_DIGEST={_DIGEST}"]
 
 
 def load_cpu(verbose: bool = False):
