@@ -168,6 +168,19 @@ def phift_args(c: Config, impl: str, spec: dict) -> list[str]:
     return argv
 
 
+def random_batch(family: str, c: Config, vocab: int, device) -> dict:
+    """Random tokens, every position labelled; phift's batches carry their label rows, found on the CPU as
+    phift.train.to_batch does (no host sync in the step)."""
+    import torch
+
+    ids = torch.randint(0, vocab, (c.batch, c.seq), device=device)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if family == "phift":
+        from phift.model import LMHead
+        batch["label_rows"] = LMHead.label_rows(ids.cpu()).to(device)
+    return batch
+
+
 def build_phift(c: Config, impl: str, spec: dict, device):
     import torch
 
@@ -365,13 +378,7 @@ def worker(spec: dict) -> dict:
     family = "phift" if impl.startswith("phift") else impl.split("+")[0]
     step, info = BUILDERS[family](c, impl, spec, device)
     vocab = min(VOCAB_USED, model_shape(spec["tiny"]).vocab_size)
-    batches = []
-    for _ in range(3):  # fresh tokens every step, all positions labelled
-        ids = torch.randint(0, vocab, (c.batch, c.seq), device=device)
-        batches.append({"input_ids": ids, "labels": ids.clone()})
-        if family == "phift":  # as phift.train.to_batch, which finds them on the CPU: no host sync in the step
-            from phift.model import LMHead
-            batches[-1]["label_rows"] = LMHead.label_rows(ids.cpu()).to(device)
+    batches = [random_batch(family, c, vocab, device) for _ in range(3)]  # fresh tokens every step
 
     def sync():
         if device.type == "cuda":

@@ -54,11 +54,7 @@ def main():
             "warmup": a.warmup, "steps": a.steps, "total_steps": 1000, "tmp": "/tmp/phift_profile"}
     family = "phift" if a.impl.startswith("phift") else a.impl.split("+")[0]
     step, _ = bt.BUILDERS[family](c, a.impl, spec, device)
-    ids = torch.randint(0, bt.VOCAB_USED, (c.batch, c.seq), device=device)
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    if family == "phift":  # as phift.train.to_batch, which finds them on the CPU: no host sync in the step
-        from phift.model import LMHead
-        batch["label_rows"] = LMHead.label_rows(ids.cpu()).to(device)
+    batch = bt.random_batch(family, c, bt.VOCAB_USED, device)
     for _ in range(a.warmup):
         step(batch)
     torch.cuda.synchronize()

@@ -54,7 +54,7 @@ class TorchEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = param_groups(model, args.weight_decay)
         betas = (args.adam_beta1, args.adam_beta2)
-        self.pure = getattr(args, "pure_bf16", False)
+        self.pure = args.pure_bf16
         if self.pure and any(p.dtype != torch.float32 for p in self.params):
             self.optimizer = MasterAdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon)
         else:

@@ -197,18 +197,17 @@ def adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coe
 def kernels_enabled(op: str = "") -> bool:
     """False when the extension can be neither imported nor built, or when PHIFT_DISABLE_KERNELS is 1 (every op) or
     names `op` in a comma-separated list of lora, ce, rotary, adamw (to measure what each op gives)."""
-    setting = os.environ.get("PHIFT_DISABLE_KERNELS", "0").replace(" ", "")
-    if setting == "1" or (op and op in setting.split(",")):
-        return False
-    return _extension() is not None
+    return not _disabled(op) and _extension() is not None
 
 
 def cpu_kernels_enabled(op: str = "") -> bool:
     """As kernels_enabled, for the CPU extension (kernels/adamw_cpu.cpp, built with the host's C++ compiler)."""
+    return not _disabled(op) and _cpu_extension() is not None
+
+
+def _disabled(op: str) -> bool:
     setting = os.environ.get("PHIFT_DISABLE_KERNELS", "0").replace(" ", "")
-    if setting == "1" or (op and op in setting.split(",")):
-        return False
-    return _cpu_extension() is not None
+    return setting == "1" or bool(op and op in setting.split(","))
 
 
 _NOT_LOADED = object()

@@ -243,13 +243,14 @@ class Phi(nn.Module):
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if ckpt and self.checkpoint_policy not in ("full", "mlp"):
             raise ValueError(f"checkpoint_policy must be 'full' or 'mlp', got {self.checkpoint_policy!r}")
-        reentrant = ckpt and self.checkpoint_policy == "full" and self.checkpoint_reentrant
+        whole_blocks = ckpt and self.checkpoint_policy == "full"
+        reentrant = whole_blocks and self.checkpoint_reentrant
         if reentrant and not x.requires_grad:
             # a reentrant checkpoint passes gradients on only to blocks whose input requires grad: under LoRA the
             # frozen embedding's output does not (transformers' enable_input_require_grads does the same)
             x.requires_grad_()
         for i, block in enumerate(self.layers):
-            if ckpt and self.checkpoint_policy == "full":
+            if whole_blocks:
                 x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=reentrant)
             else:
                 x = block(x, cos, sin, mask, is_causal, kv_cache, i, recompute_mlp=ckpt)

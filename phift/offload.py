@@ -2,7 +2,7 @@
 
 What ZeRO-Offload does for one GPU, in one pass per tensor where DeepSpeed makes several: the model stays on the
 GPU in fp16/bf16 and no fp32 state ever lives there. During backward a hook sends each finished gradient to pinned
-host memory on a side stream, adds its squared norm to a GPU scalar, and frees it, so no full-size gradient buffer
+host memory on a side stream, keeps its norm (a GPU scalar), and frees it, so no full-size gradient buffer
 exists on the GPU either. At the step, one host sync reads the norm (which also tells an fp16 overflow), and
 `phift.optim.MasterAdamW` updates each tensor on the CPU (kernels/adamw_cpu.cpp: half gradient in, fp32 master and
 moments, half weight out) while the previous tensor's new weights travel back to the GPU.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from phift.engine import lr_lambda
+from phift.engine import lr_lambda, param_groups
 from phift.optim import MasterAdamW
 
 
@@ -71,16 +71,15 @@ class OffloadEngine:
                 h.grad = grads[offset:offset + n].view(p.shape)
                 self.host[p] = h
                 offset += n
-        decay = [self.host[p] for p in self.params if p.ndim >= 2]
-        no_decay = [self.host[p] for p in self.params if p.ndim < 2]
-        self.optimizer = MasterAdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
-                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        self.on_device = {id(h): p for p, h in self.host.items()}
+        groups = [{**g, "params": [self.host[p] for p in g["params"]]} for g in param_groups(model, args.weight_decay)]
+        self.optimizer = MasterAdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                     eps=args.adam_epsilon)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps))
         self.loss_scale = LossScale(enabled=any(p.dtype == torch.float16 for p in self.params))
-        self.sumsq = torch.zeros((), device=device, dtype=torch.float32)  # Σ ‖g‖² of the offloaded gradients
+        self.norms = []  # the fp32 norm of each gradient offloaded this step (an inf/nan anywhere stays in their norm)
         self.fresh = set()  # parameters whose gradient reached the host this step (the others' host copy is stale)
         self.boundary = True
         for p in self.params:
@@ -95,7 +94,7 @@ class OffloadEngine:
         if not self.boundary:
             return
         g = p.grad
-        self.sumsq += torch.linalg.vector_norm(g, dtype=torch.float32).square()  # an inf/nan anywhere stays
+        self.norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
         host = self.host[p].grad
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -120,8 +119,9 @@ class OffloadEngine:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()  # every gradient is on the host (and the last step's weights on the GPU)
         scale = self.loss_scale.scale
-        norm = math.sqrt(self.sumsq.item()) / scale  # the one host sync of a step
-        self.sumsq.zero_()
+        # the one host sync of a step (as phift.optim.clip_coefficient: per-tensor norms, then their norm)
+        norm = torch.linalg.vector_norm(torch.stack(self.norms)).item() / scale if self.norms else 0.0
+        self.norms = []
         fresh, self.fresh = self.fresh, set()
         overflow = not math.isfinite(norm)
         self.loss_scale.update(overflow)
@@ -132,10 +132,8 @@ class OffloadEngine:
             h.grad = None
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         coef = torch.tensor(min(1.0, max_norm / (norm + 1e-6)) / scale, dtype=torch.float32)
-        params = {id(h): p for p, h in self.host.items()}
-
         def upload(h):  # while the CPU updates the next tensor, this one's weights go back to the GPU
-            p = params[id(h)]
+            p = self.on_device[id(h)]
             if self.copy_stream is None:
                 p.data.copy_(h)
                 return
@@ -162,7 +160,4 @@ class OffloadEngine:
         state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loss_scale.load_state_dict(state["loss_scale"])
-        with torch.no_grad():
-            for p, h in self.host.items():  # the loaded model's weights, for the record: the masters rule the update
-                h.copy_(p.detach())
+        self.loss_scale.load_state_dict(state["loss_scale"])  # (the host weights are the CPU step's output only)
