@@ -5,7 +5,8 @@ time bounds small-batch steps, e.g. full fine-tuning 1×1024 (BENCHMARKS.md, pro
     python bench/bench_host_overhead.py --out $OUT/host_overhead.md [--device cuda] [--steps 30]
 
 Rows: full fine-tuning (fp32 + AdamW, or --pure_bf16 on CUDA) and LoRA, each without activation checkpointing and
-with full-block checkpointing in its reentrant (phift's default in eager) and non-reentrant forms.
+with full-block checkpointing in its reentrant (phift's default in eager) and non-reentrant forms; on CUDA also
+both with --cuda_graphs (the batch padded to 64 tokens, as a graph pads it).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from phift.args import parse_train_args  # noqa: E402
 from phift.config import PhiConfig  # noqa: E402
 from phift.engine import TorchEngine  # noqa: E402
 from phift.model import LMHead, Phi  # noqa: E402
-from phift.train import prepare_model  # noqa: E402
+from phift.train import micro_step, prepare_model  # noqa: E402
 
 CASES = [  # name, flags, checkpointing (None = off, else reentrant?)
     ("full, no checkpointing", ["--finetuning_type", "full"], None),
@@ -33,6 +34,10 @@ CASES = [  # name, flags, checkpointing (None = off, else reentrant?)
     ("full, checkpointing (reentrant)", ["--finetuning_type", "full"], True),
     ("LoRA Wqkv, checkpointing (non-reentrant)", ["--finetuning_type", "lora"], False),
     ("LoRA Wqkv, checkpointing (reentrant)", ["--finetuning_type", "lora"], True),
+    # CUDA only: each micro-batch's forward + backward replayed as a CUDA graph (phift/graphs.py)
+    ("full, checkpointing (reentrant), --cuda_graphs", ["--finetuning_type", "full", "--cuda_graphs", "True"], True),
+    ("LoRA Wqkv, checkpointing (reentrant), --cuda_graphs", ["--finetuning_type", "lora", "--cuda_graphs", "True"],
+     True),
 ]
 
 
@@ -54,8 +59,10 @@ def step_ms(flags, ckpt, device, layers: int, steps: int, seq: int) -> float:
     ids = torch.randint(0, 512, (1, seq), device=device)
     batch = {"input_ids": ids, "labels": ids, "label_rows": LMHead.label_rows(ids.cpu()).to(device)}
 
+    forward_backward = micro_step(engine, model, args, device)
+
     def step():
-        engine.backward(engine.forward(batch), True)
+        forward_backward(batch, True)
         engine.step(True)
 
     for _ in range(3):
@@ -85,6 +92,8 @@ def main(argv=None):
     device = torch.device(a.device)
     rows = []
     for name, flags, ckpt in CASES:
+        if "--cuda_graphs" in flags and device.type != "cuda":
+            continue
         ms = step_ms(flags, ckpt, device, a.layers, a.steps, a.seq)
         rows.append(f"| {name} | {ms:.2f} |")
         print(rows[-1], flush=True)

@@ -10,6 +10,7 @@ labelled, under the same precision policy, optimizer (AdamW, lr 2e-4, clip 1.0) 
   phift            phift.train.prepare_model + phift.engine.TorchEngine, as `phift train` runs them
   phift+compile    the same with --compile True (per-block torch.compile)
   ... (pure bf16)  full fine-tuning with --pure_bf16: bf16 weights, no autocast, fp32 masters in the optimizer
+  phift+graphs     the same with --cuda_graphs True (each micro-batch's forward + backward a replayed CUDA graph)
   phift+ds         phift.engine.DeepSpeedEngine with examples/ds_config.json (ZeRO-2, optimizer offloaded to the CPU)
   phift+offload    phift.offload.OffloadEngine (--offload_optimizer cpu): phift's own optimizer offload, no DeepSpeed
   hf, hf+compile   transformers' PhiForCausalLM (+ PEFT LoRA on q_proj/k_proj/v_proj), a plain loop; whole-model
@@ -20,7 +21,8 @@ LoRA: r 8, alpha 16, dropout 0.1; base weights in the half dtype, fp32 adapters,
 weights + autocast (plain) or DeepSpeed's own fp16/bf16 with fp32 master weights (DeepSpeed).
 
 Each (config, impl) runs in its own subprocess: warm-up steps, then timed steps between CUDA events. Peak memory is
-torch.cuda.max_memory_allocated over the timed steps. Compiled runs are first compiled once in a concurrent,
+torch.cuda.max_memory_allocated over the timed steps (plus, for a CUDA-graphed run, the memory its graphs' private
+pool holds beyond live tensors, which replays use without the allocator). Compiled runs are first compiled once in a concurrent,
 untimed pre-pass that fills inductor's on-disk caches, so the timed pass only re-traces; no timed step ever shares
 the GPU. A run that fails (OOM, a missing package, a timeout) is a row saying so; runs the time budget leaves out
 are listed as skipped.
@@ -98,6 +100,7 @@ RUNS = [
     ("lora-6x1024", "phift (no LoRA kernel)", False), ("lora-6x1024", "phift (no rotary kernel)", False),
     ("lora-6x1024", "phift (no CE kernel)", False),
     ("full-1x1024-ckpt", "phift (pure bf16)", False), ("full-1x1024-ckpt", "phift+compile (pure bf16)", False),
+    ("full-1x1024-ckpt", "phift+graphs (pure bf16)", False),
     ("full-4x2048-ckpt", "hf", False), ("full-4x2048-ckpt", "phift", False),
     ("full-4x2048-ckpt", "hf+compile", False), ("full-4x2048-ckpt", "phift+compile", False),
     ("full-4x2048-ckpt", "phift (pure bf16)", False), ("full-4x2048-ckpt", "phift+compile (pure bf16)", False),
@@ -159,6 +162,8 @@ def phift_args(c: Config, impl: str, spec: dict) -> list[str]:
             "--compile", str("+compile" in impl), *half]
     if impl.endswith("(pure bf16)"):
         argv += ["--pure_bf16", "True"]
+    if "+graphs" in impl:
+        argv += ["--cuda_graphs", "True"]
     if c.ckpt == "mlp":
         argv += ["--gradient_checkpointing_policy", "mlp"]
     if impl == "phift+ds":
@@ -189,7 +194,7 @@ def build_phift(c: Config, impl: str, spec: dict, device):
     from phift.engine import DeepSpeedEngine, TorchEngine, init_distributed_env
     from phift.model import Phi
     from phift.offload import OffloadEngine
-    from phift.train import precision, prepare_model
+    from phift.train import micro_step, precision, prepare_model
 
     args = parse_train_args(phift_args(c, impl, spec))
     if impl == "phift+ds":  # as phift.train.train sets DeepSpeed up
@@ -206,9 +211,10 @@ def build_phift(c: Config, impl: str, spec: dict, device):
     engine = Engine(model, args, spec["total_steps"], device)
     model.train()
 
+    forward_backward = micro_step(engine, model, args, device)
+
     def step(batch):
-        loss = engine.forward(batch)
-        engine.backward(loss, True)
+        loss = forward_backward(batch, True)
         engine.step(True)
         return loss
 
@@ -400,7 +406,7 @@ def worker(spec: dict) -> dict:
             marks[i + 1].record()
         sync()
         times = [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(spec["steps"])]
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        peak = (torch.cuda.max_memory_allocated(device) + graph_pool_slack(device)) / 2 ** 30
     else:
         times = []
         for i in range(spec["steps"]):
@@ -417,6 +423,15 @@ def worker(spec: dict) -> dict:
             "step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
             "peak_gib": peak, "flops_per_token": fpt, "warmup_s": round(warm_s, 1),
             "loss_first": losses[0], "loss_last": losses[-1], **info}
+
+
+def graph_pool_slack(device) -> int:
+    """Bytes that CUDA graphs' private memory pools hold beyond their live tensors: a replay uses that memory without
+    asking the allocator, so max_memory_allocated misses it; a graphed run's peak adds it (0 for any other run)."""
+    import torch
+
+    segments = torch.cuda.memory._snapshot(device)["segments"]
+    return sum(s["total_size"] - s["allocated_size"] for s in segments if tuple(s["segment_pool_id"]) != (0, 0))
 
 
 def train_worker(spec: dict) -> dict:
@@ -683,7 +698,7 @@ def best(rows, config, impls):
     return max(found, key=lambda r: r["tokens_per_s"]) if found else None
 
 
-PHIFT_PLAIN = ("phift", "phift+compile", "phift (pure bf16)", "phift+compile (pure bf16)")
+PHIFT_PLAIN = ("phift", "phift+compile", "phift (pure bf16)", "phift+compile (pure bf16)", "phift+graphs (pure bf16)")
 COMPILED_PEERS = ("hf+compile", "litgpt+compile")
 
 
@@ -779,7 +794,8 @@ def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) ->
         f"compiled; 2 under DeepSpeed), then {steps} steps ({max(2, steps // 2)} under DeepSpeed) timed "
         "with CUDA events; compiled runs were compiled first in an untimed pre-pass (their warm-up shows the "
         "re-trace with warm inductor caches); tokens/s = batch × seq ÷ mean step time; peak = "
-        "torch.cuda.max_memory_allocated over the timed steps.", "",
+        "torch.cuda.max_memory_allocated over the timed steps (+ the CUDA-graph pool's free memory for "
+        "a graphed run).", "",
         f"MFU = tokens/s × FLOPs/token ÷ the bf16 matmul ceiling measured in this run "
         f"({fmt(tf, 0)} TFLOP/s, 8192³ torch.mm, median of 20). FLOPs/token = 4N (LoRA: no weight gradients) or "
         f"6N (full), N = {n / 1e9:.3f} B matmul parameters incl. lm_head, plus attention 6·L·T·d (QKᵀ and AV: "

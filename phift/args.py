@@ -50,6 +50,9 @@ def train_parser() -> argparse.ArgumentParser:
                                              "False: merge them all into the base and train a new adapter")
     g.add_argument("--compile", type=str2bool, default=False, nargs="?", const=True, metavar="{True,False}",
                    help="torch.compile the model")
+    _bool(g, "--cuda_graphs", False, "replay each micro-batch's forward and backward as a CUDA graph, one per batch "
+                                     "shape (lengths padded to multiples of 64): for small batches, whose steps the "
+                                     "host's kernel launches bound; needs a step without random numbers (phift/graphs.py)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_dir", default="data")

@@ -64,7 +64,11 @@ class TorchEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps))
         dtype = None if self.pure else torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-        self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext())
+        # autocast's cache of cast weights must be off under CUDA graphs (torch.cuda.graphs' own advice): a graph
+        # replays the casts it captured, and a cache would hand out tensors from another capture or eager pass
+        cache = not getattr(args, "cuda_graphs", False)
+        self.autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype
+                         else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16) if args.fp16 else None
 
     @property
@@ -99,7 +103,8 @@ class TorchEngine:
                 skipped = self.scaler.get_scale() < scale
             else:
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # a CUDA graph adds into gradients at fixed addresses (phift.graphs): zero them rather than free them
+        self.optimizer.zero_grad(set_to_none=not getattr(self.args, "cuda_graphs", False))
         if not skipped:
             self.scheduler.step()
         # grad_norm stays a device tensor: reading it waits for the GPU, so the loop does so only when it logs

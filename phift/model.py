@@ -95,6 +95,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.checkpoint_rng = True  # as Phi.checkpoint_rng
 
     def hidden(self, x):
         return F.gelu(self.fc1(x), approximate="tanh")
@@ -103,7 +104,7 @@ class MLP(nn.Module):
         """recompute_hidden: keep only x for backward and recompute fc1 and GELU there. Their [T, 4·hidden]
         activation is the largest a block keeps; fc2 stays outside the checkpoint so that it is never rerun."""
         if recompute_hidden:
-            return self.fc2(checkpoint(self.hidden, x, use_reentrant=False))
+            return self.fc2(checkpoint(self.hidden, x, use_reentrant=False, preserve_rng_state=self.checkpoint_rng))
         return self.fc2(self.hidden(x))
 
 
@@ -150,7 +151,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_h[s:s + chunk_rows] = g @ weight
                 if want_w:
                     grad_w += (g.t() @ hc).float()
-        scale = 1.0 / max(n, 1)
+        # the mean over labelled rows, counted on the device: the rows given are usually exactly those, but a caller
+        # that must keep shapes fixed (phift.graphs) passes every row, the unlabelled ones contributing nothing
+        scale = 1.0 / (labels != IGNORE_INDEX).sum().clamp(min=1).float()
         ctx.save_for_backward(*(t.mul_(scale) if t is not None else None for t in (grad_h, grad_w, grad_b)))
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total * scale
@@ -203,6 +206,9 @@ class Phi(nn.Module):
         # a pack and an unpack hook for each of the ~23 tensors a block saves: host time that bounds small-batch
         # eager steps). phift.train.prepare_model turns it off for per-block torch.compile, measured only that way.
         self.checkpoint_reentrant = True
+        # whether a recomputed block replays the random numbers of its first run; off only where nothing draws any
+        # (phift.graphs: a CUDA graph cannot save the RNG state mid-capture)
+        self.checkpoint_rng = True
         self.neftune_alpha = 0.0  # NEFTune noise on input embeddings, training only (--neft_alpha)
         self.apply(self._init_weights)
 
@@ -251,7 +257,8 @@ class Phi(nn.Module):
             x.requires_grad_()
         for i, block in enumerate(self.layers):
             if whole_blocks:
-                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=reentrant)
+                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=reentrant,
+                               preserve_rng_state=self.checkpoint_rng)
             else:
                 x = block(x, cos, sin, mask, is_causal, kv_cache, i, recompute_mlp=ckpt)
         if kv_cache is not None:

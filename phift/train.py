@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data, lora
+from . import data, graphs, lora
 from .args import parse_train_args
 from .checkpoint import load_model, load_state_dict, resolve_checkpoint_dir, save_model
 from .config import PRESETS, PhiConfig
@@ -97,6 +97,13 @@ def prepare_model(args, model, dtype):
     model.gradient_checkpointing = not args.disable_gradient_checkpointing
     model.checkpoint_policy = args.gradient_checkpointing_policy
     model.neftune_alpha = args.neft_alpha
+    if args.cuda_graphs:
+        # the reentrant form's inner backward makes the calling thread's stream wait on the captured one, which a
+        # capture forbids; and nothing draws random numbers (graphs.check), so recomputed blocks need no RNG state
+        model.checkpoint_reentrant = False
+        for m in model.modules():
+            if hasattr(m, "checkpoint_rng"):
+                m.checkpoint_rng = False
     if args.compile:
         model.checkpoint_reentrant = False  # compiled blocks were measured under the non-reentrant form only
         for block in model.layers:
@@ -274,6 +281,21 @@ def setup_device(args) -> tuple[int, int, torch.device]:
     return (*rank_and_world(), device)
 
 
+def micro_step(engine, model, args, device):
+    """loss = f(batch, boundary): one micro-batch's forward and backward, eager or (--cuda_graphs) a replayed graph."""
+    def eager(batch, boundary=True):
+        loss = engine.forward(batch)
+        engine.backward(loss, boundary)
+        return loss
+
+    if not args.cuda_graphs:
+        return eager
+    why = graphs.check(args, model) or (None if device.type == "cuda" else "--cuda_graphs needs a CUDA GPU")
+    if why:
+        raise SystemExit(why)
+    return graphs.GraphedStep(model, engine.params, eager)
+
+
 def append_log(log_file: Path, entry: dict):
     if rank_and_world()[0] == 0:
         with log_file.open("a") as f:
@@ -322,6 +344,7 @@ def train(args) -> dict:
               else TorchEngine)
     engine = Engine(model, args, total_steps, device)
     model.train()
+    forward_backward = micro_step(engine, model, args, device)
 
     progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps}
     ckpt = find_checkpoint(args)
@@ -346,8 +369,7 @@ def train(args) -> dict:
             n_samples, n_tokens = count(batches[i])
             consumed += n_samples * world
             boundary = (i + 1) % accum == 0 or i == len(batches) - 1
-            loss = engine.forward(batch)
-            engine.backward(loss, boundary)
+            loss = forward_backward(batch, boundary)
             info = engine.step(boundary)
             loss_sum += loss.detach().float()
             loss_n += 1

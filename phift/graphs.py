@@ -1,0 +1,104 @@
+"""A micro-batch's forward and backward replayed as a CUDA graph (`--cuda_graphs`).
+
+A full fine-tuning step of phi-1_5 on one 1×1024 sample is bound by the host, not the GPU: about 1,500 kernel
+launches, each a few microseconds of Python, dispatcher and autograd (BENCHMARKS.md, `host_overhead-2`: ~55 ms a
+step of a 24-block phi with no math at all). A CUDA graph records those launches once and replays them with one
+call. What it needs, and how this module gives it:
+
+- Static shapes. Each batch is right-padded (tokens 0, labels -100, attention mask 0) to a multiple of `BUCKET`
+  tokens, and every position goes to the loss head (`label_rows` of all rows; the unlabelled ones cost a little
+  vocabulary projection and add nothing), so one graph serves every batch of a (batch size, bucket) pair. With
+  causal attention, right padding changes no real token's output, and the loss divides by the labelled count.
+- Static memory. Batches are copied into the graph's own input tensors, and the graph's activations live in one
+  private memory pool that all graphs share (only one replays at a time, and its only other output, the loss, is
+  consumed in stream order before the next replay).
+- Gradients that accumulate. Every trainable parameter keeps a gradient tensor for the whole run, and the graph
+  adds into it (as autograd does for a defined .grad); the engine zeroes them after each optimizer step instead of
+  freeing them. The clipping norm and the optimizer step stay outside the graph: they read the learning rate and
+  step count from the host, and cost a handful of launches.
+- No host syncs and no random numbers inside: checkpointing runs without saving the RNG state, so nothing in the
+  model may draw one (dropout, LoRA dropout, NEFTune noise); `check` refuses those up front.
+
+The first batch of each shape runs eagerly (its gradients are real: it is also the warm-up that capture needs),
+and the graph is captured right after, so a run pays one capture per shape and nothing else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BUCKET = 64  # tokens: batch lengths are padded up to a multiple of this
+
+
+def check(args, model) -> str | None:
+    """Why --cuda_graphs cannot run with these flags and this model, or None when it can."""
+    if args.deepspeed or args.offload_optimizer == "cpu":
+        return "--cuda_graphs is for the plain PyTorch engine (not --deepspeed or --offload_optimizer cpu)"
+    if args.compile:
+        return "--cuda_graphs and --compile are exclusive: pick one way to cut the host's launch cost"
+    if args.neft_alpha > 0:
+        return "--cuda_graphs needs a step without random numbers; NEFTune (--neft_alpha) draws noise"
+    drawing = [name for name, m in model.named_modules()
+               if (isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "lora_dropout", 0.0) > 0]
+    if drawing:
+        return (f"--cuda_graphs needs a step without random numbers, but {drawing[0]} applies dropout "
+                f"(pass --lora_dropout 0 for LoRA)")
+    return None
+
+
+class GraphedStep:
+    """loss = step(batch): forward, loss / accumulation (× the fp16 loss scale), backward, as a replayed graph."""
+
+    def __init__(self, model, params, forward_backward):
+        """forward_backward(batch) -> loss runs the eager forward and backward (the engine's, with its autocast,
+        loss scaling and accumulation divisor); it is run once eagerly per shape and captured once."""
+        self.model, self.params, self.forward_backward = model, params, forward_backward
+        self.graphs = {}  # shape key -> (graph, static inputs, static loss)
+        self.pool = None
+        self.replays = 0
+
+    @staticmethod
+    def pad(batch: dict) -> dict:
+        """Right-pad to a multiple of BUCKET tokens and send every position to the loss head."""
+        B, T = batch["input_ids"].shape
+        extra = -T % BUCKET
+        fill = {"labels": -100}
+        out = {}
+        for k, v in batch.items():
+            if k == "label_rows":
+                continue
+            out[k] = F.pad(v, (0, extra), value=fill.get(k, 0)) if extra else v
+        out["label_rows"] = torch.arange(B * (T + extra - 1), device=batch["input_ids"].device)
+        return out
+
+    def __call__(self, batch: dict, boundary: bool = True) -> torch.Tensor:
+        """The micro-batch's loss (the graph's output tensor: read it before the next call). `boundary` is the
+        training loop's accumulation flag, which the plain engine's backward does not need."""
+        batch = self.pad(batch)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        entry = self.graphs.get(key)
+        if entry is None:
+            # eager: this micro-batch's real gradients, and the warm-up. Only its detached loss may outlive it: its
+            # autograd graph holds the parameters' gradient accumulators, made on the uncaptured stream, which the
+            # capture would otherwise reuse
+            loss = self.forward_backward(batch).detach()
+            self.graphs[key] = self._capture(batch)
+            return loss
+        graph, static, loss = entry
+        for k, v in batch.items():
+            static[k].copy_(v, non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        return loss
+
+    def _capture(self, batch: dict):
+        for p in self.params:  # the graph adds into gradients that must exist, and stay, at fixed addresses
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        static = {k: v.clone() for k, v in batch.items()}
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.forward_backward(static).detach()
+        self.pool = graph.pool()  # (capture records the gradient adds without running them: replays alone do)
+        return graph, static, loss
