@@ -98,8 +98,8 @@ def prepare_model(args, model, dtype):
     model.checkpoint_policy = args.gradient_checkpointing_policy
     model.neftune_alpha = args.neft_alpha
     if args.cuda_graphs:
-        # the reentrant form's inner backward makes the calling thread's stream wait on the captured one, which a
-        # capture forbids; and nothing draws random numbers (graphs.check), so recomputed blocks need no RNG state
+        # a replay issues no host work, so the reentrant form's saving does not apply; the non-reentrant form is the
+        # one tested and measured under graphs. Nothing draws random numbers (graphs.check): no RNG state to keep
         model.checkpoint_reentrant = False
         for m in model.modules():
             if hasattr(m, "checkpoint_rng"):
