@@ -134,7 +134,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
         want_b = with_grad and bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty(h.shape, device=h.device, dtype=torch.float32) if want_h else None
-        grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if want_w else None
+        grad_w = None  # the first chunk's product becomes it: no zero-filled buffer beside that product
         grad_b = torch.zeros(bias.shape, device=h.device, dtype=torch.float32) if want_b else None
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         for s in range(0, n, chunk_rows):
@@ -150,7 +150,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if want_h:
                     grad_h[s:s + chunk_rows] = g @ weight
                 if want_w:
-                    grad_w += (g.t() @ hc).float()
+                    product = (g.t() @ hc).float()
+                    grad_w = product if grad_w is None else grad_w.add_(product)
+                    del product
+        if want_w and grad_w is None:  # no row to learn from
+            grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)
         # the mean over labelled rows, counted on the device: the rows given are usually exactly those, but a caller
         # that must keep shapes fixed (phift.graphs) passes every row, the unlabelled ones contributing nothing
         scale = 1.0 / (labels != IGNORE_INDEX).sum().clamp(min=1).float()

@@ -44,17 +44,24 @@ def test_rotary_matches_rotate_half_written_out():
     torch.testing.assert_close(apply_rotary(x, cos, sin), expected)
 
 
-def test_chunked_loss_equals_plain_cross_entropy_with_gradients(monkeypatch):
-    monkeypatch.setattr(LMHead, "chunk_bytes", 4 * 50 * 7)  # 7 rows a chunk: many chunks, a ragged last one
+@pytest.mark.parametrize("rows_per_chunk, unlabelled", [(7, False), (1000, False), (7, True)])
+def test_chunked_loss_equals_plain_cross_entropy_with_gradients(monkeypatch, rows_per_chunk, unlabelled):
+    """7 rows a chunk: many chunks, a ragged last one; 1000: one chunk; and a batch with no label at all."""
+    monkeypatch.setattr(LMHead, "chunk_bytes", 4 * 50 * rows_per_chunk)
     torch.manual_seed(0)
     head = LMHead(16, 50)
     h = torch.randn(3, 11, 16, requires_grad=True)
     labels = torch.randint(0, 50, (3, 11))
     labels[0, :4] = -100
     labels[2, 7:] = -100
+    if unlabelled:
+        labels[:] = -100
     loss = head(h, labels)
     loss.backward()
     grads = [t.grad.clone() for t in (h, head.weight, head.bias)]
+    if unlabelled:  # (F.cross_entropy's mean over no label is nan; the training loss is 0 and moves nothing)
+        assert loss.item() == 0 and not any(g.any() for g in grads)
+        return
     for t in (h, head.weight, head.bias):
         t.grad = None
     ref = F.cross_entropy(F.linear(h[:, :-1], head.weight, head.bias).reshape(-1, 50), labels[:, 1:].reshape(-1))
