@@ -22,8 +22,8 @@ weights + autocast (plain) or DeepSpeed's own fp16/bf16 with fp32 master weights
 
 Each (config, impl) runs in its own subprocess: warm-up steps, then timed steps between CUDA events. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (plus, for a CUDA-graphed run, the memory its graphs' private
-pool holds beyond live tensors, which replays use without the allocator). Compiled runs are first compiled once in a concurrent,
-untimed pre-pass that fills inductor's on-disk caches, so the timed pass only re-traces; no timed step ever shares
+pool holds beyond live tensors, which replays use without the allocator). Compiled runs are first compiled once in
+a concurrent, untimed pre-pass that fills inductor's on-disk caches, so the timed pass only re-traces; no timed step ever shares
 the GPU. A run that fails (OOM, a missing package, a timeout) is a row saying so; runs the time budget leaves out
 are listed as skipped.
 """

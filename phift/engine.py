@@ -66,8 +66,7 @@ class TorchEngine:
         dtype = None if self.pure else torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
         # autocast's cache of cast weights must be off under CUDA graphs (torch.cuda.graphs' own advice): a graph
         # replays the casts it captured, and a cache would hand out tensors from another capture or eager pass
-        cache = not getattr(args, "cuda_graphs", False)
-        self.autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype
+        self.autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not args.cuda_graphs) if dtype
                          else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16) if args.fp16 else None
 
@@ -104,7 +103,7 @@ class TorchEngine:
             else:
                 self.optimizer.step()
         # a CUDA graph adds into gradients at fixed addresses (phift.graphs): zero them rather than free them
-        self.optimizer.zero_grad(set_to_none=not getattr(self.args, "cuda_graphs", False))
+        self.optimizer.zero_grad(set_to_none=not self.args.cuda_graphs)
         if not skipped:
             self.scheduler.step()
         # grad_norm stays a device tensor: reading it waits for the GPU, so the loop does so only when it logs

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 BUCKET = 64  # tokens: batch lengths are padded up to a multiple of this
 
 
-def check(args, model) -> str | None:
-    """Why --cuda_graphs cannot run with these flags and this model, or None when it can."""
+def check(args, model, device) -> str | None:
+    """Why --cuda_graphs cannot run with these flags, this model and device, or None when it can."""
+    if device.type != "cuda":
+        return "--cuda_graphs needs a CUDA GPU"
     if args.deepspeed or args.offload_optimizer == "cpu":
         return "--cuda_graphs is for the plain PyTorch engine (not --deepspeed or --offload_optimizer cpu)"
     if args.compile:
@@ -49,10 +51,11 @@ def check(args, model) -> str | None:
 class GraphedStep:
     """loss = step(batch): forward, loss / accumulation (× the fp16 loss scale), backward, as a replayed graph."""
 
-    def __init__(self, model, params, forward_backward):
-        """forward_backward(batch) -> loss runs the eager forward and backward (the engine's, with its autocast,
-        loss scaling and accumulation divisor); it is run once eagerly per shape and captured once."""
-        self.model, self.params, self.forward_backward = model, params, forward_backward
+    def __init__(self, params, forward_backward):
+        """params: the trainable parameters. forward_backward(batch) -> loss runs the eager forward and backward (the
+        engine's, with its autocast, loss scaling and accumulation divisor); it is run once eagerly per shape and
+        captured once."""
+        self.params, self.forward_backward = params, forward_backward
         self.graphs = {}  # shape key -> (graph, static inputs, static loss)
         self.pool = None
         self.replays = 0
@@ -86,7 +89,8 @@ class GraphedStep:
             return loss
         graph, static, loss = entry
         for k, v in batch.items():
-            static[k].copy_(v, non_blocking=True)
+            if k != "label_rows":  # every row, fixed by the shape: the static copy already holds it
+                static[k].copy_(v, non_blocking=True)
         graph.replay()
         self.replays += 1
         return loss

@@ -290,10 +290,10 @@ def micro_step(engine, model, args, device):
 
     if not args.cuda_graphs:
         return eager
-    why = graphs.check(args, model) or (None if device.type == "cuda" else "--cuda_graphs needs a CUDA GPU")
+    why = graphs.check(args, model, device)
     if why:
         raise SystemExit(why)
-    return graphs.GraphedStep(model, engine.params, eager)
+    return graphs.GraphedStep(engine.params, eager)
 
 
 def append_log(log_file: Path, entry: dict):

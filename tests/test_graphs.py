@@ -59,7 +59,7 @@ def test_cuda_graphs_refuse_what_a_graph_cannot_replay(tmp_path, tiny_config, ov
     model = Phi(tiny_config)
     if args.finetuning_type == "lora":
         lora.inject(model, "Wqkv", r=4, alpha=8, dropout=args.lora_dropout, verbose=False)
-    assert message in graphs.check(args, model)
+    assert message in graphs.check(args, model, torch.device("cuda"))
 
 
 def test_cuda_graphs_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_lora_without_dropout_may_be_graphed(tmp_path, tiny_config):
     args = run_args(tmp_path, cuda_graphs=True, finetuning_type="lora", lora_dropout=0.0)
     model = Phi(tiny_config)
     lora.inject(model, "Wqkv", r=4, alpha=8, dropout=0.0, verbose=False)
-    assert graphs.check(args, model) is None
+    assert graphs.check(args, model, torch.device("cuda")) is None
 
 
 def run(model, args, micro_batches):
