@@ -104,6 +104,7 @@ RUNS = [
     ("full-4x2048-ckpt", "hf", False), ("full-4x2048-ckpt", "phift", False),
     ("full-4x2048-ckpt", "hf+compile", False), ("full-4x2048-ckpt", "phift+compile", False),
     ("full-4x2048-ckpt", "phift (pure bf16)", False), ("full-4x2048-ckpt", "phift+compile (pure bf16)", False),
+    ("full-4x2048-ckpt", "phift+graphs (pure bf16)", False),
     ("lora-1x1792", "hf", False), ("lora-1x1792", "litgpt", False), ("lora-1x1792", "phift", False),
     ("lora-8x2048", "hf", False), ("lora-8x2048", "hf+compile", False), ("lora-8x2048", "litgpt", False),
     ("lora-8x2048", "litgpt+compile", False), ("lora-8x2048", "phift", False), ("lora-8x2048", "phift+compile", False),

@@ -102,8 +102,8 @@ class TorchEngine:
                 skipped = self.scaler.get_scale() < scale
             else:
                 self.optimizer.step()
-        # a CUDA graph adds into gradients at fixed addresses (phift.graphs): zero them rather than free them
-        self.optimizer.zero_grad(set_to_none=not self.args.cuda_graphs)
+        if not self.args.cuda_graphs:  # CUDA graphs keep gradients at fixed addresses, and zero them themselves
+            self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
             self.scheduler.step()
         # grad_norm stays a device tensor: reading it waits for the GPU, so the loop does so only when it logs

@@ -12,15 +12,21 @@ call. What it needs, and how this module gives it:
 - Static memory. Batches are copied into the graph's own input tensors, and the graph's activations live in one
   private memory pool that all graphs share (only one replays at a time, and its only other output, the loss, is
   consumed in stream order before the next replay).
-- Gradients that accumulate. Every trainable parameter keeps a gradient tensor for the whole run, and the graph
-  adds into it (as autograd does for a defined .grad); the engine zeroes them after each optimizer step instead of
-  freeing them. The clipping norm and the optimizer step stay outside the graph: they read the learning rate and
-  step count from the host, and cost a handful of launches.
+- Gradients at fixed addresses. With one micro-batch a step (--gradient_accumulation_steps 1) the first graph
+  captured allocates the gradients itself, inside its pool, at the points of the backward where eager allocates
+  them, so a graphed step peaks where an eager one does; its replays overwrite them, and graphs of later shapes
+  add into them. With accumulation, every graph adds into gradients made before any capture. Either way the
+  gradients stay for the whole run: nothing may free them (the engine leaves them alone under graphs), and this
+  module zeroes them when an accumulation window starts, unless the replay about to run overwrites them. The
+  clipping norm and the optimizer step stay outside the graph: they read the learning rate and step count from
+  the host, and cost a handful of launches.
 - No host syncs and no random numbers inside: checkpointing runs without saving the RNG state, so nothing in the
   model may draw one (dropout, LoRA dropout, NEFTune noise); `check` refuses those up front.
 
 The first batch of each shape runs eagerly (its gradients are real: it is also the warm-up that capture needs),
-and the graph is captured right after, so a run pays one capture per shape and nothing else.
+and the graph is captured right after, so a run pays one capture per shape and nothing else. The gradient-owning
+first graph is the exception: its eager warm-up's gradients are dropped before the capture, and the graph's first
+replay computes that batch again (one extra forward and backward a run).
 """
 from __future__ import annotations
 
@@ -49,16 +55,20 @@ def check(args, model, device) -> str | None:
 
 
 class GraphedStep:
-    """loss = step(batch): forward, loss / accumulation (× the fp16 loss scale), backward, as a replayed graph."""
+    """loss = step(batch, boundary): forward, loss / accumulation (× the fp16 loss scale), backward, as a replayed
+    graph."""
 
-    def __init__(self, params, forward_backward):
+    def __init__(self, params, forward_backward, accumulation: int = 1):
         """params: the trainable parameters. forward_backward(batch) -> loss runs the eager forward and backward (the
         engine's, with its autocast, loss scaling and accumulation divisor); it is run once eagerly per shape and
-        captured once."""
+        captured once. accumulation: micro-batches a step; at 1 the first graph owns (allocates, then overwrites)
+        the gradients."""
         self.params, self.forward_backward = params, forward_backward
+        self.owner = None if accumulation == 1 else False  # the gradient-owning graph's shape key, once captured
         self.graphs = {}  # shape key -> (graph, static inputs, static loss)
         self.pool = None
         self.replays = 0
+        self.window_start = True  # the next micro-batch opens an accumulation window: stale gradients, or none
 
     @staticmethod
     def pad(batch: dict) -> dict:
@@ -75,30 +85,52 @@ class GraphedStep:
         return out
 
     def __call__(self, batch: dict, boundary: bool = True) -> torch.Tensor:
-        """The micro-batch's loss (the graph's output tensor: read it before the next call). `boundary` is the
-        training loop's accumulation flag, which the plain engine's backward does not need."""
+        """The micro-batch's loss (the graph's output tensor: read it before the next call). `boundary`: this
+        micro-batch closes its accumulation window (the optimizer steps next)."""
         batch = self.pad(batch)
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
         entry = self.graphs.get(key)
-        if entry is None:
+        if entry is None and self.owner is None:
+            # the first shape at one micro-batch a step: warm up eagerly, drop those gradients (and the cached blocks
+            # that held them, so that the graph's pool may use that memory), capture a graph that allocates its own
+            # in its pool, and replay it below for this batch
+            self.forward_backward(batch)
+            for p in self.params:
+                p.grad = None
+            torch.cuda.empty_cache()
+            entry = self.graphs[key] = self._capture(batch)
+            self.owner = key
+        elif entry is None:
             # eager: this micro-batch's real gradients, and the warm-up. Only its detached loss may outlive it: its
             # autograd graph holds the parameters' gradient accumulators, made on the uncaptured stream, which the
             # capture would otherwise reuse
+            self._open_window(overwrites=False)
             loss = self.forward_backward(batch).detach()
             self.graphs[key] = self._capture(batch)
+            self.window_start = boundary
             return loss
         graph, static, loss = entry
         for k, v in batch.items():
             if k != "label_rows":  # every row, fixed by the shape: the static copy already holds it
                 static[k].copy_(v, non_blocking=True)
+        self._open_window(overwrites=key == self.owner)
         graph.replay()
         self.replays += 1
+        self.window_start = boundary
         return loss
 
+    def _open_window(self, overwrites: bool):
+        """Zero the gradients the last optimizer step consumed, unless the coming computation overwrites them."""
+        if self.window_start and not overwrites:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+
     def _capture(self, batch: dict):
-        for p in self.params:  # the graph adds into gradients that must exist, and stay, at fixed addresses
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if self.owner is not None:  # later graphs, or any under accumulation, add into gradients that must exist
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         static = {k: v.clone() for k, v in batch.items()}
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()

@@ -6,7 +6,9 @@ Attention uses a fused Wqkv projection (rows q;k;v), rotary embedding on the fir
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -70,14 +72,84 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
+class _LinearForBackward(torch.autograd.Function):
+    """F.linear(x, weight, bias) whose output a checkpoint's recomputation does not need.
+
+    A recomputed block exists only to rebuild what its backward reads. A linear layer's backward reads its input and
+    weight, never its output; the outputs of out_proj and fc2 feed nothing but the residual sum, which backward does
+    not read either. So when recomputing, this returns uninitialised memory in the output's place and skips the GEMM
+    (at 4×2048 tokens, 1/3 of a phi-1_5 block's recomputed FLOPs). The first pass computes the output and saves the
+    same tensors, as the non-reentrant checkpoint requires of its recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, compute):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if compute:
+            return F.linear(x, weight, bias)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, inside a checkpointed block, may skip computing its output when recomputed (see
+    _LinearForBackward). LoRA replaces adapted layers with LoRALinear, which always computes."""
+
+    def forward(self, x, recomputing: bool | None = None):
+        """recomputing: None outside a checkpointed block; else whether this run is the block's recomputation."""
+        if recomputing is None:
+            return super().forward(x)
+        return _LinearForBackward.apply(x, self.weight, self.bias, not recomputing)
+
+
+def _call(module, x, recomputing):
+    """module(x), passing `recomputing` on to the layers that can use it."""
+    return module(x, recomputing) if type(module) is Linear else module(x)
+
+
+_recompute = threading.local()  # .on: inside a non-reentrant checkpoint's recomputation (this thread)
+
+
+@contextlib.contextmanager
+def _recomputation():
+    _recompute.on = True
+    try:
+        yield
+    finally:
+        _recompute.on = False
+
+
+def checkpoint_block(block, *args, reentrant: bool, preserve_rng_state: bool, lean: bool):
+    """block(*args) under activation checkpointing. lean: tell the block which run is the recomputation, so that
+    it skips the math whose results only the first run needs (Linear above)."""
+    if not lean:
+        return checkpoint(block, *args, use_reentrant=reentrant, preserve_rng_state=preserve_rng_state)
+    if reentrant:  # the first run is under no_grad, the recomputation (in backward) with grad
+        return checkpoint(lambda *a: block(*a, recomputing=torch.is_grad_enabled()), *args, use_reentrant=True,
+                          preserve_rng_state=preserve_rng_state)
+    return checkpoint(lambda *a: block(*a, recomputing=getattr(_recompute, "on", False)), *args,
+                      use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                      context_fn=lambda: (contextlib.nullcontext(), _recomputation()))
+
+
 class Attention(nn.Module):
     def __init__(self, config: PhiConfig):
         super().__init__()
         self.num_heads = config.num_heads
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recomputing=None):
         B, T, C = x.shape
         q, k, v = rotary_qkv(self.Wqkv(x), cos, sin, self.num_heads)  # one fused pass on CUDA
         if kv_cache is not None:
@@ -87,25 +159,26 @@ class Attention(nn.Module):
                                                is_causal=is_causal).half()
         else:  # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        return _call(self.out_proj, y.transpose(1, 2).reshape(B, T, C), recomputing)
 
 
 class MLP(nn.Module):
     def __init__(self, config: PhiConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.checkpoint_rng = True  # as Phi.checkpoint_rng
 
     def hidden(self, x):
         return F.gelu(self.fc1(x), approximate="tanh")
 
-    def forward(self, x, recompute_hidden: bool = False):
+    def forward(self, x, recompute_hidden: bool = False, recomputing=None):
         """recompute_hidden: keep only x for backward and recompute fc1 and GELU there. Their [T, 4·hidden]
-        activation is the largest a block keeps; fc2 stays outside the checkpoint so that it is never rerun."""
+        activation is the largest a block keeps; fc2 stays outside the checkpoint so that it is never rerun.
+        recomputing: as Linear's (the block around this one is checkpointed)."""
         if recompute_hidden:
             return self.fc2(checkpoint(self.hidden, x, use_reentrant=False, preserve_rng_state=self.checkpoint_rng))
-        return self.fc2(self.hidden(x))
+        return _call(self.fc2, self.hidden(x), recomputing)
 
 
 class Block(nn.Module):
@@ -115,9 +188,12 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recompute_mlp=False):
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recompute_mlp=False, recomputing=None):
+        """recomputing: None, or (inside checkpoint_block) whether this run is the recomputation, whose output sum
+        nothing reads."""
         h = self.ln(x)
-        return x + self.attn(h, cos, sin, mask, is_causal, kv_cache, layer) + self.mlp(h, recompute_mlp)
+        return (x + self.attn(h, cos, sin, mask, is_causal, kv_cache, layer, recomputing)
+                + self.mlp(h, recompute_mlp, recomputing))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -213,6 +289,9 @@ class Phi(nn.Module):
         # whether a recomputed block replays the random numbers of its first run; off only where nothing draws any
         # (phift.graphs: a CUDA graph cannot save the RNG state mid-capture)
         self.checkpoint_rng = True
+        # a recomputed block skips out_proj's and fc2's GEMMs, whose outputs its backward never reads (Linear).
+        # phift.train.prepare_model turns it off for per-block torch.compile, whose blocks are traced without it
+        self.checkpoint_lean = True
         self.neftune_alpha = 0.0  # NEFTune noise on input embeddings, training only (--neft_alpha)
         self.apply(self._init_weights)
 
@@ -261,8 +340,8 @@ class Phi(nn.Module):
             x.requires_grad_()
         for i, block in enumerate(self.layers):
             if whole_blocks:
-                x = checkpoint(block, x, cos, sin, mask, is_causal, use_reentrant=reentrant,
-                               preserve_rng_state=self.checkpoint_rng)
+                x = checkpoint_block(block, x, cos, sin, mask, is_causal, reentrant=reentrant,
+                                     preserve_rng_state=self.checkpoint_rng, lean=self.checkpoint_lean)
             else:
                 x = block(x, cos, sin, mask, is_causal, kv_cache, i, recompute_mlp=ckpt)
         if kv_cache is not None:

@@ -106,6 +106,7 @@ def prepare_model(args, model, dtype):
                 m.checkpoint_rng = False
     if args.compile:
         model.checkpoint_reentrant = False  # compiled blocks were measured under the non-reentrant form only
+        model.checkpoint_lean = False  # a compiled block is traced for one kind of run
         for block in model.layers:
             block.compile()
     return model
@@ -293,7 +294,7 @@ def micro_step(engine, model, args, device):
     why = graphs.check(args, model, device)
     if why:
         raise SystemExit(why)
-    return graphs.GraphedStep(engine.params, eager)
+    return graphs.GraphedStep(engine.params, eager, args.gradient_accumulation_steps)
 
 
 def append_log(log_file: Path, entry: dict):

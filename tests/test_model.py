@@ -112,6 +112,40 @@ def test_activation_checkpointing_gives_the_same_gradients(model, policy):
         torch.testing.assert_close(g0, g1)
 
 
+def step_flops_and_grads(model, x, dtype=None):
+    """(FLOPs of one forward + backward, the gradients), under CPU autocast to `dtype` when given."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        model(x, labels=x).backward()
+    return counter.get_total_flops(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_recomputed_blocks_skip_the_unread_gemms_with_the_same_gradients(model, tiny_config, reentrant, dtype):
+    """A recomputed block skips out_proj's and fc2's forward GEMMs (nothing in backward reads their outputs): the
+    step does exactly those FLOPs fewer than a plain recomputation, and every gradient is the same. (The plain
+    non-reentrant recomputation already stops before fc2: torch ends it once the last saved tensor, fc2's input,
+    is rebuilt. So there only out_proj's GEMM is saved.)"""
+    x = torch.randint(0, 128, (2, 12))
+    model.train()
+    model.gradient_checkpointing, model.checkpoint_reentrant = True, reentrant
+    model.checkpoint_lean = False
+    flops_full, grads_full = step_flops_and_grads(model, x, dtype)
+    model.checkpoint_lean = True
+    flops_lean, grads_lean = step_flops_and_grads(model, x, dtype)
+    c = tiny_config
+    per_token = 2 * c.hidden_size * c.hidden_size + (2 * c.intermediate_size * c.hidden_size if reentrant else 0)
+    assert flops_full - flops_lean == per_token * x.numel() * c.num_layers
+    assert grads_lean.keys() == grads_full.keys() and len(grads_full) == len(list(model.parameters()))
+    for name, g in grads_full.items():
+        assert grads_lean[name].dtype == g.dtype
+        torch.testing.assert_close(grads_lean[name], g, msg=name)
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_checkpointing_under_lora_gives_the_adapters_the_same_gradients(model, reentrant):
     """The frozen embedding's output needs no gradient; a reentrant checkpoint would then pass none on to the
