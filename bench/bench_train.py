@@ -11,6 +11,7 @@ labelled, under the same precision policy, optimizer (AdamW, lr 2e-4, clip 1.0) 
   phift+compile    the same with --compile True (per-block torch.compile)
   ... (pure bf16)  full fine-tuning with --pure_bf16: bf16 weights, no autocast, fp32 masters in the optimizer
   phift+graphs     the same with --cuda_graphs True (each micro-batch's forward + backward a replayed CUDA graph)
+  ... full recompute  checkpointed blocks recompute out_proj and fc2 too (phift.model.Linear's lever off)
   phift+ds         phift.engine.DeepSpeedEngine with examples/ds_config.json (ZeRO-2, optimizer offloaded to the CPU)
   phift+offload    phift.offload.OffloadEngine (--offload_optimizer cpu): phift's own optimizer offload, no DeepSpeed
   hf, hf+compile   transformers' PhiForCausalLM (+ PEFT LoRA on q_proj/k_proj/v_proj), a plain loop; whole-model
@@ -21,8 +22,11 @@ LoRA: r 8, alpha 16, dropout 0.1; base weights in the half dtype, fp32 adapters,
 weights + autocast (plain) or DeepSpeed's own fp16/bf16 with fp32 master weights (DeepSpeed).
 
 Each (config, impl) runs in its own subprocess: warm-up steps, then timed steps between CUDA events. Peak memory is
-torch.cuda.max_memory_allocated over the timed steps (plus, for a CUDA-graphed run, the memory its graphs' private
-pool holds beyond live tensors, which replays use without the allocator). Compiled runs are first compiled once in
+torch.cuda.max_memory_allocated over the timed steps: the bytes live at the worst moment. A CUDA-graphed run's
+replays allocate nothing, their live bytes at each moment being those of the capture at that moment, so its peak is
+taken over the warm-up (capture included) and the timed steps. Every row's notes also give the peak the caching
+allocator reserved over the timed steps (its blocks, free ones included; for a graphed run the whole graph pool),
+the memory the GPU had to hold. Compiled runs are first compiled once in
 a concurrent, untimed pre-pass that fills inductor's on-disk caches, so the timed pass only re-traces; no timed step ever shares
 the GPU. A run that fails (OOM, a missing package, a timeout) is a row saying so; runs the time budget leaves out
 are listed as skipped.
@@ -105,6 +109,7 @@ RUNS = [
     ("full-4x2048-ckpt", "hf+compile", False), ("full-4x2048-ckpt", "phift+compile", False),
     ("full-4x2048-ckpt", "phift (pure bf16)", False), ("full-4x2048-ckpt", "phift+compile (pure bf16)", False),
     ("full-4x2048-ckpt", "phift+graphs (pure bf16)", False),
+    ("full-4x2048-ckpt", "phift (pure bf16, full recompute)", False), ("lora-6x1024-ckpt", "phift (full recompute)", False),
     ("lora-1x1792", "hf", False), ("lora-1x1792", "litgpt", False), ("lora-1x1792", "phift", False),
     ("lora-8x2048", "hf", False), ("lora-8x2048", "hf+compile", False), ("lora-8x2048", "litgpt", False),
     ("lora-8x2048", "litgpt+compile", False), ("lora-8x2048", "phift", False), ("lora-8x2048", "phift+compile", False),
@@ -161,7 +166,7 @@ def phift_args(c: Config, impl: str, spec: dict) -> list[str]:
             "--learning_rate", str(LR), "--max_grad_norm", str(MAX_GRAD_NORM), "--lr_scheduler_type", "cosine",
             "--max_steps", str(spec["total_steps"]), "--disable_gradient_checkpointing", str(not c.ckpt),
             "--compile", str("+compile" in impl), *half]
-    if impl.endswith("(pure bf16)"):
+    if "(pure bf16" in impl:
         argv += ["--pure_bf16", "True"]
     if "+graphs" in impl:
         argv += ["--cuda_graphs", "True"]
@@ -208,6 +213,8 @@ def build_phift(c: Config, impl: str, spec: dict, device):
     with torch.device(device):  # phift.train.load_base builds on the CPU and moves: same weights, faster here
         model = Phi(model_shape(spec["tiny"])).to(dtype)
     model = prepare_model(args, model, dtype)
+    if "full recompute" in impl:  # the lean-recomputation lever off (phift.model.Linear), to measure it
+        model.checkpoint_lean = False
     Engine = DeepSpeedEngine if impl == "phift+ds" else OffloadEngine if impl == "phift+offload" else TorchEngine
     engine = Engine(model, args, spec["total_steps"], device)
     model.train()
@@ -391,6 +398,9 @@ def worker(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    graphed = "+graphs" in impl
+    if device.type == "cuda" and graphed:  # a replay's live bytes are the capture's: count from before it
+        torch.cuda.reset_peak_memory_stats(device)
     losses = []
     for i in range(spec["warmup"]):
         losses.append(step(batches[i % len(batches)]).detach().float())
@@ -399,7 +409,9 @@ def worker(spec: dict) -> dict:
     if spec["prepass"]:
         return {"prepass_s": round(warm_s, 1)}
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        if graphed:
+            live = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(spec["steps"] + 1)]
         marks[0].record()
         for i in range(spec["steps"]):
@@ -407,14 +419,15 @@ def worker(spec: dict) -> dict:
             marks[i + 1].record()
         sync()
         times = [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(spec["steps"])]
-        peak = (torch.cuda.max_memory_allocated(device) + graph_pool_slack(device)) / 2 ** 30
+        peak = max(torch.cuda.max_memory_allocated(device), live if graphed else 0) / 2 ** 30
+        reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
     else:
         times = []
         for i in range(spec["steps"]):
             s = time.perf_counter()
             losses.append(step(batches[i % len(batches)]).detach().float())
             times.append(time.perf_counter() - s)
-        peak = None
+        peak = reserved = None
     losses = [x.item() for x in losses]
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"non-finite loss: {losses}")
@@ -422,17 +435,8 @@ def worker(spec: dict) -> dict:
     fpt, _ = flops_per_token(model_shape(spec["tiny"]), c.mode, c.seq)
     return {"tokens_per_s": c.batch * c.seq / mean, "step_ms": 1e3 * mean,
             "step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
-            "peak_gib": peak, "flops_per_token": fpt, "warmup_s": round(warm_s, 1),
+            "peak_gib": peak, "reserved_gib": reserved, "flops_per_token": fpt, "warmup_s": round(warm_s, 1),
             "loss_first": losses[0], "loss_last": losses[-1], **info}
-
-
-def graph_pool_slack(device) -> int:
-    """Bytes that CUDA graphs' private memory pools hold beyond their live tensors: a replay uses that memory without
-    asking the allocator, so max_memory_allocated misses it; a graphed run's peak adds it (0 for any other run)."""
-    import torch
-
-    segments = torch.cuda.memory._snapshot(device)["segments"]
-    return sum(s["total_size"] - s["allocated_size"] for s in segments if tuple(s["segment_pool_id"]) != (0, 0))
 
 
 def train_worker(spec: dict) -> dict:
@@ -795,8 +799,9 @@ def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) ->
         f"compiled; 2 under DeepSpeed), then {steps} steps ({max(2, steps // 2)} under DeepSpeed) timed "
         "with CUDA events; compiled runs were compiled first in an untimed pre-pass (their warm-up shows the "
         "re-trace with warm inductor caches); tokens/s = batch × seq ÷ mean step time; peak = "
-        "torch.cuda.max_memory_allocated over the timed steps (+ the CUDA-graph pool's free memory for "
-        "a graphed run).", "",
+        "torch.cuda.max_memory_allocated over the timed steps (a graphed run: over its warm-up, capture "
+        "included, and the timed steps, since replays allocate nothing); reserved = "
+        "torch.cuda.max_memory_reserved over the timed steps.", "",
         f"MFU = tokens/s × FLOPs/token ÷ the bf16 matmul ceiling measured in this run "
         f"({fmt(tf, 0)} TFLOP/s, 8192³ torch.mm, median of 20). FLOPs/token = 4N (LoRA: no weight gradients) or "
         f"6N (full), N = {n / 1e9:.3f} B matmul parameters incl. lm_head, plus attention 6·L·T·d (QKᵀ and AV: "
@@ -819,6 +824,8 @@ def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) ->
             note.append(f"{mem_cap(r['config'], r['impl']):.0f} GiB cap")
         if r.get("fused_kernel") is not None:
             note.append("fused LoRA kernel" if r["fused_kernel"] else "PyTorch LoRA fallback")
+        if r.get("reserved_gib") is not None:
+            note.append(f"reserved {r['reserved_gib']:.2f} GiB")
         note.append(f"warm-up {r['warmup_s']:.0f} s")
         lines.append(f"| {r['config']} | {r['impl']} | {fmt(r['tokens_per_s'])} | {fmt(r['step_ms'], 1)} | "
                      f"{fmt(r['peak_gib'], 2)} | {'—' if mfu is None else f'{100 * mfu:.1f} %'} | "

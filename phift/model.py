@@ -202,6 +202,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     The gradients are computed in the forward pass, chunk by chunk, and only they are kept: the [n, vocab]
     fp32 logits (n × 51200 × 4 bytes, the largest activation of a phi step) never exist all at once. On CUDA a
     chunk's loss and softmax − onehot come from one fused kernel over its fp16/bf16 logits.
+
+    The weight's gradient is the exception for few rows: when all n rows fit one chunk and their logits' gradient
+    g [n, vocab] is no larger than an fp32 weight gradient [vocab, hidden] (n ≤ 2·hidden in half precision: one
+    1×1024 sample), g itself is kept and gᵀh computed in backward. A forward then holds g alone instead of g, the
+    half product and its fp32 copy, and backward starts without the fp32 buffer and its scaled copy (~1 GB less
+    for phi-1_5 at 1×1024; the same rounding: one half-precision product, scaled).
     """
 
     @staticmethod
@@ -213,6 +219,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = None  # the first chunk's product becomes it: no zero-filled buffer beside that product
         grad_b = torch.zeros(bias.shape, device=h.device, dtype=torch.float32) if want_b else None
         total = torch.zeros((), device=h.device, dtype=torch.float32)
+        keep_g = None  # g of the single chunk, when the weight's gradient waits for backward
         for s in range(0, n, chunk_rows):
             hc, lc = h[s:s + chunk_rows], labels[s:s + chunk_rows]
             # d(sum CE)/d logits = softmax − onehot, in [-1, 1]: safe in fp16/bf16 for the matmuls (dividing by n
@@ -222,25 +229,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if g is not None:
                 if want_b:
                     grad_b += g.sum(0, dtype=torch.float32)
+                if want_w and n <= chunk_rows and n * g.element_size() <= 4 * h.shape[1]:
+                    keep_g = g
                 g = g.to(h.dtype)
                 if want_h:
                     grad_h[s:s + chunk_rows] = g @ weight
-                if want_w:
+                if want_w and keep_g is None:
                     product = (g.t() @ hc).float()
                     grad_w = product if grad_w is None else grad_w.add_(product)
                     del product
-        if want_w and grad_w is None:  # no row to learn from
+        if want_w and grad_w is None and keep_g is None:  # no row to learn from
             grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)
         # the mean over labelled rows, counted on the device: the rows given are usually exactly those, but a caller
         # that must keep shapes fixed (phift.graphs) passes every row, the unlabelled ones contributing nothing
         scale = 1.0 / (labels != IGNORE_INDEX).sum().clamp(min=1).float()
-        ctx.save_for_backward(*(t.mul_(scale) if t is not None else None for t in (grad_h, grad_w, grad_b)))
+        ctx.keep_g = keep_g is not None
+        saved = [t.mul_(scale) if t is not None else None for t in (grad_h, grad_w, grad_b)]
+        ctx.save_for_backward(*saved, *((keep_g, h, scale) if ctx.keep_g else ()))
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = [None if t is None else (t * grad_out).to(dt) for t, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        grads = [None if t is None else (t * grad_out).to(dt) for t, dt in zip(ctx.saved_tensors[:3], ctx.dtypes)]
+        if ctx.keep_g:
+            g, h, scale = ctx.saved_tensors[3:]
+            grads[1] = (g.t() @ h.to(g.dtype)).mul_(scale * grad_out).to(ctx.dtypes[1])
         return (*grads, None, None, None)
 
 

@@ -128,18 +128,25 @@ def test_dispatch_falls_back_for_what_the_kernel_does_not_cover(fused_op, monkey
 
 
 @needs_cuda
+@pytest.mark.parametrize("chunk", [32, 128], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_phi_loss_and_grads_with_the_fused_kernel_match_the_fallback(dtype, fused_op, monkeypatch):
-    monkeypatch.setattr(LMHead, "chunk_bytes", 4 * 1001 * 32)  # 32 rows a chunk: several, a ragged last one
+def test_phi_loss_and_grads_with_the_fused_kernel_match_the_fallback(dtype, chunk, fused_op, monkeypatch):
+    """32 rows a chunk: several, a ragged last one. 128: one chunk, whose half-precision logits' gradient (90 rows)
+    is smaller than an fp32 lm_head gradient at hidden 64, so it is kept and gᵀh computed in backward; the fallback's
+    fp32 gradient is not, so the two paths check each other."""
+    monkeypatch.setattr(LMHead, "chunk_bytes", 4 * 1001 * chunk)
     torch.manual_seed(0)
     model = Phi(PhiConfig.from_name("tiny", vocab_size=1001)).to("cuda", dtype)  # an odd vocabulary
     x = torch.randint(0, 1001, (3, 40), device="cuda")
     labels = x.clone()
     labels[:, :10] = IGNORE_INDEX
 
+    kept = []
+
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
         loss = model(x, labels=labels)
+        kept.append(loss.grad_fn.keep_g)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -151,10 +158,11 @@ def test_phi_loss_and_grads_with_the_fused_kernel_match_the_fallback(dtype, fuse
 
     monkeypatch.setattr(kernels, "cross_entropy_fused_applies", recording_applies)
     loss, grads = loss_and_grads()
-    assert fused_calls == [True] * 3  # 90 kept rows in chunks of 32: the fused op ran for each
+    assert fused_calls == [True] * (3 if chunk == 32 else 1)  # the fused op ran for each chunk of the 90 rows
     monkeypatch.setattr(kernels, "cross_entropy_fused_applies", applies)
     monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
     loss_ref, grads_ref = loss_and_grads()
+    assert kept == [chunk == 128, False]
 
     assert abs(loss.item() - loss_ref.item()) < 1e-4 * loss_ref.item()
     for (name, _), g, ref in zip(model.named_parameters(), grads, grads_ref):

@@ -44,19 +44,25 @@ def test_rotary_matches_rotate_half_written_out():
     torch.testing.assert_close(apply_rotary(x, cos, sin), expected)
 
 
-@pytest.mark.parametrize("rows_per_chunk, unlabelled", [(7, False), (1000, False), (7, True)])
-def test_chunked_loss_equals_plain_cross_entropy_with_gradients(monkeypatch, rows_per_chunk, unlabelled):
-    """7 rows a chunk: many chunks, a ragged last one; 1000: one chunk; and a batch with no label at all."""
+@pytest.mark.parametrize("rows_per_chunk, hidden, unlabelled", [(7, 16, False), (1000, 16, False), (1000, 64, False),
+                                                                  (7, 16, True), (1000, 64, True)])
+def test_chunked_loss_equals_plain_cross_entropy_with_gradients(monkeypatch, rows_per_chunk, hidden, unlabelled):
+    """7 rows a chunk: many chunks, a ragged last one; 1000: one chunk, whose fp32 logits' gradient (30 rows) is
+    larger than the weight's at hidden 16 and is kept for backward at hidden 64; and batches with no label at all
+    (no row reaches the head, or every row does)."""
     monkeypatch.setattr(LMHead, "chunk_bytes", 4 * 50 * rows_per_chunk)
     torch.manual_seed(0)
-    head = LMHead(16, 50)
-    h = torch.randn(3, 11, 16, requires_grad=True)
+    head = LMHead(hidden, 50)
+    h = torch.randn(3, 11, hidden, requires_grad=True)
     labels = torch.randint(0, 50, (3, 11))
     labels[0, :4] = -100
     labels[2, 7:] = -100
     if unlabelled:
         labels[:] = -100
-    loss = head(h, labels)
+    # the unlabelled case at hidden 64 sends every row to the head, as phift.graphs does: 30 rows, all ignored
+    every_row = torch.arange(3 * 10) if unlabelled and hidden == 64 else None
+    loss = head(h, labels, every_row)
+    assert loss.grad_fn.keep_g == (rows_per_chunk == 1000 and hidden == 64)
     loss.backward()
     grads = [t.grad.clone() for t in (h, head.weight, head.bias)]
     if unlabelled:  # (F.cross_entropy's mean over no label is nan; the training loss is 0 and moves nothing)
