@@ -69,6 +69,7 @@ class GraphedStep:
         self.pool = None
         self.replays = 0
         self.window_start = True  # the next micro-batch opens an accumulation window: stale gradients, or none
+        self.stream = None  # where eager warm-ups run and graphs are captured (made on the first call)
 
     @staticmethod
     def pad(batch: dict) -> dict:
@@ -88,13 +89,15 @@ class GraphedStep:
         """The micro-batch's loss (the graph's output tensor: read it before the next call). `boundary`: this
         micro-batch closes its accumulation window (the optimizer steps next)."""
         batch = self.pad(batch)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
         entry = self.graphs.get(key)
         if entry is None and self.owner is None:
             # the first shape at one micro-batch a step: warm up eagerly, drop those gradients (and the cached blocks
             # that held them, so that the graph's pool may use that memory), capture a graph that allocates its own
             # in its pool, and replay it below for this batch
-            self.forward_backward(batch)
+            self._on_capture_stream(lambda: self.forward_backward(batch))
             for p in self.params:
                 p.grad = None
             torch.cuda.empty_cache()
@@ -105,7 +108,7 @@ class GraphedStep:
             # autograd graph holds the parameters' gradient accumulators, made on the uncaptured stream, which the
             # capture would otherwise reuse
             self._open_window(overwrites=False)
-            loss = self.forward_backward(batch).detach()
+            loss = self._on_capture_stream(lambda: self.forward_backward(batch).detach())
             self.graphs[key] = self._capture(batch)
             self.window_start = boundary
             return loss
@@ -118,6 +121,19 @@ class GraphedStep:
         self.replays += 1
         self.window_start = boundary
         return loss
+
+    def _on_capture_stream(self, fn):
+        """fn() on the stream that captures run on, ordered after and before the current stream's work. cuBLAS keeps
+        a workspace per stream (tens of MB, from the caching allocator), so warming up where the graph is captured
+        makes one, not a second inside the graph's pool."""
+        main = torch.cuda.current_stream()
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        main.wait_stream(self.stream)
+        if isinstance(out, torch.Tensor):
+            out.record_stream(main)  # made on the side stream, read and freed on the current one
+        return out
 
     def _open_window(self, overwrites: bool):
         """Zero the gradients the last optimizer step consumed, unless the coming computation overwrites them."""
@@ -134,7 +150,7 @@ class GraphedStep:
         static = {k: v.clone() for k, v in batch.items()}
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = self.forward_backward(static).detach()
         self.pool = graph.pool()  # (capture records the gradient adds without running them: replays alone do)
         return graph, static, loss
