@@ -107,8 +107,8 @@ class Linear(nn.Linear):
 
     def forward(self, x, recomputing: bool | None = None):
         """recomputing: None outside a checkpointed block; else whether this run is the block's recomputation."""
-        if recomputing is None:
-            return super().forward(x)
+        if recomputing is None or not (recomputing or torch.is_grad_enabled()):
+            return super().forward(x)  # not checkpointed, or a first run that saves nothing (the reentrant form's)
         return _LinearForBackward.apply(x, self.weight, self.bias, not recomputing)
 
 
