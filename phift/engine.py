@@ -54,8 +54,8 @@ class TorchEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = param_groups(model, args.weight_decay)
         betas = (args.adam_beta1, args.adam_beta2)
-        self.pure = args.pure_bf16
-        if self.pure and any(p.dtype != torch.float32 for p in self.params):
+        pure = args.pure_bf16
+        if pure and any(p.dtype != torch.float32 for p in self.params):
             self.optimizer = MasterAdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=betas, eps=args.adam_epsilon,
@@ -63,7 +63,7 @@ class TorchEngine:
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps))
-        dtype = None if self.pure else torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+        dtype = None if pure else torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
         # autocast's cache of cast weights must be off under CUDA graphs (torch.cuda.graphs' own advice): a graph
         # replays the casts it captured, and a cache would hand out tensors from another capture or eager pass
         self.autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=not args.cuda_graphs) if dtype

@@ -105,7 +105,7 @@ class GraphedStep:
             self.owner = key
         elif entry is None:
             # eager: this micro-batch's real gradients, and the warm-up. Only its detached loss may outlive it: its
-            # autograd graph holds the parameters' gradient accumulators, made on the uncaptured stream, which the
+            # autograd graph holds the parameters' gradient accumulators, made outside any capture, which the
             # capture would otherwise reuse
             self._open_window(overwrites=False)
             loss = self._on_capture_stream(lambda: self.forward_backward(batch).detach())

@@ -207,7 +207,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     g [n, vocab] is no larger than an fp32 weight gradient [vocab, hidden] (n ≤ 2·hidden in half precision: one
     1×1024 sample), g itself is kept and gᵀh computed in backward. A forward then holds g alone instead of g, the
     half product and its fp32 copy, and backward starts without the fp32 buffer and its scaled copy (~1 GB less
-    for phi-1_5 at 1×1024; the same rounding: one half-precision product, scaled).
+    for phi-1_5 at 1×1024 by arithmetic, not measured alone; the same rounding: one half-precision product, scaled).
     """
 
     @staticmethod

@@ -103,19 +103,28 @@ def test_left_padding_gives_the_unpadded_logits(model):
         torch.testing.assert_close(model(padded, attention_mask=mask)[:, 3:], model(x), atol=1e-5, rtol=1e-5)
 
 
+def plain_and_checkpointed_grads(model, x, seed=None):
+    """The trainable parameters' gradients of one step without, then with, activation checkpointing (each step
+    seeded with `seed` when given, so that dropout draws the same masks)."""
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        if seed is not None:
+            torch.manual_seed(seed)
+        model(x, labels=x).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads
+
+
 @pytest.mark.parametrize("policy", ["full", "mlp"])
 def test_activation_checkpointing_gives_the_same_gradients(model, policy):
     x = torch.randint(0, 128, (2, 12))
     model.train()
     model.checkpoint_policy = policy
-    grads = []
-    for ckpt in (False, True):
-        model.zero_grad()
-        model.gradient_checkpointing = ckpt
-        model(x, labels=x).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g0, g1 in zip(*grads):
-        torch.testing.assert_close(g0, g1)
+    plain, checkpointed = plain_and_checkpointed_grads(model, x)
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g)
 
 
 def step_flops_and_grads(model, x, dtype=None):
@@ -165,13 +174,7 @@ def test_checkpointing_under_lora_gives_the_adapters_the_same_gradients(model, r
     x = torch.randint(0, 128, (2, 12))
     model.train()
     model.checkpoint_reentrant = reentrant
-    grads = []
-    for ckpt in (False, True):
-        model.zero_grad()
-        model.gradient_checkpointing = ckpt
-        torch.manual_seed(7)
-        model(x, labels=x).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    grads = plain_and_checkpointed_grads(model, x, seed=7)
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name
