@@ -25,6 +25,7 @@ from .chat import cut_at_stop_words
 from .data import collate, encode_prompt
 from .generate import generate
 from .model import IGNORE_INDEX
+from .rng import set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ def run_from_args(args) -> dict:
     from .checkpoint import load_for_inference
     from .data import get_dataset, get_template, load_rows
 
+    set_seed(args.seed)  # sampled predictions (--temperature > 0) follow --seed, as LLaMA-Factory's eval does
     out = Path(args.output_dir)
     if args.do_train:
         trained_lora = (out / "adapter_config.json").is_file()

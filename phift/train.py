@@ -24,6 +24,7 @@ from .evaluate import loss_sums
 from .model import LMHead, Phi
 from .offload import OffloadEngine
 from .plot import plot_loss
+from .rng import rng_state, set_rng_state, set_seed
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -56,7 +57,6 @@ def load_base(args, device, dtype, texts=None):
     """(model, tokenizer, source dir). A preset name gives a random-init model and, unless the name is a real
     checkpoint, the demo tokenizer trained on the dataset's own text (the offline default)."""
     if args.model_name_or_path in PRESETS and not Path(args.model_name_or_path).exists():
-        torch.manual_seed(args.seed)
         config = PhiConfig.from_name(args.model_name_or_path)
         if args.tokenizer_name_or_path:
             tokenizer = load_tokenizer(args.tokenizer_name_or_path)
@@ -188,10 +188,7 @@ def save_checkpoint(engine, model, args, progress: dict, tokenizer, source_dir) 
     barrier()
     state = full_state_dict(engine, args)
     engine.save(tmp)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_state_{rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
     barrier()
     if rank == 0:
         save_weights(model, args, tmp, tokenizer, source_dir, state)
@@ -242,10 +239,7 @@ def load_checkpoint(engine, model, args, ckpt: Path) -> dict:
     rank = rank_and_world()[0]
     rng_file = ckpt / f"rng_state_{rank}.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        set_rng_state(torch.load(rng_file, weights_only=True))
     log0(f"resumed from {ckpt} at step {progress['global_step']} (epoch {progress['epoch']}, "
          f"{progress['samples_in_epoch']} samples into it)")
     return progress
@@ -304,6 +298,7 @@ def append_log(log_file: Path, entry: dict):
 
 
 def train(args) -> dict:
+    set_seed(args.seed)
     rank, world, device = setup_device(args)
     out = Path(args.output_dir)
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and any(out.glob("checkpoint-*")):

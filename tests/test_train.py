@@ -1,7 +1,12 @@
 """The training loop on the CPU: it learns, resumes exactly, survives a crash mid-save, parses the seed's flags."""
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,11 @@ from phift import lora
 from phift import train as train_mod
 from phift.args import parse_train_args
 from phift.engine import TorchEngine, fill_deepspeed_config, lr_lambda
+from phift.checkpoint import save_model
+from phift.config import PhiConfig
+from phift.data import load_rows
 from phift.model import Phi
+from phift.tokenizer import train_demo_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,19 +37,40 @@ SEED_RECIPE_1 = """
 
 
 def run_args(tmp_path, **over):
+    return parse_train_args(run_argv(tmp_path, **over))
+
+
+def run_argv(tmp_path, **over) -> list[str]:
     flags = dict(model_name_or_path="tiny", dataset="self_cognition", dataset_dir=str(ROOT / "data"),
                  template="vanilla", finetuning_type="full", cutoff_len=64, max_samples=12,
                  per_device_train_batch_size=4, learning_rate=1e-3, num_train_epochs=3, logging_steps=1,
                  save_steps=1000, lr_scheduler_type="cosine", output_dir=str(tmp_path / "out"), seed=0,
                  disable_gradient_checkpointing=True)
     flags.update(over)
-    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    return parse_train_args(argv)
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
 def losses(out_dir):
     return [e["loss"] for e in map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
             if "loss" in e]
+
+
+def logged_steps(out_dir) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm); a step logged twice (before a crash and after the resume) keeps its last entry."""
+    log = map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
+    return {e["current_steps"]: (e["loss"], e["grad_norm"]) for e in log if "loss" in e}
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A saved random tiny phi with a tokenizer: a run on it loads weights, unlike a preset name."""
+    texts = [t for r in load_rows("self_cognition", ROOT / "data") for t in (r["prompt"], r["response"])]
+    tok = train_demo_tokenizer(texts, vocab_size=512)
+    torch.manual_seed(123)
+    d = tmp_path / "tiny-checkpoint"
+    save_model(Phi(PhiConfig.from_name("tiny", vocab_size=512)), d)
+    tok.save(d)
+    return d
 
 
 def test_seed_recipe_flags_parse():
@@ -110,6 +140,44 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
                        num_train_epochs=3, resume_from_checkpoint=str(Path(full.output_dir) / "checkpoint-4"))
     train_mod.train(resumed)
     assert losses(resumed.output_dir) == uninterrupted[4:]
+
+
+def test_the_same_seed_gives_the_same_lora_run_on_a_loaded_checkpoint(tmp_path, tiny_checkpoint):
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 1000 + ord(name))  # whatever the process drew before: --seed decides
+        args = run_args(tmp_path / name, model_name_or_path=str(tiny_checkpoint), finetuning_type="lora",
+                        lora_target="all", lora_dropout=0.1, num_train_epochs=2, learning_rate=3e-3)
+        train_mod.train(args)
+        runs.append(logged_steps(args.output_dir))
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
+    other = run_args(tmp_path / "c", model_name_or_path=str(tiny_checkpoint), finetuning_type="lora",
+                     lora_target="all", lora_dropout=0.1, num_train_epochs=2, learning_rate=3e-3, seed=1)
+    train_mod.train(other)
+    assert logged_steps(other.output_dir)[1] != runs[0][1]  # and another seed another run
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path, tiny_checkpoint):
+    flags = dict(model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", lora_target="all",
+                 lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, learning_rate=3e-3)
+    uninterrupted = run_args(tmp_path / "whole", **flags)
+    train_mod.train(uninterrupted)
+    killed = run_args(tmp_path / "killed", **flags)
+    argv = [sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path / "killed", **flags)]
+    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    latest = Path(killed.output_dir) / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+    at = int(latest.read_text().split("-")[1])
+    resumed = run_args(tmp_path / "killed", **flags, resume_from_checkpoint="latest")
+    train_mod.train(resumed)
+    after = {s: v for s, v in logged_steps(resumed.output_dir).items() if s > at}
+    assert at < 40 and after == {s: v for s, v in logged_steps(uninterrupted.output_dir).items() if s > at}
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
