@@ -146,6 +146,7 @@ class Attention(nn.Module):
     def __init__(self, config: PhiConfig):
         super().__init__()
         self.num_heads = config.num_heads
+        self.dropout = config.attention_dropout  # on the attention probabilities, in training
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out_proj = Linear(config.hidden_size, config.hidden_size)
 
@@ -154,11 +155,12 @@ class Attention(nn.Module):
         q, k, v = rotary_qkv(self.Wqkv(x), cos, sin, self.num_heads)  # one fused pass on CUDA
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
+        p = self.dropout if self.training else 0.0
         if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p,
                                                is_causal=is_causal).half()
         else:  # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         return _call(self.out_proj, y.transpose(1, 2).reshape(B, T, C), recomputing)
 
 
@@ -187,13 +189,17 @@ class Block(nn.Module):
         self.ln = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = Attention(config)
         self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recompute_mlp=False, recomputing=None):
         """recomputing: None, or (inside checkpoint_block) whether this run is the recomputation, whose output sum
         nothing reads."""
         h = self.ln(x)
-        return (x + self.attn(h, cos, sin, mask, is_causal, kv_cache, layer, recomputing)
-                + self.mlp(h, recompute_mlp, recomputing))
+        a = self.attn(h, cos, sin, mask, is_causal, kv_cache, layer, recomputing)
+        m = self.mlp(h, recompute_mlp, recomputing)
+        if self.resid_dropout.p > 0:  # each branch draws its own mask, as transformers' PhiDecoderLayer
+            a, m = self.resid_dropout(a), self.resid_dropout(m)
+        return x + a + m
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -290,6 +296,7 @@ class Phi(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embd_dropout = nn.Dropout(config.embd_pdrop)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
@@ -333,6 +340,8 @@ class Phi(nn.Module):
         if self.training and self.neftune_alpha > 0:
             mag = self.neftune_alpha / math.sqrt(T * x.shape[-1])
             x = x + torch.empty_like(x).uniform_(-mag, mag)
+        if self.embd_dropout.p > 0:
+            x = self.embd_dropout(x)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = ((attention_mask > 0).long().cumsum(-1) - 1).clamp(min=0)[:, past:]

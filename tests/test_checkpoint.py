@@ -214,3 +214,69 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     with pytest.raises(CheckpointError, match=r"microsoft/phi-1_5 is not a local directory and could not be "
                                               r"fetched from the hub \(OSError: no network\)"):
         load_model("microsoft/phi-1_5")
+
+
+# The three published shapes scaled down: head_dim and the rotary fraction as in phi-1 / phi-1_5 (32 of 64) and
+# phi-2 (32 of 80, factor 0.4), written by the installed transformers' own save_pretrained.
+PUBLISHED_SHAPES = {
+    "phi-1": dict(hidden_size=128, num_attention_heads=2, partial_rotary_factor=0.5),
+    "phi-1_5": dict(hidden_size=128, num_attention_heads=2, partial_rotary_factor=0.5),
+    "phi-2": dict(hidden_size=160, num_attention_heads=2, partial_rotary_factor=0.4, resid_pdrop=0.1),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(PUBLISHED_SHAPES))
+def test_configs_saved_by_the_installed_transformers_give_its_logits(shape, tmp_path):
+    kw = {**TINY_HF, **PUBLISHED_SHAPES[shape], "intermediate_size": 4 * PUBLISHED_SHAPES[shape]["hidden_size"]}
+    torch.manual_seed(0)
+    hf = transformers.PhiForCausalLM(transformers.PhiConfig(**kw)).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path).eval()
+    head_dim = kw["hidden_size"] // kw["num_attention_heads"]
+    assert model.config.rotary_dim == int(kw["partial_rotary_factor"] * head_dim)
+    assert model.config.resid_pdrop == kw.get("resid_pdrop", 0.0)
+    x = torch.randint(0, 128, (2, 17))
+    ref, out = _logits_both(hf, model, x)
+    assert (ref - out).abs().max() <= 1e-4
+
+
+def test_training_dropout_draws_the_masks_transformers_draws(tmp_path):
+    kw = {**TINY_HF, "resid_pdrop": 0.1, "embd_pdrop": 0.1}
+    torch.manual_seed(0)
+    hf = transformers.PhiForCausalLM(transformers.PhiConfig(**kw)).train()
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path).train()
+    x = torch.randint(0, 128, (2, 17))
+    torch.manual_seed(7)
+    ref = hf(x).logits
+    torch.manual_seed(7)
+    out = model(x)
+    assert (ref - out).abs().max() <= 1e-4
+    torch.manual_seed(8)
+    assert (model(x) - out).abs().max() > 1e-2  # the masks are really drawn
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "RoPE scaling"),
+    ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, "RoPE scaling"),
+    ("rope_scaling", {"factor": 2.0}, "RoPE scaling"),
+    ("qk_layernorm", True, "qk_layernorm"),
+    ("hidden_act", "relu", "hidden_act 'relu'"),
+    ("tie_word_embeddings", True, "tie_word_embeddings"),
+    ("num_key_value_heads", 2, "grouped-query"),
+    ("model_type", "phi3", "model_type 'phi3'"),
+])
+def test_config_fields_phift_does_not_implement_are_errors_naming_them(tmp_path, field, value, message):
+    d = {**transformers.PhiConfig(**TINY_HF).to_dict(), field: value}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        PhiConfig.from_json(tmp_path / "config.json")
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_config_without_a_required_field_names_it(tmp_path):
+    d = transformers.PhiConfig(**TINY_HF).to_dict()
+    del d["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="no 'vocab_size'"):
+        PhiConfig.from_json(tmp_path / "config.json")
