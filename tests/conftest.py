@@ -11,6 +11,15 @@ PHI_TOKENIZER_DIR = SHARED / "data" / "phi-1_5"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a phift child process: this checkout first on PYTHONPATH, ahead of whatever the parent
+    had there (packages carried onto a GPU machine live on PYTHONPATH and must reach the child too)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
 
 @pytest.fixture
 def shared_data():

@@ -4,12 +4,12 @@ Each run is a subprocess: DeepSpeed initialises torch.distributed and picks its 
 The first run JIT-builds DeepSpeed's CPU ops (a minute or two), cached in TORCH_EXTENSIONS_DIR.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def run(tmp_path, name, *extra):
            "--lora_dropout", "0", "--max_samples", "16", "--per_device_train_batch_size", "4", "--cutoff_len", "64",
            "--num_train_epochs", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "0",
            "--disable_gradient_checkpointing", "True", "--output_dir", str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    env = subprocess_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [e["loss"] for e in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e]
@@ -61,8 +61,8 @@ def launch(tmp_path, name, world, *extra, stage=2):
            "--cutoff_len", "64", "--num_train_epochs", "2", "--learning_rate", "1e-3", "--logging_steps", "1",
            "--seed", "0", "--disable_gradient_checkpointing", "True", "--save_steps", "4",
            "--deepspeed", str(cfg), "--output_dir", str(out), *extra]
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + world + len(name)), "WORLD_SIZE": str(world)}
+    base = subprocess_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(29500 + world + len(name)), WORLD_SIZE=str(world))
     procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = [p.communicate(timeout=1200)[0] for p in procs]

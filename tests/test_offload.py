@@ -65,7 +65,7 @@ def test_clipping_matches_the_pure_bf16_engine(tiny_config, tmp_path):
     plain, offload = engines(tiny_config, tmp_path, max_grad_norm=0.5)
     for e in (plain, offload):
         e.backward(e.forward(batch(tiny_config, 0)), True)
-    a, b = plain.step(True), offload.step(True)
+    a, _ = plain.step(True), offload.step(True)
     assert float(a["grad_norm"]) > 0.5  # clipped
     for p, q in zip(plain.model.parameters(), offload.model.parameters()):
         torch.testing.assert_close(offload.optimizer.state[offload.host[q]]["master"],

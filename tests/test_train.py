@@ -1,6 +1,5 @@
 """The training loop on the CPU: it learns, resumes exactly, survives a crash mid-save, parses the seed's flags."""
 import json
-import os
 import re
 import shlex
 import signal
@@ -13,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import subprocess_env
 from phift import lora
 from phift import train as train_mod
 from phift.args import parse_train_args
-from phift.engine import TorchEngine, fill_deepspeed_config, lr_lambda
 from phift.checkpoint import save_model
 from phift.config import PhiConfig
 from phift.data import load_rows
+from phift.engine import TorchEngine, fill_deepspeed_config, lr_lambda
 from phift.model import Phi
 from phift.tokenizer import train_demo_tokenizer
 
@@ -164,7 +164,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(tmp
     train_mod.train(uninterrupted)
     killed = run_args(tmp_path / "killed", **flags)
     argv = [sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path / "killed", **flags)]
-    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     latest = Path(killed.output_dir) / "latest"
     deadline = time.time() + 300
