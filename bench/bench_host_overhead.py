@@ -26,6 +26,7 @@ from phift.args import parse_train_args  # noqa: E402
 from phift.config import PhiConfig  # noqa: E402
 from phift.engine import TorchEngine  # noqa: E402
 from phift.model import LMHead, Phi  # noqa: E402
+from phift.recompute import recompute  # noqa: E402
 from phift.train import micro_step, prepare_model  # noqa: E402
 
 CASES = [  # name, flags, checkpointing (None = off, else reentrant?)
@@ -47,16 +48,16 @@ def step_ms(name, flags, ckpt, device, layers: int, steps: int, seq: int) -> flo
     cuda = device.type == "cuda"
     precision = ["--pure_bf16", "True"] if cuda and "full" in flags else ["--bf16", "True"] if cuda else []
     args = parse_train_args(["--model_name_or_path", "tiny", "--dataset", "-", "--output_dir", "/tmp/phift_host",
-                             "--lora_dropout", "0", *flags, *precision])
+                             "--lora_dropout", "0", *flags, *precision, "--disable_gradient_checkpointing", "True"])
     torch.manual_seed(0)
     config = PhiConfig.from_name("tiny", vocab_size=512, max_position_embeddings=max(256, seq), num_layers=layers)
     dtype = torch.bfloat16 if cuda else torch.float32
     with torch.device(device):
         model = Phi(config).to(dtype)
     model = prepare_model(args, model, dtype)
-    model.gradient_checkpointing = ckpt is not None
-    model.checkpoint_reentrant = bool(ckpt)
-    model.checkpoint_lean = "full recompute" not in name
+    if ckpt is not None:  # applied here rather than by prepare_model: the form and the lean lever are what is measured
+        recompute(model, "full", reentrant=ckpt, preserve_rng_state=not args.cuda_graphs,
+                  lean="full recompute" not in name)
     engine = TorchEngine(model, args, 1000, device)
     model.train()
     ids = torch.randint(0, 512, (1, seq), device=device)

@@ -11,7 +11,7 @@ labelled, under the same precision policy, optimizer (AdamW, lr 2e-4, clip 1.0) 
   phift+compile    the same with --compile True (per-block torch.compile)
   ... (pure bf16)  full fine-tuning with --pure_bf16: bf16 weights, no autocast, fp32 masters in the optimizer
   phift+graphs     the same with --cuda_graphs True (each micro-batch's forward + backward a replayed CUDA graph)
-  ... full recompute  checkpointed blocks recompute out_proj and fc2 too (phift.model.Linear's lever off)
+  ... full recompute  checkpointed blocks recompute out_proj and fc2 too (phift.recompute's lean lever off)
   phift+ds         phift.engine.DeepSpeedEngine with examples/ds_config.json (ZeRO-2, optimizer offloaded to the CPU)
   phift+offload    phift.offload.OffloadEngine (--offload_optimizer cpu): phift's own optimizer offload, no DeepSpeed
   hf, hf+compile   transformers' PhiForCausalLM (+ PEFT LoRA on q_proj/k_proj/v_proj), a plain loop; whole-model
@@ -200,9 +200,11 @@ def build_phift(c: Config, impl: str, spec: dict, device):
     from phift.engine import DeepSpeedEngine, TorchEngine, init_distributed_env
     from phift.model import Phi
     from phift.offload import OffloadEngine
+    from phift.recompute import recompute
     from phift.train import micro_step, precision, prepare_model
 
-    args = parse_train_args(phift_args(c, impl, spec))
+    full_recompute = "full recompute" in impl  # the lean-recomputation lever off (phift.recompute), to measure it
+    args = parse_train_args(phift_args(c, impl, spec) + ["--disable_gradient_checkpointing", "True"] * full_recompute)
     if impl == "phift+ds":  # as phift.train.train sets DeepSpeed up
         if device.type != "cuda":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -213,8 +215,8 @@ def build_phift(c: Config, impl: str, spec: dict, device):
     with torch.device(device):  # phift.train.load_base builds on the CPU and moves: same weights, faster here
         model = Phi(model_shape(spec["tiny"])).to(dtype)
     model = prepare_model(args, model, dtype)
-    if "full recompute" in impl:  # the lean-recomputation lever off (phift.model.Linear), to measure it
-        model.checkpoint_lean = False
+    if full_recompute:  # what prepare_model applies (eager), without the lean lever
+        recompute(model, "full", reentrant=not args.cuda_graphs, preserve_rng_state=not args.cuda_graphs, lean=False)
     Engine = DeepSpeedEngine if impl == "phift+ds" else OffloadEngine if impl == "phift+offload" else TorchEngine
     engine = Engine(model, args, spec["total_steps"], device)
     model.train()

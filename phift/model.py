@@ -6,14 +6,9 @@ Attention uses a fused Wqkv projection (rows q;k;v), rotary embedding on the fir
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import threading
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .config import PhiConfig
 from .kernels import cross_entropy_grad_, rotary_qkv
@@ -72,131 +67,57 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
-class _LinearForBackward(torch.autograd.Function):
-    """F.linear(x, weight, bias) whose output a checkpoint's recomputation does not need.
-
-    A recomputed block exists only to rebuild what its backward reads. A linear layer's backward reads its input and
-    weight, never its output; the outputs of out_proj and fc2 feed nothing but the residual sum, which backward does
-    not read either. So when recomputing, this returns uninitialised memory in the output's place and skips the GEMM
-    (38 % of a phi-1_5 block's recomputed FLOPs at 2048 tokens). The first pass computes the output and saves the
-    same tensors, as the non-reentrant checkpoint requires of its recomputation.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, compute):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        if compute:
-            return F.linear(x, weight, bias)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        gw = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
-
-
-class Linear(nn.Linear):
-    """nn.Linear that, inside a checkpointed block, may skip computing its output when recomputed (see
-    _LinearForBackward). LoRA replaces adapted layers with LoRALinear, which always computes."""
-
-    def forward(self, x, recomputing: bool | None = None):
-        """recomputing: None outside a checkpointed block; else whether this run is the block's recomputation."""
-        if recomputing is None or not (recomputing or torch.is_grad_enabled()):
-            return super().forward(x)  # not checkpointed, or a first run that saves nothing (the reentrant form's)
-        return _LinearForBackward.apply(x, self.weight, self.bias, not recomputing)
-
-
-def _call(module, x, recomputing):
-    """module(x), passing `recomputing` on to the layers that can use it."""
-    return module(x, recomputing) if type(module) is Linear else module(x)
-
-
-_recompute = threading.local()  # .on: inside a non-reentrant checkpoint's recomputation (this thread)
-
-
-@contextlib.contextmanager
-def _recomputation():
-    _recompute.on = True
-    try:
-        yield
-    finally:
-        _recompute.on = False
-
-
-def checkpoint_block(block, *args, reentrant: bool, preserve_rng_state: bool, lean: bool):
-    """block(*args) under activation checkpointing. lean: tell the block which run is the recomputation, so that
-    it skips the math whose results only the first run needs (Linear above)."""
-    if not lean:
-        return checkpoint(block, *args, use_reentrant=reentrant, preserve_rng_state=preserve_rng_state)
-    if reentrant:  # the first run is under no_grad, the recomputation (in backward) with grad
-        return checkpoint(lambda *a: block(*a, recomputing=torch.is_grad_enabled()), *args, use_reentrant=True,
-                          preserve_rng_state=preserve_rng_state)
-    return checkpoint(lambda *a: block(*a, recomputing=getattr(_recompute, "on", False)), *args,
-                      use_reentrant=False, preserve_rng_state=preserve_rng_state,
-                      context_fn=lambda: (contextlib.nullcontext(), _recomputation()))
-
-
 class Attention(nn.Module):
-    def __init__(self, config: PhiConfig):
+    def __init__(self, config: PhiConfig, layer: int):
         super().__init__()
-        self.num_heads = config.num_heads
+        self.num_heads, self.layer = config.num_heads, layer  # layer: this block's slot in a KV cache
         self.dropout = config.attention_dropout  # on the attention probabilities, in training
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.out_proj = Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recomputing=None):
+    def forward(self, x, cos, sin, mask=None, kv_cache=None):
+        """mask: boolean [B, 1, T, past + T], or None for plain causal attention over x alone."""
         B, T, C = x.shape
         q, k, v = rotary_qkv(self.Wqkv(x), cos, sin, self.num_heads)  # one fused pass on CUDA
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
+            k, v = kv_cache.update(self.layer, k, v)
         p = self.dropout if self.training else 0.0
+        causal = mask is None and T > 1
         if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p,
-                                               is_causal=is_causal).half()
+                                               is_causal=causal).half()
         else:  # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
-        return _call(self.out_proj, y.transpose(1, 2).reshape(B, T, C), recomputing)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config: PhiConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
-        self.checkpoint_rng = True  # as Phi.checkpoint_rng
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def hidden(self, x):
+        """The [T, intermediate] activation: the largest a block keeps for backward."""
         return F.gelu(self.fc1(x), approximate="tanh")
 
-    def forward(self, x, recompute_hidden: bool = False, recomputing=None):
-        """recompute_hidden: keep only x for backward and recompute fc1 and GELU there. Their [T, 4·hidden]
-        activation is the largest a block keeps; fc2 stays outside the checkpoint so that it is never rerun.
-        recomputing: as Linear's (the block around this one is checkpointed)."""
-        if recompute_hidden:
-            return self.fc2(checkpoint(self.hidden, x, use_reentrant=False, preserve_rng_state=self.checkpoint_rng))
-        return _call(self.fc2, self.hidden(x), recomputing)
+    def forward(self, x):
+        return self.fc2(self.hidden(x))
 
 
 class Block(nn.Module):
-    def __init__(self, config: PhiConfig):
+    """x + attn(ln(x)) + mlp(ln(x)): attention and MLP read the same normalised input, in parallel."""
+
+    def __init__(self, config: PhiConfig, layer: int):
         super().__init__()
         self.ln = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache=None, layer=0, recompute_mlp=False, recomputing=None):
-        """recomputing: None, or (inside checkpoint_block) whether this run is the recomputation, whose output sum
-        nothing reads."""
+    def forward(self, x, cos, sin, mask=None, kv_cache=None):
         h = self.ln(x)
-        a = self.attn(h, cos, sin, mask, is_causal, kv_cache, layer, recomputing)
-        m = self.mlp(h, recompute_mlp, recomputing)
+        a, m = self.attn(h, cos, sin, mask, kv_cache), self.mlp(h)
         if self.resid_dropout.p > 0:  # each branch draws its own mask, as transformers' PhiDecoderLayer
             a, m = self.resid_dropout(a), self.resid_dropout(m)
         return x + a + m
@@ -297,23 +218,9 @@ class Phi(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embd_dropout = nn.Dropout(config.embd_pdrop)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
-        self.gradient_checkpointing = False
-        # what checkpointing recomputes: "full" every block (least memory), "mlp" only each block's fc1 + GELU
-        self.checkpoint_policy = "full"
-        # full-block checkpointing in the reentrant form (one autograd node a block, where the non-reentrant form runs
-        # a pack and an unpack hook for each of the ~23 tensors a block saves: host time that bounds small-batch
-        # eager steps). phift.train.prepare_model turns it off for per-block torch.compile, measured only that way.
-        self.checkpoint_reentrant = True
-        # whether a recomputed block replays the random numbers of its first run; off only where nothing draws any
-        # (phift.graphs: a CUDA graph cannot save the RNG state mid-capture)
-        self.checkpoint_rng = True
-        # a recomputed block skips out_proj's and fc2's GEMMs, whose outputs its backward never reads (Linear).
-        # phift.train.prepare_model turns it off for per-block torch.compile, whose blocks are traced without it
-        self.checkpoint_lean = True
-        self.neftune_alpha = 0.0  # NEFTune noise on input embeddings, training only (--neft_alpha)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -337,9 +244,6 @@ class Phi(nn.Module):
         if labels is not None and label_rows is None:
             label_rows = LMHead.label_rows(labels)
         x = self.wte(input_ids)
-        if self.training and self.neftune_alpha > 0:
-            mag = self.neftune_alpha / math.sqrt(T * x.shape[-1])
-            x = x + torch.empty_like(x).uniform_(-mag, mag)
         if self.embd_dropout.p > 0:
             x = self.embd_dropout(x)
         if position_ids is None:
@@ -348,25 +252,12 @@ class Phi(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
-        if attention_mask is not None:
-            mask, is_causal = build_attention_mask(attention_mask, T, past), False
-        else:  # no padding: plain causal (flash attention); a single new token sees the whole cache
-            mask, is_causal = None, past == 0 and T > 1
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if ckpt and self.checkpoint_policy not in ("full", "mlp"):
-            raise ValueError(f"checkpoint_policy must be 'full' or 'mlp', got {self.checkpoint_policy!r}")
-        whole_blocks = ckpt and self.checkpoint_policy == "full"
-        reentrant = whole_blocks and self.checkpoint_reentrant
-        if reentrant and not x.requires_grad:
-            # a reentrant checkpoint passes gradients on only to blocks whose input requires grad: under LoRA the
-            # frozen embedding's output does not (transformers' enable_input_require_grads does the same)
-            x.requires_grad_()
-        for i, block in enumerate(self.layers):
-            if whole_blocks:
-                x = checkpoint_block(block, x, cos, sin, mask, is_causal, reentrant=reentrant,
-                                     preserve_rng_state=self.checkpoint_rng, lean=self.checkpoint_lean)
-            else:
-                x = block(x, cos, sin, mask, is_causal, kv_cache, i, recompute_mlp=ckpt)
+        if attention_mask is None and past and T > 1:  # new tokens after a cache: causal over the whole of it
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        # no mask: plain causal attention (flash kernels); a single new token sees the whole cache
+        mask = build_attention_mask(attention_mask, T, past) if attention_mask is not None else None
+        for block in self.layers:
+            x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         return self.lm_head(self.ln_f(x), labels, label_rows)

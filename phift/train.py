@@ -23,7 +23,9 @@ from .engine import DeepSpeedEngine, TorchEngine, init_distributed_env
 from .evaluate import loss_sums
 from .model import LMHead, Phi
 from .offload import OffloadEngine
+from .neftune import add_neftune
 from .plot import plot_loss
+from .recompute import compile_blocks, recompute
 from .rng import rng_state, set_rng_state, set_seed
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 
@@ -94,21 +96,15 @@ def prepare_model(args, model, dtype):
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
                 m.float()
-    model.gradient_checkpointing = not args.disable_gradient_checkpointing
-    model.checkpoint_policy = args.gradient_checkpointing_policy
-    model.neftune_alpha = args.neft_alpha
-    if args.cuda_graphs:
-        # a replay issues no host work, so the reentrant form's saving does not apply; the non-reentrant form is the
-        # one tested and measured under graphs. Nothing draws random numbers (graphs.check): no RNG state to keep
-        model.checkpoint_reentrant = False
-        for m in model.modules():
-            if hasattr(m, "checkpoint_rng"):
-                m.checkpoint_rng = False
+    if args.neft_alpha > 1e-6:
+        add_neftune(model.wte, args.neft_alpha)
     if args.compile:
-        model.checkpoint_reentrant = False  # compiled blocks were measured under the non-reentrant form only
-        model.checkpoint_lean = False  # a compiled block is traced for one kind of run
-        for block in model.layers:
-            block.compile()
+        compile_blocks(model)
+    if not args.disable_gradient_checkpointing:
+        # graphs and compiled blocks were measured with the non-reentrant form; under graphs nothing draws random
+        # numbers (graphs.check), so no RNG state is kept; a compiled block is traced for one kind of run (no lean)
+        recompute(model, args.gradient_checkpointing_policy, reentrant=not (args.cuda_graphs or args.compile),
+                  preserve_rng_state=not args.cuda_graphs, lean=not args.compile)
     return model
 
 

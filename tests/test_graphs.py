@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from phift import graphs, lora
+from phift import recompute as recompute_mod
 from phift import train as train_mod
 from phift.engine import TorchEngine
 from phift.model import Phi
@@ -142,17 +143,24 @@ def test_graphed_run_matches_eager_step_for_step(tmp_path, tiny_config, mode, ac
     assert (moved_g - moved_e).norm() < 0.05 * moved_e.norm()
 
 
-def test_prepare_model_under_graphs_keeps_no_rng_state_and_the_same_gradients(tmp_path, tiny_config):
+def test_prepare_model_under_graphs_keeps_no_rng_state_and_the_same_gradients(tmp_path, tiny_config, monkeypatch):
     """Recomputed blocks skip saving the RNG state (a capture cannot), which changes nothing where nothing draws."""
     torch.manual_seed(0)
     base = Phi(tiny_config).double()
     batch = train_mod.to_batch(EXAMPLES, False, 0, "cpu")
-    grads = {}
+    grads, forms = {}, []
+    real = recompute_mod.checkpoint
+
+    def recording(fn, *args, use_reentrant, preserve_rng_state, **kwargs):
+        forms.append((use_reentrant, preserve_rng_state))
+        return real(fn, *args, use_reentrant=use_reentrant, preserve_rng_state=preserve_rng_state, **kwargs)
+
+    monkeypatch.setattr(recompute_mod, "checkpoint", recording)
     for graphed in (False, True):
         args = run_args(tmp_path, cuda_graphs=graphed, disable_gradient_checkpointing=False)
         model = train_mod.prepare_model(args, copy.deepcopy(base), torch.float64).train()
-        flags = {m.checkpoint_rng for m in model.modules() if hasattr(m, "checkpoint_rng")}
-        assert flags == {not graphed} and model.checkpoint_reentrant == (not graphed)
+        forms.clear()
         grads[graphed] = loss_and_grads(model, batch)[1]
+        assert set(forms) == {(not graphed, not graphed)}
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-10, atol=1e-14, msg=name)
