@@ -54,15 +54,17 @@ USER_ROLES, ASSISTANT_ROLES, SYSTEM_ROLES = ("human", "user"), ("gpt", "assistan
 
 @dataclass(frozen=True)
 class Template:
-    """A prompt format as data; `encode_turns` is the function that reads it.
+    """A prompt format as data, in LLaMA-Factory v0.3.3's placeholders; `encode_turns` is the function that reads it.
 
-    Turn 0:  [bos] + prefix + sep + prompt(query)    response + eos   (prefix and its sep only when prefix is non-empty)
-    Turn t:  sep + [bos] + prompt(query)             response + eos
-    bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said `add_bos_token=False`,
-    and phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
+    Turn 0:  [bos] + prefix + sep + prompt    response + eos   (prefix and its sep only when the prefix is non-empty)
+    Turn t:  sep + [bos] + prompt             response + eos
+    Each placeholder is filled once, and only where v0.3.3 filled it: {{system}} in the prefix; {{query}} in the
+    prompt. bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said
+    `add_bos_token=False`, and phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs
+    got <|endoftext|> first.
     """
-    prefix: str = ""  # "{system}" in it becomes the system text
-    prompt: str = "{query}"
+    prefix: str = ""
+    prompt: str = "{{query}}"
     sep: str = ""
     system: str = ""
     use_history: bool = True
@@ -70,25 +72,29 @@ class Template:
 
 
 TEMPLATES: dict[str, Template] = {
-    # the seed's template: the query as is, and no history (v0.3.3 dropped it for vanilla)
+    # v0.3.3's templates of the same names, string for string; vanilla drops the history
     "vanilla": Template(use_history=False),
-    "empty": Template(),
     "default": Template(
-        prefix="{system}", prompt="Human: {query}\nAssistant: ", sep="\n",
+        prefix="{{system}}", prompt="Human: {{query}}\nAssistant:", sep="\n",
         system="A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's questions."),
     "alpaca": Template(
-        prefix="{system}", prompt="### Instruction:\n{query}\n\n### Response:\n", sep="\n\n",
+        prefix="{{system}}", prompt="### Instruction:\n{{query}}\n\n### Response:\n", sep="\n\n",
         system="Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request."),
-    # phi-1_5's own QA format (its model card). The response follows "Output:" directly: a trailing space in the
-    # prompt would be a lone BPE token, where pretraining text has the space inside the next word's token.
-    "phi": Template(prompt="Instruct: {query}\nOutput:", sep="\n", stop_words=("Instruct:",)),
-    # v0.3.3's chatml ended responses with <|im_end|> alone (efficient_eos); phi has no such special token (it is
-    # plain text here), so responses end with eos like every other template and <|im_end|> is a stop word.
+    # phift's own, not in v0.3.3. phi-1_5's QA format (its model card): the response follows "Output:" directly,
+    # as a trailing space in the prompt would be a lone BPE token where pretraining text has the space inside the
+    # next word's token.
+    "phi": Template(prompt="Instruct: {{query}}\nOutput:", sep="\n", stop_words=("Instruct:",)),
+    # Shaped like v0.3.3's qwen template, whose <|im_start|>/<|im_end|> are special tokens and whose responses end
+    # with <|im_end|> alone; phi has no such tokens, so here they are plain text, responses end with eos like every
+    # other template, and <|im_end|> is a stop word.
     "chatml": Template(
-        prefix="<|im_start|>system\n{system}", prompt="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
+        prefix="<|im_start|>system\n{{system}}",
+        prompt="<|im_start|>user\n{{query}}<|im_end|>\n<|im_start|>assistant\n",
         sep="<|im_end|>\n", system="You are a helpful assistant.", stop_words=("<|im_end|>",)),
+    # the query alone, with history
+    "empty": Template(),
 }
 
 
@@ -111,11 +117,11 @@ def encode_turns(template: Template, tokenizer, query: str, response: str, histo
     pairs = []
     for i, (q, r) in enumerate(turns):
         if i == 0:
-            prefix = _ids(tokenizer, template.prefix.replace("{system}", system or template.system))
+            prefix = _ids(tokenizer, template.prefix.replace("{{system}}", system or template.system, 1))
             head = bos + prefix + sep if prefix else bos
         else:
             head = sep + bos
-        source = head + _ids(tokenizer, template.prompt.replace("{query}", q, 1))
+        source = head + _ids(tokenizer, template.prompt.replace("{{query}}", q, 1))
         pairs.append((source, _ids(tokenizer, r) + [tokenizer.eos_token_id]))
     return pairs
 

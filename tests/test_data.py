@@ -1,14 +1,15 @@
 """SFT data: templates and masking, the cutoff policy, the dataset registry, bad input, collation and packing."""
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from phift.data import (TEMPLATES, collate, collate_packed, encode_prompt, encode_supervised, encode_turns,
-                        get_dataset, get_template, load_dataset_info, load_rows, pack)
+from phift.data import (TEMPLATES, Template, collate, collate_packed, encode_prompt, encode_supervised,
+                        encode_turns, get_dataset, get_template, load_dataset_info, load_rows, pack)
 from phift.model import Phi
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -37,6 +38,11 @@ def dataset_dir(tmp_path, info, files):
 
 def trained(example):
     return [t for t in example["labels"] if t != IGNORE]
+
+
+def char_ids(text):
+    """TOK's ids for text in which <s> and </s> stand for bos and eos."""
+    return [t for piece in re.split("(<s>|</s>)", text) for t in {"<s>": [BOS], "</s>": [EOS]}.get(piece, TOK.encode(piece))]
 
 
 # ---------------------------------------------------------------------------------------------------- masking
@@ -87,6 +93,40 @@ def test_encode_prompt_is_the_history_then_the_last_source():
 def test_system_text_replaces_the_template_default():
     ids = encode_prompt(TEMPLATES["default"], TOK, "hi", system="Be brief.")
     assert ids[:1 + len("Be brief.")] == [BOS] + TOK.encode("Be brief.")
+
+
+# v0.3.3's template.py strings, put together by its Template._encode: turn 0 is bos + prefix + sep + prompt (prefix
+# and sep only when the system text is non-empty), turn t is sep + bos + prompt; every response ends with eos.
+TWO_TURNS = {"prompt": "q2", "response": "r2", "history": [["q1", "r1"]], "system": "S"}
+V033_RENDERINGS = {
+    "vanilla": "<s>q2r2</s>",
+    "default": "<s>S\nHuman: q1\nAssistant:r1</s>\n<s>Human: q2\nAssistant:r2</s>",
+    "alpaca": "<s>S\n\n### Instruction:\nq1\n\n### Response:\nr1</s>\n\n<s>### Instruction:\nq2\n\n### Response:\nr2</s>",
+}
+
+
+@pytest.mark.parametrize("name", V033_RENDERINGS)
+def test_templates_shared_with_v0_3_3_render_a_conversation_as_it_did(name):
+    example = encode_supervised(TEMPLATES[name], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)
+    assert example["input_ids"] == char_ids(V033_RENDERINGS[name])
+
+
+def test_default_template_with_the_phi_tokenizer_gives_v0_3_3s_tokens(phi_tokenizer):
+    row = {"prompt": "Bye", "response": "Bye.", "history": [["Hi", "Hello."]], "system": "Be brief."}
+    example = encode_supervised(TEMPLATES["default"], phi_tokenizer, row, cutoff_len=1024, train_on_prompt=False)
+    eot, nl = 50256, 198
+    be_brief, hello, bye = [3856, 4506, 13], [15496, 13], [3886, 68, 13]
+    human_hi_assistant = [20490, 25, 15902, nl, 48902, 25]  # "Human", ":", " Hi", "\n", "Assistant", ":"
+    human_bye_assistant = [20490, 25, 47843, nl, 48902, 25]  # no " " (220) after "Assistant:"
+    first = [eot] + be_brief + [nl] + human_hi_assistant
+    second = [nl, eot] + human_bye_assistant
+    assert example["input_ids"] == first + hello + [eot] + second + bye + [eot]
+    assert example["labels"] == [IGNORE] * len(first) + hello + [eot] + [IGNORE] * len(second) + bye + [eot]
+
+
+def test_templates_take_v0_3_3s_placeholders_so_its_strings_copy_across():
+    template = Template(prefix="<{{system}}>", prompt="Q: {{query}} A:", system="S")
+    assert encode_prompt(template, TOK, "hi") == char_ids("<s><S>Q: hi A:")
 
 
 def test_unknown_template_lists_the_known_ones():
