@@ -145,7 +145,8 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
     input_ids, labels = [], []
     for source, target in encode_turns(template, tokenizer, row["prompt"], row["response"], row.get("history"),
                                        row.get("system")):
-        max_target = max(int(cutoff_len * len(target) / (len(source) + len(target))), 1)
+        # v0.3.3's float order (the share first): 1792 * (305 / 2240) is 243.99999999999997, not 244
+        max_target = max(int(cutoff_len * (len(target) / (len(source) + len(target)))), 1)
         source, target = source[:cutoff_len - max_target], target[:max_target]
         input_ids += source + target
         labels += (source if train_on_prompt else [IGNORE_INDEX] * len(source)) + target

@@ -139,16 +139,27 @@ def test_unknown_template_lists_the_known_ones():
 def test_truncation_splits_cutoff_in_proportion_to_source_and_target():
     row = {"prompt": "p" * 299, "response": "r" * 99, "history": []}  # source 300 (bos + 299), target 100 (+ eos)
     example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len=100, train_on_prompt=False)
-    # max_target = int(100 * 100 / 400) = 25, max_source = 100 - 25 = 75
+    # max_target = int(100 * (100 / 400)) = 25, max_source = 100 - 25 = 75
     assert example["input_ids"] == ([BOS] + TOK.encode("p" * 299))[:75] + TOK.encode("r" * 25)
     assert example["labels"] == [IGNORE] * 75 + TOK.encode("r" * 25)
 
 
 def test_truncation_keeps_at_least_one_response_token():
-    row = {"prompt": "p" * 998, "response": "r", "history": []}  # source 999, target 2: int(10 * 2 / 1001) = 0 -> 1
+    row = {"prompt": "p" * 998, "response": "r", "history": []}  # source 999, target 2: int(10 * (2 / 1001)) = 0 -> 1
     example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len=10, train_on_prompt=False)
     assert len(example["input_ids"]) == 10
     assert example["labels"] == [IGNORE] * 9 + TOK.encode("r")
+
+
+@pytest.mark.parametrize("cutoff_len, source_len, target_len, kept_source, kept_target", [
+    (22, 7, 15, 7, 14),  # 22 * (15 / 22) is 14.999999999999998: the eos is cut though the whole row would fit
+    (1792, 1935, 305, 1549, 243),  # 1792 * (305 / 2240) is 243.99999999999997
+])
+def test_truncation_takes_the_target_share_in_v0_3_3s_float_order(cutoff_len, source_len, target_len, kept_source,
+                                                                   kept_target):
+    row = {"prompt": "p" * (source_len - 1), "response": "r" * (target_len - 1), "history": []}  # + bos, + eos
+    example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len, train_on_prompt=False)
+    assert example["labels"] == [IGNORE] * kept_source + TOK.encode("r" * kept_target)
 
 
 def test_each_turn_budgets_the_whole_cutoff_and_the_concatenation_is_cut_after():
