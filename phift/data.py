@@ -58,8 +58,9 @@ class Template:
 
     Turn 0:  [bos] + prefix + sep + prompt    response + eos   (prefix and its sep only when the prefix is non-empty)
     Turn t:  sep + [bos] + prompt             response + eos
-    Each placeholder is filled once, and only where v0.3.3 filled it: {{system}} in the prefix; {{query}} in the
-    prompt. bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said
+    Each placeholder is filled once, in v0.3.3's order and only where it filled it: {{system}} in the prefix;
+    {{query}}, then {{idx}} (the turn number from 1) in the prompt, so a prompt without {{idx}} of its own has the
+    first {{idx}} of the user's text replaced. bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said
     `add_bos_token=False`, and phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs
     got <|endoftext|> first.
     """
@@ -121,7 +122,8 @@ def encode_turns(template: Template, tokenizer, query: str, response: str, histo
             head = bos + prefix + sep if prefix else bos
         else:
             head = sep + bos
-        source = head + _ids(tokenizer, template.prompt.replace("{{query}}", q, 1))
+        prompt = template.prompt.replace("{{query}}", q, 1).replace("{{idx}}", str(i + 1), 1)
+        source = head + _ids(tokenizer, prompt)
         pairs.append((source, _ids(tokenizer, r) + [tokenizer.eos_token_id]))
     return pairs
 

@@ -129,6 +129,25 @@ def test_templates_take_v0_3_3s_placeholders_so_its_strings_copy_across():
     assert encode_prompt(template, TOK, "hi") == char_ids("<s><S>Q: hi A:")
 
 
+def test_idx_in_a_template_prompt_is_the_one_based_turn_number():
+    template = Template(prompt="[Round {{idx}}] {{query}}")
+    ids = encode_supervised(template, TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)["input_ids"]
+    assert ids == char_ids("<s>[Round 1] q1r1</s><s>[Round 2] q2r2</s>")
+
+
+def test_the_first_idx_in_a_users_query_becomes_the_turn_number_as_in_v0_3_3():
+    # v0.3.3 fills {{idx}} after {{query}}, so when the prompt has none of its own, the user's text holds the first
+    row = {"prompt": "b {{idx}}", "response": "r2", "history": [["a {{idx}} {{idx}}", "r1"]], "system": "S"}
+    ids = encode_supervised(TEMPLATES["default"], TOK, row, cutoff_len=1024, train_on_prompt=False)["input_ids"]
+    assert ids == char_ids("<s>S\nHuman: a 1 {{idx}}\nAssistant:r1</s>\n<s>Human: b 2\nAssistant:r2</s>")
+
+
+def test_system_and_query_placeholders_in_a_users_text_stay_literal():
+    row = {"prompt": "{{system}} {{query}}", "response": "{{idx}} {{system}}", "system": "{{query}} {{idx}}"}
+    ids = encode_supervised(TEMPLATES["default"], TOK, row, cutoff_len=1024, train_on_prompt=False)["input_ids"]
+    assert ids == char_ids("<s>{{query}} {{idx}}\nHuman: {{system}} {{query}}\nAssistant:{{idx}} {{system}}</s>")
+
+
 def test_unknown_template_lists_the_known_ones():
     with pytest.raises(ValueError, match="vanilla.*chatml"):
         get_template("llama9")
