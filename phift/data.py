@@ -60,9 +60,13 @@ class Template:
     Turn t:  sep + [bos] + prompt             response + eos
     Each placeholder is filled once, in v0.3.3's order and only where it filled it: {{system}} in the prefix;
     {{query}}, then {{idx}} (the turn number from 1) in the prompt, so a prompt without {{idx}} of its own has the
-    first {{idx}} of the user's text replaced. bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said
-    `add_bos_token=False`, and phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs
-    got <|endoftext|> first.
+    first {{idx}} of the user's text replaced.
+    efficient_eos (v0.3.3's name): no eos after each response; `encode_supervised` appends one to the row and
+    teaches the others on the next turn's first token.
+    system_in_first_query (v0.3.3's Llama2Template): turn t is [bos] + prompt, the filled prefix put in front of the
+    first query; no sep, no {{idx}}.
+    bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said `add_bos_token=False`, and
+    phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
     """
     prefix: str = ""
     prompt: str = "{{query}}"
@@ -70,6 +74,8 @@ class Template:
     system: str = ""
     use_history: bool = True
     stop_words: tuple[str, ...] = ()
+    efficient_eos: bool = False
+    system_in_first_query: bool = False
 
 
 TEMPLATES: dict[str, Template] = {
@@ -83,6 +89,37 @@ TEMPLATES: dict[str, Template] = {
         prefix="{{system}}", prompt="### Instruction:\n{{query}}\n\n### Response:\n", sep="\n\n",
         system="Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request."),
+    # v0.3.3's other templates that are plain text, with no stop words for it to add as special tokens
+    "belle": Template(prefix="{{system}}", prompt="Human: {{query}}\n\nBelle: ", sep="\n\n"),
+    "deepseek": Template(prefix="{{system}}", prompt="User: {{query}}\n\nAssistant:"),
+    "falcon": Template(prefix="{{system}}", prompt="User: {{query}}\nFalcon:", sep="\n", efficient_eos=True),
+    "llama2": Template(
+        prefix="<<SYS>>\n{{system}}\n<</SYS>>\n\n", prompt="[INST] {{query}} [/INST]", system_in_first_query=True,
+        system="You are a helpful, respectful and honest assistant. "
+               "Always answer as helpfully as possible, while being safe. "
+               "Your answers should not include any harmful, unethical, "
+               "racist, sexist, toxic, dangerous, or illegal content. "
+               "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+               "If a question does not make any sense, or is not factually coherent, "
+               "explain why instead of answering something not correct. "
+               "If you don't know the answer to a question, please don't share false information."),
+    "llama2_zh": Template(
+        prefix="<<SYS>>\n{{system}}\n<</SYS>>\n\n", prompt="[INST] {{query}} [/INST]", system_in_first_query=True,
+        system="You are a helpful assistant. 你是一个乐于助人的助手。"),
+    "mistral": Template(prefix="{{system}}", prompt="[INST] {{query}} [/INST]", sep=" "),
+    "vicuna": Template(
+        prefix="{{system}}", prompt="USER: {{query}} ASSISTANT:",
+        system="A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+    "xuanyuan": Template(
+        prefix="{{system}}", prompt="Human: {{query}} Assistant:",
+        system="以下是用户和人工智能助手之间的对话。用户以Human开头，人工智能助手以Assistant开头，"
+               "会对人类提出的问题给出有帮助、高质量、详细和礼貌的回答，并且总是拒绝参与与不道德、"
+               "不安全、有争议、政治敏感等相关的话题、问题和指示。\n"),
+    "xverse": Template(prefix="{{system}}", prompt="Human: {{query}}\n\nAssistant: "),
+    "yi": Template(
+        prefix="{{system}}", prompt="<|im_start|>user\n{{query}}<|im_end|>\n<|im_start|>assistant\n",
+        sep="<|im_end|>\n", efficient_eos=True),
     # phift's own, not in v0.3.3. phi-1_5's QA format (its model card): the response follows "Output:" directly,
     # as a trailing space in the prompt would be a lone BPE token where pretraining text has the space inside the
     # next word's token.
@@ -111,20 +148,29 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def encode_turns(template: Template, tokenizer, query: str, response: str, history=None,
                  system: str | None = None) -> list[tuple[list[int], list[int]]]:
-    """(source_ids, target_ids) per turn, history first; each target ends with eos. Pieces are tokenised apart."""
+    """(source_ids, target_ids) per turn, history first; targets end with eos unless efficient_eos.
+
+    Pieces are tokenised apart, as v0.3.3 did."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    eos = [] if template.efficient_eos else [tokenizer.eos_token_id]
     sep = _ids(tokenizer, template.sep)
+    system = system or template.system
     turns = [*(history if template.use_history and history else []), (query, response)]
     pairs = []
     for i, (q, r) in enumerate(turns):
-        if i == 0:
-            prefix = _ids(tokenizer, template.prefix.replace("{{system}}", system or template.system, 1))
-            head = bos + prefix + sep if prefix else bos
+        if template.system_in_first_query:
+            if i == 0:  # every {{system}}, unlike the other placeholders: v0.3.3's Llama2Template did so
+                q = template.prefix.replace("{{system}}", system) + q
+            source = bos + _ids(tokenizer, template.prompt.replace("{{query}}", q, 1))
         else:
-            head = sep + bos
-        prompt = template.prompt.replace("{{query}}", q, 1).replace("{{idx}}", str(i + 1), 1)
-        source = head + _ids(tokenizer, prompt)
-        pairs.append((source, _ids(tokenizer, r) + [tokenizer.eos_token_id]))
+            if i == 0:
+                prefix = _ids(tokenizer, template.prefix.replace("{{system}}", system, 1))
+                head = bos + prefix + sep if prefix else bos
+            else:
+                head = sep + bos
+            prompt = template.prompt.replace("{{query}}", q, 1).replace("{{idx}}", str(i + 1), 1)
+            source = head + _ids(tokenizer, prompt)
+        pairs.append((source, _ids(tokenizer, r) + eos))
     return pairs
 
 
@@ -139,21 +185,33 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
 
     v0.3.3's cutoff policy (its infer_max_len with reserved_label_len=1): each turn on its own gets the whole
     cutoff_len, split in proportion to its source and target lengths with at least one target token; the turns are
-    then concatenated and cut to cutoff_len. So the first turn always keeps >= 1 response token; later turns may
-    be cut away entirely.
+    then concatenated (plus the final eos of an efficient_eos template) and cut to cutoff_len. So the first turn
+    always keeps >= 1 response token; later turns may be cut away entirely.
     """
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    if train_on_prompt and template.efficient_eos:
+        raise ValueError("train_on_prompt cannot be combined with an efficient_eos template: the eos after each "
+                         "response is learned on the next turn's first prompt token, which train_on_prompt labels "
+                         "with itself (v0.3.3 refused this too)")
+    eos = tokenizer.eos_token_id
     input_ids, labels = [], []
-    for source, target in encode_turns(template, tokenizer, row["prompt"], row["response"], row.get("history"),
-                                       row.get("system")):
+    for i, (source, target) in enumerate(encode_turns(template, tokenizer, row["prompt"], row["response"],
+                                                      row.get("history"), row.get("system"))):
         # v0.3.3's float order (the share first): 1792 * (305 / 2240) is 243.99999999999997, not 244
         max_target = max(int(cutoff_len * (len(target) / (len(source) + len(target)))), 1)
         source, target = source[:cutoff_len - max_target], target[:max_target]
+        if train_on_prompt:
+            mask = source
+        elif i and template.efficient_eos:  # the previous response, which has no eos, learns to end here
+            mask = [eos] + [IGNORE_INDEX] * (len(source) - 1)
+        else:
+            mask = [IGNORE_INDEX] * len(source)
         input_ids += source + target
-        labels += (source if train_on_prompt else [IGNORE_INDEX] * len(source)) + target
+        labels += mask + target
+    if template.efficient_eos:
+        input_ids, labels = input_ids + [eos], labels + [eos]
     return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
-
 
 # ---------------------------------------------------------------------------------------------------- datasets
 

@@ -42,7 +42,8 @@ def trained(example):
 
 def char_ids(text):
     """TOK's ids for text in which <s> and </s> stand for bos and eos."""
-    return [t for piece in re.split("(<s>|</s>)", text) for t in {"<s>": [BOS], "</s>": [EOS]}.get(piece, TOK.encode(piece))]
+    specials = {"<s>": [BOS], "</s>": [EOS]}
+    return [t for piece in re.split("(<s>|</s>)", text) for t in specials.get(piece, TOK.encode(piece))]
 
 
 # ---------------------------------------------------------------------------------------------------- masking
@@ -101,7 +102,21 @@ TWO_TURNS = {"prompt": "q2", "response": "r2", "history": [["q1", "r1"]], "syste
 V033_RENDERINGS = {
     "vanilla": "<s>q2r2</s>",
     "default": "<s>S\nHuman: q1\nAssistant:r1</s>\n<s>Human: q2\nAssistant:r2</s>",
-    "alpaca": "<s>S\n\n### Instruction:\nq1\n\n### Response:\nr1</s>\n\n<s>### Instruction:\nq2\n\n### Response:\nr2</s>",
+    "alpaca": "<s>S\n\n### Instruction:\nq1\n\n### Response:\nr1</s>"
+              "\n\n<s>### Instruction:\nq2\n\n### Response:\nr2</s>",
+    "belle": "<s>S\n\nHuman: q1\n\nBelle: r1</s>\n\n<s>Human: q2\n\nBelle: r2</s>",
+    "deepseek": "<s>SUser: q1\n\nAssistant:r1</s><s>User: q2\n\nAssistant:r2</s>",
+    "mistral": "<s>S [INST] q1 [/INST]r1</s> <s>[INST] q2 [/INST]r2</s>",
+    "vicuna": "<s>SUSER: q1 ASSISTANT:r1</s><s>USER: q2 ASSISTANT:r2</s>",
+    "xuanyuan": "<s>SHuman: q1 Assistant:r1</s><s>Human: q2 Assistant:r2</s>",
+    "xverse": "<s>SHuman: q1\n\nAssistant: r1</s><s>Human: q2\n\nAssistant: r2</s>",
+    # Llama2Template: the system block joins the first query; no sep
+    "llama2": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nq1 [/INST]r1</s><s>[INST] q2 [/INST]r2</s>",
+    "llama2_zh": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nq1 [/INST]r1</s><s>[INST] q2 [/INST]r2</s>",
+    # efficient_eos: no eos after each response, one at the very end
+    "falcon": "<s>S\nUser: q1\nFalcon:r1\n<s>User: q2\nFalcon:r2</s>",
+    "yi": "<s>S<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\nr1"
+          "<|im_end|>\n<s><|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\nr2</s>",
 }
 
 
@@ -109,6 +124,24 @@ V033_RENDERINGS = {
 def test_templates_shared_with_v0_3_3_render_a_conversation_as_it_did(name):
     example = encode_supervised(TEMPLATES[name], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)
     assert example["input_ids"] == char_ids(V033_RENDERINGS[name])
+
+
+def test_efficient_eos_labels_eos_on_each_later_turns_first_token_and_ends_the_row_with_eos():
+    example = encode_supervised(TEMPLATES["falcon"], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)
+    first, second = len(char_ids("<s>S\nUser: q1\nFalcon:")), len(char_ids("\n<s>User: q2\nFalcon:"))
+    assert example["labels"] == ([IGNORE] * first + TOK.encode("r1") + [EOS] + [IGNORE] * (second - 1)
+                                 + TOK.encode("r2") + [EOS])
+
+
+def test_efficient_eos_is_appended_after_each_turn_is_cut_and_falls_to_the_final_cut():
+    row = {"prompt": "p" * 5, "response": "r" * 4, "history": []}  # source 6, target 4 (no eos): 10 tokens
+    example = encode_supervised(Template(efficient_eos=True), TOK, row, cutoff_len=10, train_on_prompt=False)
+    assert example["input_ids"] == char_ids("<s>ppppprrrr")
+
+
+def test_train_on_prompt_with_an_efficient_eos_template_is_an_error():
+    with pytest.raises(ValueError, match="train_on_prompt .* efficient_eos"):
+        encode_supervised(TEMPLATES["yi"], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=True)
 
 
 def test_default_template_with_the_phi_tokenizer_gives_v0_3_3s_tokens(phi_tokenizer):
