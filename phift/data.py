@@ -20,10 +20,13 @@ dataset_info.json maps a dataset name to an entry (LLaMA-Factory's schema):
 alpaca columns: prompt (default "instruction"), query ("input"), response ("output"), history, system, and phift's
 `reference`: a list of statutes (DISC-Law-SFT's triplet files) placed before the prompt as
 "参考法条：\\n<one statute a line>\\n\\n<prompt>".
-Without "columns" the defaults apply; with it, only the keys it names.
+Without "columns" the defaults apply; with it, only the keys it names. Either way, as in v0.3.3, a record column
+named prompt, query, response, history or system is read as that field when no mapping takes its place.
+A mapped column must be in some record; a record without it reads it as empty.
 The user's turn is prompt + "\\n" + query (query omitted when empty); history is a list of [query, response] pairs.
-sharegpt columns: messages ("conversations"), role ("from"), content ("value"), system; turns alternate a user
-(human/user) and an assistant (gpt/assistant) message, optionally after one leading system message.
+sharegpt columns: messages ("conversations"), role ("from"), content ("value"), system (phift's; unnamed ones keep
+their defaults); turns alternate a user (human/user) and an assistant (gpt/assistant) message, optionally after one
+leading system message.
 
 A row is {"prompt": the user's turn, "response": str, "history": [[q, r], ...], "system": str (only when given)}.
 """
@@ -47,6 +50,7 @@ DEFAULT_NAME = DEFAULT_AUTHOR = "phift"
 STATUTES_HEADER = "参考法条：\n"
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 SHAREGPT_COLUMNS = {"messages": "conversations", "role": "from", "content": "value"}
+ALPACA_FIELDS = ("prompt", "query", "response", "history", "system")
 USER_ROLES, ASSISTANT_ROLES, SYSTEM_ROLES = ("human", "user"), ("gpt", "assistant"), ("system",)
 
 
@@ -278,20 +282,53 @@ def _read_records(path: Path, dataset: str) -> list:
     return list(zip(records, where))
 
 
-def _format_row(record: dict, entry: dict, dataset: str, at: str) -> dict:
-    sharegpt = entry.get("formatting", "alpaca") == "sharegpt"
-    columns = entry.get("columns", SHAREGPT_COLUMNS if sharegpt else ALPACA_COLUMNS)
+def _record_columns(entry: dict, present: set[str], dataset: str, where: str) -> dict[str, str]:
+    """Which record key each row field reads. As in v0.3.3, whose `datasets` gave every record all the columns of
+    its file (null where a record lacks one), a column that `columns` names must be in some record.
 
+    alpaca follows v0.3.3's renaming: each mapped column (the defaults without "columns") takes its field's name,
+    then the columns named prompt, query, response, history and system are read whether mapped or not.
+    """
+    def fail(problem: str):
+        raise ValueError(f"{where}: dataset {dataset!r}: {problem}; the records have: "
+                         f"{', '.join(sorted(present)) or 'nothing'}")
+
+    def check(field: str, column: str):
+        if column not in present:
+            fail(f"no column {column!r} (its {field})")
+
+    if entry.get("formatting", "alpaca") == "sharegpt":
+        columns = {**SHAREGPT_COLUMNS, **entry.get("columns", {})}
+        for field in ("messages", "system"):
+            if field in columns:
+                check(field, columns[field])
+        return columns
+    columns = entry.get("columns", ALPACA_COLUMNS)
+    names = {c: c for c in present}  # a column's name after the renames -> its key in the record
+    for field in ALPACA_FIELDS:
+        column = columns.get(field)
+        if column and column != field:
+            check(field, column)
+            if field in names:
+                fail(f"the {field} column {column!r} would replace the column {field!r}")
+            names[field] = names.pop(column)
+    for field in ("prompt", "response"):
+        if field not in names:
+            fail(f"no column holds the {field}: map one in 'columns' or name a column {field!r}")
+    found = {field: names[field] for field in ALPACA_FIELDS if field in names}
+    if columns.get("reference"):
+        check("reference", columns["reference"])
+        found["reference"] = columns["reference"]
+    return found
+
+
+def _format_row(record: dict, columns: dict[str, str], sharegpt: bool, dataset: str, at: str) -> dict:
     def fail(problem: str):
         raise ValueError(f"{at}: dataset {dataset!r}: {problem}")
 
-    def get(key: str, *kinds: type):
-        column = columns.get(key)
-        if column is None:
-            return None
-        if column not in record:
-            fail(f"no column {column!r} (its {key}); the record has: {', '.join(sorted(record)) or 'nothing'}")
-        value = record[column]
+    def get(field: str, *kinds: type):
+        column = columns.get(field)
+        value = record.get(column) if column else None
         if value is not None and not isinstance(value, kinds or (str,)):
             fail(f"column {column!r} must be {' or '.join(k.__name__ for k in kinds or (str,))}, "
                  f"got {type(value).__name__}")
@@ -304,7 +341,7 @@ def _format_row(record: dict, entry: dict, dataset: str, at: str) -> dict:
 
     row = {}
     if sharegpt:
-        role, content = columns.get("role", "from"), columns.get("content", "value")
+        role, content = columns["role"], columns["content"]
         messages = get("messages", list) or []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or role not in m or content not in m:
@@ -364,8 +401,11 @@ def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | No
         if dataset not in info:
             raise ValueError(f"unknown dataset {dataset!r}; {Path(dataset_dir) / 'dataset_info.json'} defines: "
                              f"{', '.join(info) or 'nothing'}")
-        records = _read_records(_dataset_file(dataset, info[dataset], dataset_dir), dataset)[:max_samples]
-        formatted = [_format_row(record, info[dataset], dataset, at) for record, at in records]
+        path = _dataset_file(dataset, info[dataset], dataset_dir)
+        records = _read_records(path, dataset)
+        columns = _record_columns(info[dataset], {key for record, _ in records for key in record}, dataset, str(path))
+        sharegpt = info[dataset].get("formatting", "alpaca") == "sharegpt"
+        formatted = [_format_row(record, columns, sharegpt, dataset, at) for record, at in records[:max_samples]]
         kept = [r for r in formatted if r["prompt"] and r["response"]]
         if len(kept) < len(formatted):
             logger.warning("dataset %r: skipped %d of %d records with an empty prompt or response",

@@ -233,6 +233,45 @@ def test_alpaca_rows_join_instruction_and_input_and_keep_history(tmp_path):
                     {"prompt": "你是谁？", "response": "我是助手", "history": []}]
 
 
+@pytest.mark.parametrize("columns", [None, {"prompt": "instruction", "query": "input", "response": "output"}])
+def test_a_column_named_system_gives_the_row_its_system_text_without_a_mapping(tmp_path, columns):
+    entry = {"file_name": "d.json", **({"columns": columns} if columns else {})}
+    records = [{"instruction": "q", "input": "", "output": "a", "system": "be kind"}]
+    assert load_rows("d", dataset_dir(tmp_path, {"d": entry}, {"d.json": records}))[0]["system"] == "be kind"
+
+
+def test_a_column_named_history_is_the_rows_history_without_a_mapping(tmp_path):
+    records = [{"instruction": "q2", "input": "", "output": "r2", "history": [["q1", "r1"]]}]
+    rows = load_rows("d", dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records}))
+    assert rows[0]["history"] == [["q1", "r1"]]
+
+
+def test_with_columns_that_leave_the_query_unmapped_a_query_column_is_read_and_input_is_not(tmp_path):
+    entry = {"file_name": "d.json", "columns": {"prompt": "instruction", "response": "output"}}
+    records = [{"instruction": "a", "input": "not read", "query": "b", "output": "o"}]
+    assert load_rows("d", dataset_dir(tmp_path, {"d": entry}, {"d.json": records}))[0]["prompt"] == "a\nb"
+
+
+def test_a_column_some_records_lack_reads_as_empty_in_those(tmp_path):
+    records = [{"instruction": "a", "input": "x", "output": "o"}, {"instruction": "b", "output": "p"}]
+    rows = load_rows("d", dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records}))
+    assert [r["prompt"] for r in rows] == ["a\nx", "b"]
+
+
+def test_a_mapped_column_that_would_replace_a_column_of_the_fields_name_is_an_error(tmp_path):
+    records = [{"instruction": "a", "input": "x", "query": "y", "output": "o"}]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    with pytest.raises(ValueError, match="dataset 'd': the query column 'input' would replace the column 'query'"):
+        load_rows("d", d)
+
+
+def test_sharegpt_columns_not_named_keep_their_defaults(tmp_path):
+    conversation = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]
+    info = {"chat": {"file_name": "chat.json", "formatting": "sharegpt", "columns": {"system": "sys"}}}
+    rows = load_rows("chat", dataset_dir(tmp_path, info, {"chat.json": [{"conversations": conversation, "sys": "S"}]}))
+    assert rows == [{"prompt": "q", "response": "r", "history": [], "system": "S"}]
+
+
 def test_sharegpt_conversations_become_history_and_a_last_turn(tmp_path):
     conversation = [{"from": "system", "value": "be kind"}, {"from": "human", "value": "q1"},
                     {"from": "gpt", "value": "r1"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "r2"}]
@@ -320,9 +359,18 @@ def test_malformed_json_array_names_the_line_and_column(tmp_path):
         load_rows("d", d)
 
 
-def test_missing_column_names_the_dataset_the_column_and_the_columns_there(tmp_path):
-    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": [{"instruction": "q", "answer": "a"}]})
-    with pytest.raises(ValueError, match=r"record 0: dataset 'd': no column 'input' .* has: answer, instruction"):
+def test_a_column_no_record_has_names_the_dataset_the_column_and_the_columns_there(tmp_path):
+    records = [{"instruction": "q", "input": "", "answer": "a"}, {"instruction": "q", "answer": "a"}]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    with pytest.raises(ValueError, match=r"d\.json: dataset 'd': no column 'output' \(its response\); "
+                                         r"the records have: answer, input, instruction"):
+        load_rows("d", d)
+
+
+def test_a_prompt_no_column_holds_is_an_error(tmp_path):
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json", "columns": {"response": "output"}}},
+                    {"d.json": [{"instruction": "q", "output": "a"}]})
+    with pytest.raises(ValueError, match="dataset 'd': no column holds the prompt"):
         load_rows("d", d)
 
 
