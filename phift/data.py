@@ -69,8 +69,8 @@ class Template:
     teaches the others on the next turn's first token.
     system_in_first_query (v0.3.3's Llama2Template): turn t is [bos] + prompt, the filled prefix put in front of the
     first query; no sep, no {{idx}}.
-    bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said `add_bos_token=False`, and
-    phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
+    bos is prepended when the tokenizer has one and does not say `add_bos_token=False` (v0.3.3's rule); phi's fast
+    tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
     """
     prefix: str = ""
     prompt: str = "{{query}}"
@@ -155,7 +155,8 @@ def encode_turns(template: Template, tokenizer, query: str, response: str, histo
     """(source_ids, target_ids) per turn, history first; targets end with eos unless efficient_eos.
 
     Pieces are tokenised apart, as v0.3.3 did."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    has_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
+    bos = [tokenizer.bos_token_id] if has_bos else []
     eos = [] if template.efficient_eos else [tokenizer.eos_token_id]
     sep = _ids(tokenizer, template.sep)
     system = system or template.system
@@ -192,8 +193,8 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
     then concatenated (plus the final eos of an efficient_eos template) and cut to cutoff_len. So the first turn
     always keeps >= 1 response token; later turns may be cut away entirely.
     """
-    if cutoff_len < 1:
-        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    if cutoff_len < 2:  # v0.3.3 too: its reserved_label_len (1) had to be smaller than cutoff_len
+        raise ValueError(f"cutoff_len must be >= 2, got {cutoff_len}: a row of one token trains nothing")
     if train_on_prompt and template.efficient_eos:
         raise ValueError("train_on_prompt cannot be combined with an efficient_eos template: the eos after each "
                          "response is learned on the next turn's first prompt token, which train_on_prompt labels "

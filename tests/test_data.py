@@ -181,6 +181,13 @@ def test_system_and_query_placeholders_in_a_users_text_stay_literal():
     assert ids == char_ids("<s>{{query}} {{idx}}\nHuman: {{system}} {{query}}\nAssistant:{{idx}} {{system}}</s>")
 
 
+def test_a_tokenizer_that_says_add_bos_token_false_gets_no_bos():
+    class NoBos(CharTokenizer):
+        add_bos_token = False
+
+    assert encode_prompt(TEMPLATES["vanilla"], NoBos(), "hi") == TOK.encode("hi")
+
+
 def test_unknown_template_lists_the_known_ones():
     with pytest.raises(ValueError, match="vanilla.*chatml"):
         get_template("llama9")
@@ -212,6 +219,11 @@ def test_truncation_takes_the_target_share_in_v0_3_3s_float_order(cutoff_len, so
     row = {"prompt": "p" * (source_len - 1), "response": "r" * (target_len - 1), "history": []}  # + bos, + eos
     example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len, train_on_prompt=False)
     assert example["labels"] == [IGNORE] * kept_source + TOK.encode("r" * kept_target)
+
+
+def test_cutoff_len_must_leave_room_for_a_prompt_token_beside_the_response_token():
+    with pytest.raises(ValueError, match="cutoff_len must be >= 2"):
+        encode_supervised(TEMPLATES["vanilla"], TOK, {"prompt": "q", "response": "r"}, 1, train_on_prompt=False)
 
 
 def test_each_turn_budgets_the_whole_cutoff_and_the_concatenation_is_cut_after():
