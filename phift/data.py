@@ -218,6 +218,7 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
         input_ids, labels = input_ids + [eos], labels + [eos]
     return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
 
+
 # ---------------------------------------------------------------------------------------------------- datasets
 
 def _load_json(path: Path, what: str):

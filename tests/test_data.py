@@ -133,7 +133,7 @@ def test_efficient_eos_labels_eos_on_each_later_turns_first_token_and_ends_the_r
                                  + TOK.encode("r2") + [EOS])
 
 
-def test_efficient_eos_is_appended_after_each_turn_is_cut_and_falls_to_the_final_cut():
+def test_efficient_eos_is_appended_after_the_cutoff_split_so_the_final_cut_can_drop_it():
     row = {"prompt": "p" * 5, "response": "r" * 4, "history": []}  # source 6, target 4 (no eos): 10 tokens
     example = encode_supervised(Template(efficient_eos=True), TOK, row, cutoff_len=10, train_on_prompt=False)
     assert example["input_ids"] == char_ids("<s>ppppprrrr")
