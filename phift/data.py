@@ -20,10 +20,13 @@ dataset_info.json maps a dataset name to an entry (LLaMA-Factory's schema):
 alpaca columns: prompt (default "instruction"), query ("input"), response ("output"), history, system, and phift's
 `reference`: a list of statutes (DISC-Law-SFT's triplet files) placed before the prompt as
 "参考法条：\\n<one statute a line>\\n\\n<prompt>".
-Without "columns" the defaults apply; with it, only the keys it names.
+Without "columns" the defaults apply; with it, only the keys it names. Either way, as in v0.3.3, a record column
+named prompt, query, response, history or system is read as that field when no mapping takes its place.
+A mapped column must be in some record; a record without it reads it as empty.
 The user's turn is prompt + "\\n" + query (query omitted when empty); history is a list of [query, response] pairs.
-sharegpt columns: messages ("conversations"), role ("from"), content ("value"), system; turns alternate a user
-(human/user) and an assistant (gpt/assistant) message, optionally after one leading system message.
+sharegpt columns: messages ("conversations"), role ("from"), content ("value"), system (phift's; unnamed ones keep
+their defaults); turns alternate a user (human/user) and an assistant (gpt/assistant) message, optionally after one
+leading system message.
 
 A row is {"prompt": the user's turn, "response": str, "history": [[q, r], ...], "system": str (only when given)}.
 """
@@ -47,6 +50,7 @@ DEFAULT_NAME = DEFAULT_AUTHOR = "phift"
 STATUTES_HEADER = "参考法条：\n"
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 SHAREGPT_COLUMNS = {"messages": "conversations", "role": "from", "content": "value"}
+ALPACA_FIELDS = ("prompt", "query", "response", "history", "system")
 USER_ROLES, ASSISTANT_ROLES, SYSTEM_ROLES = ("human", "user"), ("gpt", "assistant"), ("system",)
 
 
@@ -54,41 +58,85 @@ USER_ROLES, ASSISTANT_ROLES, SYSTEM_ROLES = ("human", "user"), ("gpt", "assistan
 
 @dataclass(frozen=True)
 class Template:
-    """A prompt format as data; `encode_turns` is the function that reads it.
+    """A prompt format as data, in LLaMA-Factory v0.3.3's placeholders; `encode_turns` is the function that reads it.
 
-    Turn 0:  [bos] + prefix + sep + prompt(query)    response + eos   (prefix and its sep only when prefix is non-empty)
-    Turn t:  sep + [bos] + prompt(query)             response + eos
-    bos is prepended when the tokenizer has one: v0.3.3 did so unless the tokenizer said `add_bos_token=False`,
-    and phi's fast tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
+    Turn 0:  [bos] + prefix + sep + prompt    response + eos   (prefix and its sep only when the prefix is non-empty)
+    Turn t:  sep + [bos] + prompt             response + eos
+    Each placeholder is filled once, in v0.3.3's order and only where it filled it: {{system}} in the prefix;
+    {{query}}, then {{idx}} (the turn number from 1) in the prompt, so a prompt without {{idx}} of its own has the
+    first {{idx}} of the user's text replaced.
+    efficient_eos (v0.3.3's name): no eos after each response; `encode_supervised` appends one to the row and
+    teaches the others on the next turn's first token.
+    system_in_first_query (v0.3.3's Llama2Template): turn t is [bos] + prompt, the filled prefix put in front of the
+    first query; no sep, no {{idx}}.
+    bos is prepended when the tokenizer has one and does not say `add_bos_token=False` (v0.3.3's rule); phi's fast
+    tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
     """
-    prefix: str = ""  # "{system}" in it becomes the system text
-    prompt: str = "{query}"
+    prefix: str = ""
+    prompt: str = "{{query}}"
     sep: str = ""
     system: str = ""
     use_history: bool = True
     stop_words: tuple[str, ...] = ()
+    efficient_eos: bool = False
+    system_in_first_query: bool = False
 
 
 TEMPLATES: dict[str, Template] = {
-    # the seed's template: the query as is, and no history (v0.3.3 dropped it for vanilla)
+    # v0.3.3's templates of the same names, string for string; vanilla drops the history
     "vanilla": Template(use_history=False),
-    "empty": Template(),
     "default": Template(
-        prefix="{system}", prompt="Human: {query}\nAssistant: ", sep="\n",
+        prefix="{{system}}", prompt="Human: {{query}}\nAssistant:", sep="\n",
         system="A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's questions."),
     "alpaca": Template(
-        prefix="{system}", prompt="### Instruction:\n{query}\n\n### Response:\n", sep="\n\n",
+        prefix="{{system}}", prompt="### Instruction:\n{{query}}\n\n### Response:\n", sep="\n\n",
         system="Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request."),
-    # phi-1_5's own QA format (its model card). The response follows "Output:" directly: a trailing space in the
-    # prompt would be a lone BPE token, where pretraining text has the space inside the next word's token.
-    "phi": Template(prompt="Instruct: {query}\nOutput:", sep="\n", stop_words=("Instruct:",)),
-    # v0.3.3's chatml ended responses with <|im_end|> alone (efficient_eos); phi has no such special token (it is
-    # plain text here), so responses end with eos like every other template and <|im_end|> is a stop word.
+    # v0.3.3's other templates that are plain text, with no stop words for it to add as special tokens
+    "belle": Template(prefix="{{system}}", prompt="Human: {{query}}\n\nBelle: ", sep="\n\n"),
+    "deepseek": Template(prefix="{{system}}", prompt="User: {{query}}\n\nAssistant:"),
+    "falcon": Template(prefix="{{system}}", prompt="User: {{query}}\nFalcon:", sep="\n", efficient_eos=True),
+    "llama2": Template(
+        prefix="<<SYS>>\n{{system}}\n<</SYS>>\n\n", prompt="[INST] {{query}} [/INST]", system_in_first_query=True,
+        system="You are a helpful, respectful and honest assistant. "
+               "Always answer as helpfully as possible, while being safe. "
+               "Your answers should not include any harmful, unethical, "
+               "racist, sexist, toxic, dangerous, or illegal content. "
+               "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+               "If a question does not make any sense, or is not factually coherent, "
+               "explain why instead of answering something not correct. "
+               "If you don't know the answer to a question, please don't share false information."),
+    "llama2_zh": Template(
+        prefix="<<SYS>>\n{{system}}\n<</SYS>>\n\n", prompt="[INST] {{query}} [/INST]", system_in_first_query=True,
+        system="You are a helpful assistant. 你是一个乐于助人的助手。"),
+    "mistral": Template(prefix="{{system}}", prompt="[INST] {{query}} [/INST]", sep=" "),
+    "vicuna": Template(
+        prefix="{{system}}", prompt="USER: {{query}} ASSISTANT:",
+        system="A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+    "xuanyuan": Template(
+        prefix="{{system}}", prompt="Human: {{query}} Assistant:",
+        system="以下是用户和人工智能助手之间的对话。用户以Human开头，人工智能助手以Assistant开头，"
+               "会对人类提出的问题给出有帮助、高质量、详细和礼貌的回答，并且总是拒绝参与与不道德、"
+               "不安全、有争议、政治敏感等相关的话题、问题和指示。\n"),
+    "xverse": Template(prefix="{{system}}", prompt="Human: {{query}}\n\nAssistant: "),
+    "yi": Template(
+        prefix="{{system}}", prompt="<|im_start|>user\n{{query}}<|im_end|>\n<|im_start|>assistant\n",
+        sep="<|im_end|>\n", efficient_eos=True),
+    # phift's own, not in v0.3.3. phi-1_5's QA format (its model card): the response follows "Output:" directly,
+    # as a trailing space in the prompt would be a lone BPE token where pretraining text has the space inside the
+    # next word's token.
+    "phi": Template(prompt="Instruct: {{query}}\nOutput:", sep="\n", stop_words=("Instruct:",)),
+    # Shaped like v0.3.3's qwen template, whose <|im_start|>/<|im_end|> are special tokens and whose responses end
+    # with <|im_end|> alone; phi has no such tokens, so here they are plain text, responses end with eos like every
+    # other template, and <|im_end|> is a stop word.
     "chatml": Template(
-        prefix="<|im_start|>system\n{system}", prompt="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n",
+        prefix="<|im_start|>system\n{{system}}",
+        prompt="<|im_start|>user\n{{query}}<|im_end|>\n<|im_start|>assistant\n",
         sep="<|im_end|>\n", system="You are a helpful assistant.", stop_words=("<|im_end|>",)),
+    # the query alone, with history
+    "empty": Template(),
 }
 
 
@@ -104,19 +152,30 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def encode_turns(template: Template, tokenizer, query: str, response: str, history=None,
                  system: str | None = None) -> list[tuple[list[int], list[int]]]:
-    """(source_ids, target_ids) per turn, history first; each target ends with eos. Pieces are tokenised apart."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    """(source_ids, target_ids) per turn, history first; targets end with eos unless efficient_eos.
+
+    Pieces are tokenised apart, as v0.3.3 did."""
+    has_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
+    bos = [tokenizer.bos_token_id] if has_bos else []
+    eos = [] if template.efficient_eos else [tokenizer.eos_token_id]
     sep = _ids(tokenizer, template.sep)
+    system = system or template.system
     turns = [*(history if template.use_history and history else []), (query, response)]
     pairs = []
     for i, (q, r) in enumerate(turns):
-        if i == 0:
-            prefix = _ids(tokenizer, template.prefix.replace("{system}", system or template.system))
-            head = bos + prefix + sep if prefix else bos
+        if template.system_in_first_query:
+            if i == 0:  # every {{system}}, unlike the other placeholders: v0.3.3's Llama2Template did so
+                q = template.prefix.replace("{{system}}", system) + q
+            source = bos + _ids(tokenizer, template.prompt.replace("{{query}}", q, 1))
         else:
-            head = sep + bos
-        source = head + _ids(tokenizer, template.prompt.replace("{query}", q, 1))
-        pairs.append((source, _ids(tokenizer, r) + [tokenizer.eos_token_id]))
+            if i == 0:
+                prefix = _ids(tokenizer, template.prefix.replace("{{system}}", system, 1))
+                head = bos + prefix + sep if prefix else bos
+            else:
+                head = sep + bos
+            prompt = template.prompt.replace("{{query}}", q, 1).replace("{{idx}}", str(i + 1), 1)
+            source = head + _ids(tokenizer, prompt)
+        pairs.append((source, _ids(tokenizer, r) + eos))
     return pairs
 
 
@@ -131,18 +190,32 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
 
     v0.3.3's cutoff policy (its infer_max_len with reserved_label_len=1): each turn on its own gets the whole
     cutoff_len, split in proportion to its source and target lengths with at least one target token; the turns are
-    then concatenated and cut to cutoff_len. So the first turn always keeps >= 1 response token; later turns may
-    be cut away entirely.
+    then concatenated (plus the final eos of an efficient_eos template) and cut to cutoff_len. So the first turn
+    always keeps >= 1 response token; later turns may be cut away entirely.
     """
-    if cutoff_len < 1:
-        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    if cutoff_len < 2:  # v0.3.3 too: its reserved_label_len (1) had to be smaller than cutoff_len
+        raise ValueError(f"cutoff_len must be >= 2, got {cutoff_len}: a row of one token trains nothing")
+    if train_on_prompt and template.efficient_eos:
+        raise ValueError("train_on_prompt cannot be combined with an efficient_eos template: the eos after each "
+                         "response is learned on the next turn's first prompt token, which train_on_prompt labels "
+                         "with itself (v0.3.3 refused this too)")
+    eos = tokenizer.eos_token_id
     input_ids, labels = [], []
-    for source, target in encode_turns(template, tokenizer, row["prompt"], row["response"], row.get("history"),
-                                       row.get("system")):
-        max_target = max(int(cutoff_len * len(target) / (len(source) + len(target))), 1)
+    for i, (source, target) in enumerate(encode_turns(template, tokenizer, row["prompt"], row["response"],
+                                                      row.get("history"), row.get("system"))):
+        # v0.3.3's float order (the share first): 1792 * (305 / 2240) is 243.99999999999997, not 244
+        max_target = max(int(cutoff_len * (len(target) / (len(source) + len(target)))), 1)
         source, target = source[:cutoff_len - max_target], target[:max_target]
+        if train_on_prompt:
+            mask = source
+        elif i and template.efficient_eos:  # the previous response, which has no eos, learns to end here
+            mask = [eos] + [IGNORE_INDEX] * (len(source) - 1)
+        else:
+            mask = [IGNORE_INDEX] * len(source)
         input_ids += source + target
-        labels += (source if train_on_prompt else [IGNORE_INDEX] * len(source)) + target
+        labels += mask + target
+    if template.efficient_eos:
+        input_ids, labels = input_ids + [eos], labels + [eos]
     return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
 
 
@@ -211,20 +284,53 @@ def _read_records(path: Path, dataset: str) -> list:
     return list(zip(records, where))
 
 
-def _format_row(record: dict, entry: dict, dataset: str, at: str) -> dict:
-    sharegpt = entry.get("formatting", "alpaca") == "sharegpt"
-    columns = entry.get("columns", SHAREGPT_COLUMNS if sharegpt else ALPACA_COLUMNS)
+def _record_columns(entry: dict, present: set[str], dataset: str, where: str) -> dict[str, str]:
+    """Which record key each row field reads. As in v0.3.3, whose `datasets` gave every record all the columns of
+    its file (null where a record lacks one), a column that `columns` names must be in some record.
 
+    alpaca follows v0.3.3's renaming: each mapped column (the defaults without "columns") takes its field's name,
+    then the columns named prompt, query, response, history and system are read whether mapped or not.
+    """
+    def fail(problem: str):
+        raise ValueError(f"{where}: dataset {dataset!r}: {problem}; the records have: "
+                         f"{', '.join(sorted(present)) or 'nothing'}")
+
+    def check(field: str, column: str):
+        if column not in present:
+            fail(f"no column {column!r} (its {field})")
+
+    if entry.get("formatting", "alpaca") == "sharegpt":
+        columns = {**SHAREGPT_COLUMNS, **entry.get("columns", {})}
+        for field in ("messages", "system"):
+            if field in columns:
+                check(field, columns[field])
+        return columns
+    columns = entry.get("columns", ALPACA_COLUMNS)
+    names = {c: c for c in present}  # a column's name after the renames -> its key in the record
+    for field in ALPACA_FIELDS:
+        column = columns.get(field)
+        if column and column != field:
+            check(field, column)
+            if field in names:
+                fail(f"the {field} column {column!r} would replace the column {field!r}")
+            names[field] = names.pop(column)
+    for field in ("prompt", "response"):
+        if field not in names:
+            fail(f"no column holds the {field}: map one in 'columns' or name a column {field!r}")
+    found = {field: names[field] for field in ALPACA_FIELDS if field in names}
+    if columns.get("reference"):
+        check("reference", columns["reference"])
+        found["reference"] = columns["reference"]
+    return found
+
+
+def _format_row(record: dict, columns: dict[str, str], sharegpt: bool, dataset: str, at: str) -> dict:
     def fail(problem: str):
         raise ValueError(f"{at}: dataset {dataset!r}: {problem}")
 
-    def get(key: str, *kinds: type):
-        column = columns.get(key)
-        if column is None:
-            return None
-        if column not in record:
-            fail(f"no column {column!r} (its {key}); the record has: {', '.join(sorted(record)) or 'nothing'}")
-        value = record[column]
+    def get(field: str, *kinds: type):
+        column = columns.get(field)
+        value = record.get(column) if column else None
         if value is not None and not isinstance(value, kinds or (str,)):
             fail(f"column {column!r} must be {' or '.join(k.__name__ for k in kinds or (str,))}, "
                  f"got {type(value).__name__}")
@@ -237,7 +343,7 @@ def _format_row(record: dict, entry: dict, dataset: str, at: str) -> dict:
 
     row = {}
     if sharegpt:
-        role, content = columns.get("role", "from"), columns.get("content", "value")
+        role, content = columns["role"], columns["content"]
         messages = get("messages", list) or []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or role not in m or content not in m:
@@ -297,8 +403,11 @@ def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | No
         if dataset not in info:
             raise ValueError(f"unknown dataset {dataset!r}; {Path(dataset_dir) / 'dataset_info.json'} defines: "
                              f"{', '.join(info) or 'nothing'}")
-        records = _read_records(_dataset_file(dataset, info[dataset], dataset_dir), dataset)[:max_samples]
-        formatted = [_format_row(record, info[dataset], dataset, at) for record, at in records]
+        path = _dataset_file(dataset, info[dataset], dataset_dir)
+        records = _read_records(path, dataset)
+        columns = _record_columns(info[dataset], {key for record, _ in records for key in record}, dataset, str(path))
+        sharegpt = info[dataset].get("formatting", "alpaca") == "sharegpt"
+        formatted = [_format_row(record, columns, sharegpt, dataset, at) for record, at in records[:max_samples]]
         kept = [r for r in formatted if r["prompt"] and r["response"]]
         if len(kept) < len(formatted):
             logger.warning("dataset %r: skipped %d of %d records with an empty prompt or response",

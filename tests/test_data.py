@@ -1,14 +1,15 @@
 """SFT data: templates and masking, the cutoff policy, the dataset registry, bad input, collation and packing."""
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from phift.data import (TEMPLATES, collate, collate_packed, encode_prompt, encode_supervised, encode_turns,
-                        get_dataset, get_template, load_dataset_info, load_rows, pack)
+from phift.data import (TEMPLATES, Template, collate, collate_packed, encode_prompt, encode_supervised,
+                        encode_turns, get_dataset, get_template, load_dataset_info, load_rows, pack)
 from phift.model import Phi
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -37,6 +38,12 @@ def dataset_dir(tmp_path, info, files):
 
 def trained(example):
     return [t for t in example["labels"] if t != IGNORE]
+
+
+def char_ids(text):
+    """TOK's ids for text in which <s> and </s> stand for bos and eos."""
+    specials = {"<s>": [BOS], "</s>": [EOS]}
+    return [t for piece in re.split("(<s>|</s>)", text) for t in specials.get(piece, TOK.encode(piece))]
 
 
 # ---------------------------------------------------------------------------------------------------- masking
@@ -89,6 +96,98 @@ def test_system_text_replaces_the_template_default():
     assert ids[:1 + len("Be brief.")] == [BOS] + TOK.encode("Be brief.")
 
 
+# v0.3.3's template.py strings, put together by its Template._encode: turn 0 is bos + prefix + sep + prompt (prefix
+# and sep only when the system text is non-empty), turn t is sep + bos + prompt; every response ends with eos.
+TWO_TURNS = {"prompt": "q2", "response": "r2", "history": [["q1", "r1"]], "system": "S"}
+V033_RENDERINGS = {
+    "vanilla": "<s>q2r2</s>",
+    "default": "<s>S\nHuman: q1\nAssistant:r1</s>\n<s>Human: q2\nAssistant:r2</s>",
+    "alpaca": "<s>S\n\n### Instruction:\nq1\n\n### Response:\nr1</s>"
+              "\n\n<s>### Instruction:\nq2\n\n### Response:\nr2</s>",
+    "belle": "<s>S\n\nHuman: q1\n\nBelle: r1</s>\n\n<s>Human: q2\n\nBelle: r2</s>",
+    "deepseek": "<s>SUser: q1\n\nAssistant:r1</s><s>User: q2\n\nAssistant:r2</s>",
+    "mistral": "<s>S [INST] q1 [/INST]r1</s> <s>[INST] q2 [/INST]r2</s>",
+    "vicuna": "<s>SUSER: q1 ASSISTANT:r1</s><s>USER: q2 ASSISTANT:r2</s>",
+    "xuanyuan": "<s>SHuman: q1 Assistant:r1</s><s>Human: q2 Assistant:r2</s>",
+    "xverse": "<s>SHuman: q1\n\nAssistant: r1</s><s>Human: q2\n\nAssistant: r2</s>",
+    # Llama2Template: the system block joins the first query; no sep
+    "llama2": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nq1 [/INST]r1</s><s>[INST] q2 [/INST]r2</s>",
+    "llama2_zh": "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nq1 [/INST]r1</s><s>[INST] q2 [/INST]r2</s>",
+    # efficient_eos: no eos after each response, one at the very end
+    "falcon": "<s>S\nUser: q1\nFalcon:r1\n<s>User: q2\nFalcon:r2</s>",
+    "yi": "<s>S<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\nr1"
+          "<|im_end|>\n<s><|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\nr2</s>",
+}
+
+
+@pytest.mark.parametrize("name", V033_RENDERINGS)
+def test_templates_shared_with_v0_3_3_render_a_conversation_as_it_did(name):
+    example = encode_supervised(TEMPLATES[name], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)
+    assert example["input_ids"] == char_ids(V033_RENDERINGS[name])
+
+
+def test_efficient_eos_labels_eos_on_each_later_turns_first_token_and_ends_the_row_with_eos():
+    example = encode_supervised(TEMPLATES["falcon"], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)
+    first, second = len(char_ids("<s>S\nUser: q1\nFalcon:")), len(char_ids("\n<s>User: q2\nFalcon:"))
+    assert example["labels"] == ([IGNORE] * first + TOK.encode("r1") + [EOS] + [IGNORE] * (second - 1)
+                                 + TOK.encode("r2") + [EOS])
+
+
+def test_efficient_eos_is_appended_after_the_cutoff_split_so_the_final_cut_can_drop_it():
+    row = {"prompt": "p" * 5, "response": "r" * 4, "history": []}  # source 6, target 4 (no eos): 10 tokens
+    example = encode_supervised(Template(efficient_eos=True), TOK, row, cutoff_len=10, train_on_prompt=False)
+    assert example["input_ids"] == char_ids("<s>ppppprrrr")
+
+
+def test_train_on_prompt_with_an_efficient_eos_template_is_an_error():
+    with pytest.raises(ValueError, match="train_on_prompt .* efficient_eos"):
+        encode_supervised(TEMPLATES["yi"], TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=True)
+
+
+def test_default_template_with_the_phi_tokenizer_gives_v0_3_3s_tokens(phi_tokenizer):
+    row = {"prompt": "Bye", "response": "Bye.", "history": [["Hi", "Hello."]], "system": "Be brief."}
+    example = encode_supervised(TEMPLATES["default"], phi_tokenizer, row, cutoff_len=1024, train_on_prompt=False)
+    eot, nl = 50256, 198
+    be_brief, hello, bye = [3856, 4506, 13], [15496, 13], [3886, 68, 13]
+    human_hi_assistant = [20490, 25, 15902, nl, 48902, 25]  # "Human", ":", " Hi", "\n", "Assistant", ":"
+    human_bye_assistant = [20490, 25, 47843, nl, 48902, 25]  # no " " (220) after "Assistant:"
+    first = [eot] + be_brief + [nl] + human_hi_assistant
+    second = [nl, eot] + human_bye_assistant
+    assert example["input_ids"] == first + hello + [eot] + second + bye + [eot]
+    assert example["labels"] == [IGNORE] * len(first) + hello + [eot] + [IGNORE] * len(second) + bye + [eot]
+
+
+def test_templates_take_v0_3_3s_placeholders_so_its_strings_copy_across():
+    template = Template(prefix="<{{system}}>", prompt="Q: {{query}} A:", system="S")
+    assert encode_prompt(template, TOK, "hi") == char_ids("<s><S>Q: hi A:")
+
+
+def test_idx_in_a_template_prompt_is_the_one_based_turn_number():
+    template = Template(prompt="[Round {{idx}}] {{query}}")
+    ids = encode_supervised(template, TOK, TWO_TURNS, cutoff_len=1024, train_on_prompt=False)["input_ids"]
+    assert ids == char_ids("<s>[Round 1] q1r1</s><s>[Round 2] q2r2</s>")
+
+
+def test_the_first_idx_in_a_users_query_becomes_the_turn_number_as_in_v0_3_3():
+    # v0.3.3 fills {{idx}} after {{query}}, so when the prompt has none of its own, the user's text holds the first
+    row = {"prompt": "b {{idx}}", "response": "r2", "history": [["a {{idx}} {{idx}}", "r1"]], "system": "S"}
+    ids = encode_supervised(TEMPLATES["default"], TOK, row, cutoff_len=1024, train_on_prompt=False)["input_ids"]
+    assert ids == char_ids("<s>S\nHuman: a 1 {{idx}}\nAssistant:r1</s>\n<s>Human: b 2\nAssistant:r2</s>")
+
+
+def test_system_and_query_placeholders_in_a_users_text_stay_literal():
+    row = {"prompt": "{{system}} {{query}}", "response": "{{idx}} {{system}}", "system": "{{query}} {{idx}}"}
+    ids = encode_supervised(TEMPLATES["default"], TOK, row, cutoff_len=1024, train_on_prompt=False)["input_ids"]
+    assert ids == char_ids("<s>{{query}} {{idx}}\nHuman: {{system}} {{query}}\nAssistant:{{idx}} {{system}}</s>")
+
+
+def test_a_tokenizer_that_says_add_bos_token_false_gets_no_bos():
+    class NoBos(CharTokenizer):
+        add_bos_token = False
+
+    assert encode_prompt(TEMPLATES["vanilla"], NoBos(), "hi") == TOK.encode("hi")
+
+
 def test_unknown_template_lists_the_known_ones():
     with pytest.raises(ValueError, match="vanilla.*chatml"):
         get_template("llama9")
@@ -99,16 +198,32 @@ def test_unknown_template_lists_the_known_ones():
 def test_truncation_splits_cutoff_in_proportion_to_source_and_target():
     row = {"prompt": "p" * 299, "response": "r" * 99, "history": []}  # source 300 (bos + 299), target 100 (+ eos)
     example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len=100, train_on_prompt=False)
-    # max_target = int(100 * 100 / 400) = 25, max_source = 100 - 25 = 75
+    # max_target = int(100 * (100 / 400)) = 25, max_source = 100 - 25 = 75
     assert example["input_ids"] == ([BOS] + TOK.encode("p" * 299))[:75] + TOK.encode("r" * 25)
     assert example["labels"] == [IGNORE] * 75 + TOK.encode("r" * 25)
 
 
 def test_truncation_keeps_at_least_one_response_token():
-    row = {"prompt": "p" * 998, "response": "r", "history": []}  # source 999, target 2: int(10 * 2 / 1001) = 0 -> 1
+    row = {"prompt": "p" * 998, "response": "r", "history": []}  # source 999, target 2: int(10 * (2 / 1001)) = 0 -> 1
     example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len=10, train_on_prompt=False)
     assert len(example["input_ids"]) == 10
     assert example["labels"] == [IGNORE] * 9 + TOK.encode("r")
+
+
+@pytest.mark.parametrize("cutoff_len, source_len, target_len, kept_source, kept_target", [
+    (22, 7, 15, 7, 14),  # 22 * (15 / 22) is 14.999999999999998: the eos is cut though the whole row would fit
+    (1792, 1935, 305, 1549, 243),  # 1792 * (305 / 2240) is 243.99999999999997
+])
+def test_truncation_takes_the_target_share_in_v0_3_3s_float_order(cutoff_len, source_len, target_len, kept_source,
+                                                                   kept_target):
+    row = {"prompt": "p" * (source_len - 1), "response": "r" * (target_len - 1), "history": []}  # + bos, + eos
+    example = encode_supervised(TEMPLATES["vanilla"], TOK, row, cutoff_len, train_on_prompt=False)
+    assert example["labels"] == [IGNORE] * kept_source + TOK.encode("r" * kept_target)
+
+
+def test_cutoff_len_must_leave_room_for_a_prompt_token_beside_the_response_token():
+    with pytest.raises(ValueError, match="cutoff_len must be >= 2"):
+        encode_supervised(TEMPLATES["vanilla"], TOK, {"prompt": "q", "response": "r"}, 1, train_on_prompt=False)
 
 
 def test_each_turn_budgets_the_whole_cutoff_and_the_concatenation_is_cut_after():
@@ -128,6 +243,45 @@ def test_alpaca_rows_join_instruction_and_input_and_keep_history(tmp_path):
     rows = load_rows("d", dataset_dir(tmp_path, info, {"d.json": records}))
     assert rows == [{"prompt": "翻译\nhello", "response": "你好", "history": [["q", "r"]]},
                     {"prompt": "你是谁？", "response": "我是助手", "history": []}]
+
+
+@pytest.mark.parametrize("columns", [None, {"prompt": "instruction", "query": "input", "response": "output"}])
+def test_a_column_named_system_gives_the_row_its_system_text_without_a_mapping(tmp_path, columns):
+    entry = {"file_name": "d.json", **({"columns": columns} if columns else {})}
+    records = [{"instruction": "q", "input": "", "output": "a", "system": "be kind"}]
+    assert load_rows("d", dataset_dir(tmp_path, {"d": entry}, {"d.json": records}))[0]["system"] == "be kind"
+
+
+def test_a_column_named_history_is_the_rows_history_without_a_mapping(tmp_path):
+    records = [{"instruction": "q2", "input": "", "output": "r2", "history": [["q1", "r1"]]}]
+    rows = load_rows("d", dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records}))
+    assert rows[0]["history"] == [["q1", "r1"]]
+
+
+def test_with_columns_that_leave_the_query_unmapped_a_query_column_is_read_and_input_is_not(tmp_path):
+    entry = {"file_name": "d.json", "columns": {"prompt": "instruction", "response": "output"}}
+    records = [{"instruction": "a", "input": "not read", "query": "b", "output": "o"}]
+    assert load_rows("d", dataset_dir(tmp_path, {"d": entry}, {"d.json": records}))[0]["prompt"] == "a\nb"
+
+
+def test_a_column_some_records_lack_reads_as_empty_in_those(tmp_path):
+    records = [{"instruction": "a", "input": "x", "output": "o"}, {"instruction": "b", "output": "p"}]
+    rows = load_rows("d", dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records}))
+    assert [r["prompt"] for r in rows] == ["a\nx", "b"]
+
+
+def test_a_mapped_column_that_would_replace_a_column_of_the_fields_name_is_an_error(tmp_path):
+    records = [{"instruction": "a", "input": "x", "query": "y", "output": "o"}]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    with pytest.raises(ValueError, match="dataset 'd': the query column 'input' would replace the column 'query'"):
+        load_rows("d", d)
+
+
+def test_sharegpt_columns_not_named_keep_their_defaults(tmp_path):
+    conversation = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]
+    info = {"chat": {"file_name": "chat.json", "formatting": "sharegpt", "columns": {"system": "sys"}}}
+    rows = load_rows("chat", dataset_dir(tmp_path, info, {"chat.json": [{"conversations": conversation, "sys": "S"}]}))
+    assert rows == [{"prompt": "q", "response": "r", "history": [], "system": "S"}]
 
 
 def test_sharegpt_conversations_become_history_and_a_last_turn(tmp_path):
@@ -217,9 +371,18 @@ def test_malformed_json_array_names_the_line_and_column(tmp_path):
         load_rows("d", d)
 
 
-def test_missing_column_names_the_dataset_the_column_and_the_columns_there(tmp_path):
-    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": [{"instruction": "q", "answer": "a"}]})
-    with pytest.raises(ValueError, match=r"record 0: dataset 'd': no column 'input' .* has: answer, instruction"):
+def test_a_column_no_record_has_names_the_dataset_the_column_and_the_columns_there(tmp_path):
+    records = [{"instruction": "q", "input": "", "answer": "a"}, {"instruction": "q", "answer": "a"}]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    with pytest.raises(ValueError, match=r"d\.json: dataset 'd': no column 'output' \(its response\); "
+                                         r"the records have: answer, input, instruction"):
+        load_rows("d", d)
+
+
+def test_a_prompt_no_column_holds_is_an_error(tmp_path):
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json", "columns": {"response": "output"}}},
+                    {"d.json": [{"instruction": "q", "output": "a"}]})
+    with pytest.raises(ValueError, match="dataset 'd': no column holds the prompt"):
         load_rows("d", d)
 
 
