@@ -201,7 +201,8 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear (with the update merged in, unless merge=False)."""
-    for name, m in lora_modules(model).items():
+    mods = lora_modules(model)
+    for name, m in mods.items():
         if merge:
             m.merge()
         elif m.merged:
@@ -210,6 +211,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         plain.weight, plain.bias = m.weight, m.bias
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, plain)
+    if merge and mods:
+        model.name_or_path = None  # the weights are no longer the checkpoint's: no adapter can name it as its base
     return model
 
 
@@ -251,7 +254,8 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str = "",
     d.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(d / ADAPTER_WEIGHTS))
-    (d / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, base_model_name_or_path), indent=2))
+    base = base_model_name_or_path or getattr(model, "name_or_path", None) or ""
+    (d / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, base), indent=2))
     return d
 
 
@@ -383,9 +387,14 @@ def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
     return parts, state, cfg.get("lora_dropout", 0.0), cfg.get("use_rslora", False)
 
 
-def export_peft(model: nn.Module, directory, base_model_name_or_path: str = "") -> Path:
+def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters in PEFT's format for transformers' PhiForCausalLM (Wqkv → q_proj/k_proj/v_proj; ranks and
-    alphas that differ from the most common go to rank_pattern/alpha_pattern)."""
+    alphas that differ from the most common go to rank_pattern/alpha_pattern). The base defaults to where
+    `load_model` read the model from."""
+    base = base_model_name_or_path or getattr(model, "name_or_path", None)
+    if not base:
+        raise ValueError("export_peft needs base_model_name_or_path: the model was not read by load_model (or "
+                         "adapters were merged into it), so nothing says which base PEFT should load it onto")
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters")
@@ -422,6 +431,6 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str = "") 
                 "lora_dropout": first.lora_dropout, "use_rslora": first.use_rslora, "bias": "none",
                 "target_modules": sorted({k.rsplit(".", 1)[-1] for k in entries}), "fan_in_fan_out": False,
                 "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-                "base_model_name_or_path": base_model_name_or_path}
+                "base_model_name_or_path": str(base)}
     (d / ADAPTER_CONFIG).write_text(json.dumps(peft_cfg, indent=2))
     return d

@@ -263,7 +263,7 @@ def test_peft_adapter_round_trips_exactly_through_phift(peft_adapter, tmp_path, 
     base_dir, adapter_dir, peft_model = peft_adapter(case)
     ours = load_model(base_dir)
     lora.load_adapter(ours, adapter_dir)
-    lora.export_peft(ours, tmp_path / "again", base_model_name_or_path=str(base_dir))
+    lora.export_peft(ours, tmp_path / "again")
     original, again = (load_file(str(d / lora.ADAPTER_WEIGHTS)) for d in (adapter_dir, tmp_path / "again"))
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
     reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "again")
@@ -334,3 +334,32 @@ def test_what_a_peft_adapter_cannot_map_exactly_is_refused_naming_file_and_field
     with pytest.raises(ValueError, match=message):
         lora.load_adapter(Phi(tiny_config), adapter_dir)
 
+
+def test_export_peft_names_the_checkpoint_the_model_was_loaded_from(model, tmp_path):
+    peft = pytest.importorskip("peft")
+    save_model(model, tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    lora.inject(ours, "all", r=4, alpha=8, verbose=False)
+    _randomise_adapters(ours)
+    ours.eval()
+    lora.export_peft(ours, tmp_path / "adapter")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    x = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        assert (theirs(x).logits - ours(x)).abs().max() <= 1e-5
+
+
+def test_export_peft_of_a_model_built_in_memory_asks_for_the_base(model, tmp_path):
+    lora.inject(model, "Wqkv", verbose=False)
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        lora.export_peft(model, tmp_path)
+
+
+def test_merging_adapters_into_a_loaded_model_forgets_its_checkpoint_as_the_base(model, tmp_path):
+    save_model(model, tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    lora.inject(ours, "Wqkv", verbose=False)
+    lora.unload(ours, merge=True)
+    lora.inject(ours, "fc1", verbose=False)
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        lora.export_peft(ours, tmp_path / "adapter")
