@@ -44,8 +44,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing_policy", default="full", choices=["full", "mlp"],
                    help="full: recompute whole blocks in backward (least memory); mlp: recompute only each "
                         "block's fc1 + GELU (their activation is the largest; faster, more memory)")
-    g.add_argument("--checkpoint_dir", default=None,
-                   help="comma-separated adapter directories to start from (see --resume_lora_training)")
+    g.add_argument("--checkpoint_dir", "--adapter_name_or_path", dest="checkpoint_dir", default=None,
+                   help="comma-separated adapter directories to start from, phift's or PEFT LoRA adapters of "
+                        "transformers' PhiForCausalLM (see --resume_lora_training); --adapter_name_or_path is "
+                        "the name later LLaMA-Factory versions use")
     _bool(g, "--resume_lora_training", True, "True: keep training the last adapter of --checkpoint_dir; "
                                              "False: merge them all into the base and train a new adapter")
     g.add_argument("--compile", type=str2bool, default=False, nargs="?", const=True, metavar="{True,False}",

@@ -173,6 +173,8 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", r
     state, layout = load_state_dict(d, model, dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
     model.checkpoint_layout = layout
+    # where the base came from, for adapters that must name it (export_peft): a local directory absolute, else the id
+    model.name_or_path = str(d.resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
     return model
 
 

@@ -13,7 +13,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 def _model_flags(p: argparse.ArgumentParser):
     p.add_argument("--model_name_or_path", required=True, help="checkpoint directory or hub repo id")
     p.add_argument("--adapter_name_or_path", "--checkpoint_dir", dest="adapters", default=None,
-                   help="comma-separated LoRA adapter directories, merged in order")
+                   help="comma-separated LoRA adapter directories (phift's, or PEFT's for transformers' "
+                        "PhiForCausalLM), merged in order")
     p.add_argument("--template", default="vanilla")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
 

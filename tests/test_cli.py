@@ -1,4 +1,5 @@
 """`phift chat | export | eval` end to end on a tiny model written by the test."""
+import io
 import json
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import subprocess_env
 from phift import lora
@@ -79,3 +81,58 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["finetune"])
     assert "usage: phift {train,chat,export,eval}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def peft_adapter(tiny_dir, tmp_path, make_peft_adapter):
+    """(adapter dir, PEFT model): q and v stacked into Wqkv on import, fc1 as is; PEFT's dropout 0.05."""
+    peft_model = make_peft_adapter(tiny_dir, tmp_path / "peft", r=4, lora_alpha=8, lora_dropout=0.05,
+                                   target_modules=["q_proj", "v_proj", "fc1"])
+    return tmp_path / "peft", peft_model
+
+
+def test_train_continues_a_peft_adapter(tiny_dir, peft_adapter, tmp_path):
+    adapter, _ = peft_adapter
+    start = load_model(tiny_dir)
+    lora.load_adapter(start, adapter)
+    main(["train", "--model_name_or_path", str(tiny_dir), "--adapter_name_or_path", str(adapter), "--dataset",
+          "self_cognition", "--dataset_dir", str(ROOT / "data"), "--max_samples", "8", "--cutoff_len", "64",
+          "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-2", "--logging_steps",
+          "1", "--output_dir", str(tmp_path / "out")])
+    cfg = json.loads((tmp_path / "out" / lora.ADAPTER_CONFIG).read_text())
+    assert cfg["lora_dropout"] == 0.05 and cfg["modules"]["layers.0.attn.Wqkv"][1]["rows"] == [128, 192]
+    trained = load_model(tiny_dir)
+    lora.load_adapter(trained, tmp_path / "out")
+    for name, m in lora.lora_modules(trained).items():
+        assert m.parts == start.get_submodule(name).parts
+        assert not torch.equal(m.lora_B, start.get_submodule(name).lora_B), name  # it trained on
+    assert not trained.layers[0].attn.Wqkv.lora_B[64:128].any()  # and never grew a k adapter
+
+
+def test_chat_and_eval_take_a_peft_adapter(tiny_dir, peft_adapter, tmp_path, monkeypatch, capsys):
+    adapter, _ = peft_adapter
+    monkeypatch.setattr("sys.stdin", io.StringIO("你是谁？\n"))
+    main(["chat", "--model_name_or_path", str(tiny_dir), "--adapter_name_or_path", str(adapter),
+          "--max_new_tokens", "6"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    main(["eval", "--model_name_or_path", str(tiny_dir), "--adapter_name_or_path", str(adapter), "--dataset",
+          "self_cognition", "--dataset_dir", str(ROOT / "data"), "--max_samples", "4", "--cutoff_len", "64",
+          "--output_dir", str(tmp_path / "ev"), "--do_eval", "True"])
+    assert json.loads((tmp_path / "ev" / "all_results.json").read_text())["eval_loss"] > 0
+
+
+def test_export_merges_a_peft_adapter_into_the_logits_peft_gives(tiny_dir, peft_adapter, tmp_path):
+    adapter, peft_model = peft_adapter
+    main(["export", "--model_name_or_path", str(tiny_dir), "--adapter_name_or_path", str(adapter),
+          "--export_dir", str(tmp_path / "merged")])
+    x = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "merged").eval()(x) - peft_model(x).logits).abs().max() <= 1e-5
+
+
+def test_export_peft_writes_a_peft_adapter_back_unchanged(tiny_dir, peft_adapter, tmp_path):
+    adapter, _ = peft_adapter
+    main(["export", "--model_name_or_path", str(tiny_dir), "--adapter_name_or_path", str(adapter),
+          "--export_dir", str(tmp_path / "again"), "--peft"])
+    original, again = (load_file(str(d / lora.ADAPTER_WEIGHTS)) for d in (adapter, tmp_path / "again"))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)

@@ -178,3 +178,188 @@ def test_peft_export_gives_the_same_logits_in_transformers(model, tmp_path):
     x = torch.randint(0, 128, (2, 11))
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max() <= 1e-4
+
+
+SIX = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+PEFT_CASES = {
+    "q_v": dict(target_modules=["q_proj", "v_proj"]),
+    "q_k_v": dict(target_modules=["q_proj", "k_proj", "v_proj"]),
+    "all_six": dict(target_modules=SIX),
+    "rslora": dict(target_modules=SIX, use_rslora=True),
+    "patterns": dict(target_modules=SIX, rank_pattern={"q_proj": 2, "model.layers.1.mlp.fc1": 6},
+                     alpha_pattern={"v_proj": 3, "dense": 5}),
+    "patterns_rslora": dict(target_modules=["q_proj", "v_proj", "fc2"], rank_pattern={"v_proj": 6},
+                            use_rslora=True),
+}
+
+
+@pytest.fixture
+def peft_adapter(model, tmp_path, make_peft_adapter):
+    """(base dir, adapter dir, PEFT model) for a case of PEFT_CASES: r 4, alpha 8 unless a pattern says otherwise."""
+    def make(case, **over):
+        save_model(model, tmp_path / "base")
+        peft_model = make_peft_adapter(tmp_path / "base", tmp_path / "peft", r=4, lora_alpha=8,
+                                       **{**PEFT_CASES[case], **over})
+        return tmp_path / "base", tmp_path / "peft", peft_model
+    return make
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_a_peft_adapter_gives_the_logits_it_gives_in_peft(peft_adapter, case):
+    base_dir, adapter_dir, peft_model = peft_adapter(case)
+    ours = load_model(base_dir).eval()
+    lora.load_adapter(ours, adapter_dir, trainable=False)
+    x = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        assert (peft_model(x).logits - ours(x)).abs().max() <= 1e-5
+
+
+def test_q_and_v_adapters_stack_into_wqkv_with_zero_k_rows_that_training_keeps_zero(peft_adapter):
+    base_dir, adapter_dir, _ = peft_adapter("q_v")
+    ours = load_model(base_dir)
+    lora.load_adapter(ours, adapter_dir)
+    wqkv = ours.layers[0].attn.Wqkv
+    assert wqkv.parts == (lora.Part(4, 8, (0, 64)), lora.Part(4, 8, (128, 192)))
+    assert wqkv.lora_A.shape == (8, 64) and wqkv.lora_B.shape == (192, 8)
+    before = wqkv.lora_B.detach().clone()
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    x = torch.randint(0, 128, (2, 10))
+    for _ in range(2):
+        ours(x, labels=x).backward()
+        opt.step()
+        opt.zero_grad()
+    B = wqkv.lora_B.detach()
+    assert not torch.equal(B[:64, :4], before[:64, :4]) and not torch.equal(B[128:, 4:], before[128:, 4:])
+    off_blocks = torch.ones_like(B, dtype=torch.bool)
+    off_blocks[:64, :4] = off_blocks[128:, 4:] = False
+    assert not B[off_blocks].any()  # no k adapter appears, and q and v stay apart
+
+
+def test_q_k_v_adapters_sharing_a_and_rank_fuse_into_one_wqkv_adapter(model, tmp_path, tiny_config):
+    lora.inject(model, "Wqkv", r=4, alpha=8, verbose=False)
+    _randomise_adapters(model)
+    lora.export_peft(model, tmp_path, base_model_name_or_path="base")
+    fresh = Phi(tiny_config)
+    lora.load_adapter(fresh, tmp_path)
+    assert all(m.parts == (lora.Part(4, 8),) and m.r == 4 for m in lora.lora_modules(fresh).values())
+
+
+def test_phift_adapter_round_trips_exactly_through_peft(model, tmp_path, tiny_config):
+    lora.inject(model, "all", r=4, alpha=8, use_rslora=True, verbose=False)
+    _randomise_adapters(model)
+    lora.export_peft(model, tmp_path, base_model_name_or_path="base")
+    fresh = Phi(tiny_config)
+    lora.load_adapter(fresh, tmp_path)
+    ours, back = lora.adapter_state_dict(model), lora.adapter_state_dict(fresh)
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)
+    assert lora.adapter_config(fresh, "x") == lora.adapter_config(model, "x")
+
+
+@pytest.mark.parametrize("case", ["q_v", "patterns", "patterns_rslora"])
+def test_peft_adapter_round_trips_exactly_through_phift(peft_adapter, tmp_path, case):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    base_dir, adapter_dir, peft_model = peft_adapter(case)
+    ours = load_model(base_dir)
+    lora.load_adapter(ours, adapter_dir)
+    lora.export_peft(ours, tmp_path / "again")
+    original, again = (load_file(str(d / lora.ADAPTER_WEIGHTS)) for d in (adapter_dir, tmp_path / "again"))
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "again")
+    scalings = [{n: m.scaling["default"] for n, m in p.named_modules()
+                 if isinstance(m, peft.tuners.lora.LoraLayer)} for p in (peft_model, reloaded)]
+    assert scalings[0] == scalings[1]  # the same per-module rank and alpha, through rank/alpha_pattern
+
+
+def test_stacked_adapter_round_trips_through_phift_adapter_files(peft_adapter, tmp_path, tiny_config):
+    base_dir, adapter_dir, _ = peft_adapter("patterns_rslora")
+    ours = load_model(base_dir)
+    lora.load_adapter(ours, adapter_dir)
+    lora.save_adapter(ours, tmp_path / "phift")
+    cfg = json.loads((tmp_path / "phift" / lora.ADAPTER_CONFIG).read_text())
+    assert cfg["modules"]["layers.0.attn.Wqkv"] == [{"r": 4, "lora_alpha": 8, "rows": [0, 64]},
+                                                    {"r": 6, "lora_alpha": 8, "rows": [128, 192]}]
+    fresh = Phi(tiny_config)
+    lora.load_adapter(fresh, tmp_path / "phift")
+    assert {n: m.parts for n, m in lora.lora_modules(fresh).items()} == \
+           {n: m.parts for n, m in lora.lora_modules(ours).items()}
+    a, b = lora.adapter_state_dict(ours), lora.adapter_state_dict(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _edit_config(**fields):
+    def edit(d):
+        cfg = json.loads((d / lora.ADAPTER_CONFIG).read_text())
+        (d / lora.ADAPTER_CONFIG).write_text(json.dumps({**cfg, **fields}))
+    return edit
+
+
+def _edit_weights(edit_state):
+    def edit(d):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(d / lora.ADAPTER_WEIGHTS))
+        edit_state(state)
+        save_file(state, str(d / lora.ADAPTER_WEIGHTS))
+    return edit
+
+
+def _pickle_only(d):
+    (d / lora.ADAPTER_WEIGHTS).rename(d / "adapter_model.bin")
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+REFUSED = {
+    "dora": (_edit_config(use_dora=True), r"adapter_config\.json: use_dora = True"),
+    "bias": (_edit_config(bias="lora_only"), r"adapter_config\.json: bias = 'lora_only'"),
+    "fan_in_fan_out": (_edit_config(fan_in_fan_out=True), r"adapter_config\.json: fan_in_fan_out = True"),
+    "modules_to_save": (_edit_config(modules_to_save=["lm_head"]), r"adapter_config\.json: modules_to_save"),
+    "layers_to_transform": (_edit_config(layers_to_transform=[0]), r"adapter_config\.json: layers_to_transform"),
+    "other_target": (_edit_config(target_modules=["q_proj", "lm_head"]), r"adapter_config\.json: target_modules"),
+    "regex_target": (_edit_config(target_modules=r".*\.q_proj"), r"adapter_config\.json: target_modules"),
+    "pickle": (_pickle_only, r"adapter_model\.bin is a pickle"),
+    "rank_mismatch": (_edit_weights(lambda s: s.update({f"{Q0}.lora_B.weight": torch.zeros(64, 3)})),
+                      rf"{Q0}\.lora_A\.weight has shape \(4, 64\) and {Q0}\.lora_B\.weight \(64, 3\)"),
+    "layer_missing": (_edit_weights(lambda s: [s.pop(k) for k in list(s) if ".layers.1.self_attn.v_proj" in k]),
+                      r"no base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_A\.weight.*every layer"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_a_peft_adapter_cannot_map_exactly_is_refused_naming_file_and_field(peft_adapter, tiny_config, case):
+    _, adapter_dir, _ = peft_adapter("q_v")
+    edit, message = REFUSED[case]
+    edit(adapter_dir)
+    with pytest.raises(ValueError, match=message):
+        lora.load_adapter(Phi(tiny_config), adapter_dir)
+
+
+def test_export_peft_names_the_checkpoint_the_model_was_loaded_from(model, tmp_path):
+    peft = pytest.importorskip("peft")
+    save_model(model, tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    lora.inject(ours, "all", r=4, alpha=8, verbose=False)
+    _randomise_adapters(ours)
+    ours.eval()
+    lora.export_peft(ours, tmp_path / "adapter")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    x = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        assert (theirs(x).logits - ours(x)).abs().max() <= 1e-5
+
+
+def test_export_peft_of_a_model_built_in_memory_asks_for_the_base(model, tmp_path):
+    lora.inject(model, "Wqkv", verbose=False)
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        lora.export_peft(model, tmp_path)
+
+
+def test_merging_adapters_into_a_loaded_model_forgets_its_checkpoint_as_the_base(model, tmp_path):
+    save_model(model, tmp_path / "base")
+    ours = load_model(tmp_path / "base")
+    lora.inject(ours, "Wqkv", verbose=False)
+    lora.unload(ours, merge=True)
+    lora.inject(ours, "fc1", verbose=False)
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        lora.export_peft(ours, tmp_path / "adapter")
