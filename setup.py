@@ -23,13 +23,17 @@ setup(
     version="0.1.0",
     description="Raw-PyTorch fine-tuning (LoRA and full) for Microsoft phi-1, phi-1_5 and phi-2",
     packages=find_packages(include=["phift", "phift.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.1", "safetensors>=0.4", "tokenizers>=0.15", "huggingface-hub>=0.20",
-                      "numpy", "tqdm", "matplotlib"],
+    # 3.10: zip(strict=...) and X | Y annotations read at run time; torch 2.4: torch.library.register_fake and the
+    # device-generic autocast queries
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.15", "huggingface-hub>=0.20",
+                      "numpy", "tqdm", "matplotlib", "pyyaml"],
     extras_require={
         "deepspeed": ["deepspeed>=0.14", "ninja"],
         "eval": ["nltk", "jieba", "rouge-chinese"],
-        "test": ["pytest", "transformers>=4.37", "peft>=0.10"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "test": ["pytest", "transformers>=4.37", "peft>=0.10", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["phift=phift.cli:main"]},
     ext_modules=ext_modules,

@@ -1,172 +1,409 @@
-"""The training flags, with the names and meanings of LLaMA-Factory v0.3.3's `train_bash.py --stage sft`.
+"""The run configuration: typed groups of LLaMA-Factory v0.3.3's `train_bash.py` flags, parsed in one place.
 
-Every flag the seed's three commands use parses; boolean flags take a value (`--fp16 True`) as there. Unknown
-flags and unsupported values are errors, never silently ignored.
+    ModelArgs        what to load and how to run it        (v0.3.3's ModelArguments, plus phift's accelerations)
+    DataArgs         datasets, template, cutoff            (DataArguments)
+    FinetuningArgs   LoRA or full, and what trains         (FinetuningArguments)
+    TrainingArgs     optimizer, schedule, precision, checkpoints, logging    (HF's Seq2SeqTrainingArguments)
+    GeneratingArgs   decoding for predict and chat         (GeneratingArguments)
+
+Every field is a flag of its own name (`--cutoff_len`), with its default and a one-line help; boolean flags take a
+value (`--fp16 True`) as in LLaMA-Factory. `phift train config.yaml [--flag value ...]` reads the same keys from a
+YAML file (LLaMA-Factory's examples), flags overriding it. Unknown flags or keys and unsupported values are errors.
+`check` holds every cross-field rule, and `decide_precision` turns the precision flags into one explicit
+`Precision` for the device at hand.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REQUIRED = "<required>"
 
 
-def str2bool(v: str) -> bool:
+def arg(default, help: str, choices=None, aliases=()):
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = arg(REQUIRED, "checkpoint directory, hub repo id (e.g. microsoft/phi-1_5), or a preset "
+                                            "name for a random-init model (tiny, phi-1, phi-1_5, phi-2)")
+    tokenizer_name_or_path: str | None = arg(None, "tokenizer directory for a preset (random-init) model; default: a "
+                                                   "demo tokenizer trained on the dataset")
+    checkpoint_dir: str | None = arg(None, "comma-separated LoRA adapter directories to start from, phift's or PEFT "
+                                           "adapters of transformers' PhiForCausalLM (see --resume_lora_training); "
+                                           "--adapter_name_or_path is the name later LLaMA-Factory versions use",
+                                     aliases=("--adapter_name_or_path",))
+    flash_attn: bool = arg(False, "accepted for compatibility: attention always runs through PyTorch SDPA, which "
+                                  "picks flash attention on GPUs that have it")
+    shift_attn: bool = arg(False, "LongLoRA shift-short attention (not available for phi: must be False)")
+    trust_remote_code: bool = arg(False, "accepted for LLaMA-Factory's YAML files: phift never runs a checkpoint's "
+                                         "code, it reads config.json and safetensors only")
+    disable_gradient_checkpointing: bool = arg(False, "activation recomputation is on by default, as in "
+                                                      "LLaMA-Factory; True turns it off (faster, more memory)")
+    gradient_checkpointing_policy: str = arg("full", "full: recompute whole blocks in backward (least memory); mlp: "
+                                                     "recompute only each block's fc1 + GELU (their activation is "
+                                                     "the largest; faster, more memory)", choices=("full", "mlp"))
+    compile: bool = arg(False, "torch.compile each block")
+    cuda_graphs: bool = arg(False, "replay each micro-batch's forward and backward as a CUDA graph, one per batch "
+                                   "shape (lengths padded to multiples of 64): for small batches, whose steps the "
+                                   "host's kernel launches bound; needs a step without random numbers")
+
+
+@dataclass
+class DataArgs:
+    template: str = arg("vanilla", "prompt template (phift.data.TEMPLATES)")
+    dataset: str = arg(REQUIRED, "comma-separated names from dataset_info.json")
+    dataset_dir: str = arg("data", "the folder holding dataset_info.json")
+    cutoff_len: int = arg(1024, "tokens a sample keeps, split between prompt and response as LLaMA-Factory v0.3.3 "
+                                "splits them")
+    max_samples: int | None = arg(None, "the first N rows of each dataset")
+    val_size: float = arg(0.0, "fraction (<1) or number of samples held out")
+    train_on_prompt: bool = arg(False, "also train on prompt tokens")
+    packing: bool = arg(False, "padding-free packing of several samples per row (no cross-sample attention)")
+    identity_name: str | None = arg(None, "replaces <NAME>/{{name}} in self_cognition data")
+    identity_author: str | None = arg(None, "replaces <AUTHOR>/{{author}} in self_cognition data")
+    mcq_files: str | None = arg(None, "comma-separated exam CSVs (input,output,A,B,C,D,...,multichoice) to score by "
+                                      "likelihood")
+    overwrite_cache: bool = arg(False, "accepted for LLaMA-Factory's YAML files: phift keeps no dataset cache")
+    preprocessing_num_workers: int | None = arg(None, "accepted for LLaMA-Factory's YAML files: phift tokenizes in "
+                                                      "the training process")
+
+
+@dataclass
+class FinetuningArgs:
+    stage: str = arg("sft", "only supervised fine-tuning is supported", choices=("sft",))
+    finetuning_type: str = arg("lora", "train LoRA adapters or every weight", choices=("lora", "full"))
+    lora_rank: int = arg(8, "LoRA rank r")
+    lora_alpha: float | None = arg(None, "LoRA alpha; default: 2 × lora_rank")
+    lora_dropout: float = arg(0.1, "dropout on the adapters' input")
+    lora_target: str = arg("Wqkv", "Wqkv,out_proj,fc1,fc2 or all (q_proj/k_proj/v_proj → Wqkv, dense → out_proj)")
+    use_rslora: bool = arg(False, "scale by alpha/sqrt(r) instead of alpha/r")
+    resume_lora_training: bool = arg(True, "True: keep training the last adapter of --checkpoint_dir; False: merge "
+                                           "them all into the base and train a new adapter")
+    upcast_layernorm: bool = arg(False, "keep LayerNorm weights in fp32")
+    neft_alpha: float = arg(0.0, "NEFTune noise alpha (0 = off)")
+    plot_loss: bool = arg(False, "write training_loss.png (raw and smoothed)")
+
+
+@dataclass
+class TrainingArgs:
+    do_train: bool = arg(True, "train (False with --do_eval/--do_predict runs evaluation only)")
+    do_eval: bool = arg(False, "eval loss and perplexity on the validation split")
+    do_predict: bool = arg(False, "generate on the dataset and score BLEU-4 / ROUGE")
+    predict_with_generate: bool = arg(False, "required with --do_predict, as in LLaMA-Factory")
+    output_dir: str = arg(REQUIRED, "where the model, logs and checkpoints go")
+    overwrite_output_dir: bool = arg(False, "allow starting over in an output_dir that holds checkpoints")
+    learning_rate: float = arg(5e-5, "peak learning rate of AdamW")
+    num_train_epochs: float = arg(3.0, "passes over the training set")
+    max_steps: int = arg(-1, "> 0 overrides num_train_epochs")
+    per_device_train_batch_size: int = arg(8, "samples (or packed rows) a micro-batch, per GPU")
+    per_device_eval_batch_size: int = arg(8, "samples a batch in evaluation, per GPU")
+    gradient_accumulation_steps: int = arg(1, "micro-batches an optimizer step")
+    lr_scheduler_type: str = arg("linear", "the learning-rate schedule after warm-up",
+                                 choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_steps: int = arg(0, "steps of linear warm-up (wins over warmup_ratio)")
+    warmup_ratio: float = arg(0.0, "warm-up as a fraction of all steps")
+    max_grad_norm: float = arg(1.0, "clip the gradients' global norm (0: no clipping)")
+    weight_decay: float = arg(0.0, "AdamW's decoupled weight decay (matrices only)")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
+    seed: int = arg(42, "seeds every generator at the start of the run")
+    fp16: bool = arg(False, "fp16 mixed precision with dynamic loss scaling (CUDA)")
+    bf16: bool = arg(False, "bf16 mixed precision")
+    pure_bf16: bool = arg(False, "train the model itself in bf16, without autocast (implies --bf16); full "
+                                 "fine-tuning keeps fp32 master weights in the optimizer (phift.optim)")
+    deepspeed: str | None = arg(None, "DeepSpeed config JSON ('auto' values filled from these flags)")
+    offload_optimizer: str = arg("none", "cpu: full fine-tuning with the fp32 optimizer state in CPU memory, without "
+                                         "DeepSpeed (one GPU, --fp16 or --bf16)", choices=("none", "cpu"))
+    local_rank: int = arg(-1, "set by the deepspeed launcher")
+    ddp_timeout: int = arg(1800, "seconds a rank waits for the others in a collective before the run fails")
+    logging_steps: int = arg(10, "log the mean loss every N steps")
+    save_steps: int = arg(500, "write a checkpoint every N steps")
+    save_strategy: str = arg("steps", "no: write no checkpoints (the final weights are still saved)",
+                             choices=("steps", "no"))
+    save_total_limit: int | None = arg(None, "keep only the newest N checkpoints")
+    eval_strategy: str = arg("steps", "steps: eval loss on the validation split every eval_steps; no: only at the end",
+                             choices=("steps", "no"), aliases=("--evaluation_strategy",))
+    eval_steps: int | None = arg(None, "default: save_steps (needs --val_size)")
+    resume_from_checkpoint: str | None = arg(None, "a checkpoint directory, or 'latest' for output_dir's newest "
+                                                   "complete checkpoint")
+    report_to: str = arg("none", "also log the scalars of trainer_log.jsonl to TensorBoard (output_dir/runs) or "
+                                 "Weights & Biases (WANDB_MODE=offline works without a network)",
+                         choices=("none", "tensorboard", "wandb"))
+
+
+@dataclass
+class GeneratingArgs:
+    max_new_tokens: int = arg(512, "tokens generated at most per answer")
+    temperature: float = arg(0.0, "0: greedy; else the softmax temperature of sampling")
+    top_p: float = arg(1.0, "nucleus sampling: the smallest set of tokens whose probability reaches top_p")
+
+
+@dataclass
+class InferArgs:
+    """What `phift chat` and `phift export` load."""
+    model_name_or_path: str = arg(REQUIRED, "checkpoint directory or hub repo id")
+    adapter_name_or_path: str | None = arg(None, "comma-separated LoRA adapter directories (phift's, or PEFT's for "
+                                                 "transformers' PhiForCausalLM), merged in order",
+                                           aliases=("--checkpoint_dir",))
+    template: str = arg("vanilla", "prompt template (phift.data.TEMPLATES)")
+    dtype: str | None = arg(None, "default: bf16 for a bf16 checkpoint on a GPU that has it, else fp16 on a GPU and "
+                                  "fp32 on the CPU (as LLaMA-Factory)", choices=("fp32", "fp16", "bf16"))
+
+
+@dataclass
+class ExportArgs:
+    export_dir: str = arg(REQUIRED, "where the merged checkpoint (or the PEFT adapter) goes")
+    peft: bool = arg(False, "export the (single) adapter in PEFT's format instead of merging it")
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+GROUPS = {"model": ModelArgs, "data": DataArgs, "finetuning": FinetuningArgs, "training": TrainingArgs,
+          "generating": GeneratingArgs}
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs
+    data: DataArgs
+    finetuning: FinetuningArgs
+    training: TrainingArgs
+    generating: GeneratingArgs
+
+    def flags(self) -> list[str]:
+        """The flags that give this configuration (defaults left out)."""
+        out = []
+        for group in GROUPS:
+            values = getattr(self, group)
+            for f in dataclasses.fields(values):
+                v = getattr(values, f.name)
+                if v != f.default:
+                    out += [f"--{f.name}", str(v)]
+        return out
+
+
+class ConfigError(ValueError):
+    """A flag, a YAML key or a combination of them that phift cannot run."""
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+def str2bool(v) -> bool:
     if isinstance(v, bool):
         return v
-    if v.lower() in ("true", "1", "yes"):
+    if str(v).lower() in ("true", "1", "yes"):
         return True
-    if v.lower() in ("false", "0", "no"):
+    if str(v).lower() in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
 
 
-def _bool(p, name, default, help):
-    p.add_argument(name, type=str2bool, default=default, nargs="?", const=True, metavar="{True,False}", help=help)
+def _converter(tp):
+    """The argparse type for an annotation: bool, int, float, str, or X | None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    return str2bool if tp is bool else tp
 
 
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phift train", description="Supervised fine-tuning of phi models "
-                                "(LLaMA-Factory's `--stage sft` flags).", allow_abbrev=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--stage", default="sft", choices=["sft"], help="only supervised fine-tuning is supported")
-    g.add_argument("--model_name_or_path", required=True,
-                   help="checkpoint directory, hub repo id (e.g. microsoft/phi-1_5), or a preset name for a "
-                        "random-init model (tiny, phi-1, phi-1_5, phi-2)")
-    g.add_argument("--tokenizer_name_or_path", default=None,
-                   help="tokenizer directory for a preset (random-init) model; default: a demo tokenizer trained "
-                        "on the dataset")
-    g.add_argument("--finetuning_type", default="lora", choices=["lora", "full"])
-    g.add_argument("--template", default="vanilla")
-    _bool(g, "--flash_attn", False, "accepted for compatibility: attention always runs through PyTorch SDPA, "
-                                     "which picks flash attention on GPUs that have it")
-    _bool(g, "--shift_attn", False, "LongLoRA shift-short attention (not available for phi: must be False)")
-    _bool(g, "--upcast_layernorm", False, "keep LayerNorm weights in fp32")
-    _bool(g, "--disable_gradient_checkpointing", False,
-          "activation checkpointing is on by default, as in LLaMA-Factory; True turns it off (faster, more memory)")
-    g.add_argument("--gradient_checkpointing_policy", default="full", choices=["full", "mlp"],
-                   help="full: recompute whole blocks in backward (least memory); mlp: recompute only each "
-                        "block's fc1 + GELU (their activation is the largest; faster, more memory)")
-    g.add_argument("--checkpoint_dir", "--adapter_name_or_path", dest="checkpoint_dir", default=None,
-                   help="comma-separated adapter directories to start from, phift's or PEFT LoRA adapters of "
-                        "transformers' PhiForCausalLM (see --resume_lora_training); --adapter_name_or_path is "
-                        "the name later LLaMA-Factory versions use")
-    _bool(g, "--resume_lora_training", True, "True: keep training the last adapter of --checkpoint_dir; "
-                                             "False: merge them all into the base and train a new adapter")
-    g.add_argument("--compile", type=str2bool, default=False, nargs="?", const=True, metavar="{True,False}",
-                   help="torch.compile the model")
-    _bool(g, "--cuda_graphs", False, "replay each micro-batch's forward and backward as a CUDA graph, one per batch "
-                                     "shape (lengths padded to multiples of 64): for small batches, whose steps the "
-                                     "host's kernel launches bound; needs a step without random numbers (phift/graphs.py)")
+def _fields(group: type):
+    hints = typing.get_type_hints(group)
+    return [(f, _converter(hints[f.name])) for f in dataclasses.fields(group)]
 
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_dir", default="data")
-    g.add_argument("--dataset", required=True, help="comma-separated names from dataset_info.json")
-    g.add_argument("--cutoff_len", type=int, default=1024)
-    g.add_argument("--max_samples", type=int, default=None)
-    g.add_argument("--val_size", type=float, default=0.0, help="fraction (<1) or number of samples held out")
-    _bool(g, "--train_on_prompt", False, "also train on prompt tokens")
-    _bool(g, "--packing", False, "padding-free packing of several samples per row (no cross-sample attention)")
-    g.add_argument("--neft_alpha", type=float, default=0.0, help="NEFTune noise alpha (0 = off)")
-    g.add_argument("--identity_name", default=None, help="replaces <NAME>/{{name}} in self_cognition data")
-    g.add_argument("--identity_author", default=None, help="replaces <AUTHOR>/{{author}} in self_cognition data")
 
-    g = p.add_argument_group("training")
-    _bool(g, "--do_train", True, "train (False with --do_eval/--do_predict runs evaluation only)")
-    g.add_argument("--output_dir", required=True)
-    _bool(g, "--overwrite_output_dir", False, "allow starting over in an output_dir that holds checkpoints")
-    g.add_argument("--learning_rate", type=float, default=5e-5)
-    g.add_argument("--num_train_epochs", type=float, default=3.0)
-    g.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides num_train_epochs")
-    g.add_argument("--per_device_train_batch_size", type=int, default=8)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--lr_scheduler_type", default="linear",
-                   choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    g.add_argument("--warmup_steps", type=int, default=0)
-    g.add_argument("--warmup_ratio", type=float, default=0.0)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--seed", type=int, default=42)
-    _bool(g, "--fp16", False, "fp16 mixed precision with dynamic loss scaling (CUDA)")
-    _bool(g, "--bf16", False, "bf16 mixed precision")
-    _bool(g, "--pure_bf16", False, "train the model itself in bf16, without autocast (implies --bf16); full "
-                                   "fine-tuning keeps fp32 master weights in the optimizer (phift.optim)")
-    g.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON ('auto' values filled from these flags)")
-    g.add_argument("--offload_optimizer", default="none", choices=["none", "cpu"],
-                   help="cpu: full fine-tuning with the fp32 optimizer state in CPU memory, without DeepSpeed "
-                        "(phift/offload.py; one GPU, --fp16 or --bf16)")
-    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-
-    g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--save_steps", type=int, default=500)
-    g.add_argument("--save_strategy", default="steps", choices=["steps", "no"],
-                   help="no: write no checkpoints (the final weights are still saved)")
-    g.add_argument("--save_total_limit", type=int, default=None)
-    g.add_argument("--eval_steps", type=int, default=None, help="default: save_steps (needs --val_size)")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="a checkpoint directory, or 'latest' for output_dir's newest complete checkpoint")
-    _bool(g, "--plot_loss", False, "write training_loss.png (raw and smoothed)")
-
-    g = p.add_argument_group("lora")
-    g.add_argument("--lora_rank", type=int, default=8)
-    g.add_argument("--lora_alpha", type=float, default=None, help="default: 2 × lora_rank")
-    g.add_argument("--lora_dropout", type=float, default=0.1)
-    g.add_argument("--lora_target", default="Wqkv", help="Wqkv,out_proj,fc1,fc2 or all (q_proj/k_proj/v_proj "
-                                                         "→ Wqkv, dense → out_proj)")
-    _bool(g, "--use_rslora", False, "scale by alpha/sqrt(r) instead of alpha/r")
-
-    g = p.add_argument_group("evaluation")
-    _bool(g, "--do_eval", False, "eval loss and perplexity on the validation split")
-    _bool(g, "--do_predict", False, "generate on the dataset and score BLEU-4 / ROUGE")
-    _bool(g, "--predict_with_generate", False, "required with --do_predict, as in LLaMA-Factory")
-    g.add_argument("--mcq_files", default=None,
-                   help="comma-separated exam CSVs (input,output,A,B,C,D,...,multichoice) to score by likelihood")
-    g.add_argument("--max_new_tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top_p", type=float, default=1.0)
+def parser(prog: str = "phift train", groups=GROUPS, description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description or (
+        "Supervised fine-tuning of phi models with LLaMA-Factory's `--stage sft` flags. A YAML file of the same "
+        "keys may come first (`phift train config.yaml --learning_rate 1e-4`); flags override it."))
+    for name, group in groups.items():
+        g = p.add_argument_group(name)
+        for f, convert in _fields(group):
+            kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"],
+                      choices=f.metadata["choices"])
+            if convert is str2bool:
+                kw.update(type=str2bool, nargs="?", const=True, metavar="{True,False}")
+            else:
+                kw.update(type=convert)
+            g.add_argument(f"--{f.name}", *f.metadata["aliases"], **kw)
     return p
 
 
-def parse_train_args(argv=None) -> argparse.Namespace:
-    p = train_parser()
-    args = p.parse_args(argv)
-    if args.shift_attn:
-        p.error("--shift_attn True (LongLoRA S²-attention) is LLaMA-only in LLaMA-Factory; phi has no such path")
-    if args.fp16 and args.bf16:
-        p.error("--fp16 and --bf16 are exclusive")
-    if args.pure_bf16:
-        if args.fp16:
-            p.error("--pure_bf16 and --fp16 are exclusive")
-        if args.deepspeed:
-            p.error("--pure_bf16 is for the plain PyTorch engine; DeepSpeed's own bf16 mode already keeps the model "
-                    "in bf16 with fp32 master weights: drop --pure_bf16 and pass --bf16 True")
-        if args.upcast_layernorm:
-            p.error("--pure_bf16 keeps every weight in bf16; it cannot be combined with --upcast_layernorm True")
-        args.bf16 = True
-    if args.offload_optimizer == "cpu":
-        if args.finetuning_type != "full":
-            p.error("--offload_optimizer cpu is for --finetuning_type full (LoRA's optimizer state is a few MB)")
-        if args.deepspeed:
-            p.error("--offload_optimizer cpu is phift's own offload; with --deepspeed, offload in the DeepSpeed config")
-        if not (args.fp16 or args.bf16):
-            p.error("--offload_optimizer cpu trains the model in half precision: pass --fp16 True or --bf16 True")
-        if args.upcast_layernorm:
-            p.error("--offload_optimizer cpu keeps every weight in half precision; drop --upcast_layernorm True")
-    if args.do_predict and not args.predict_with_generate:
-        p.error("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
-    if args.finetuning_type == "full" and args.checkpoint_dir:
-        p.error("--checkpoint_dir holds LoRA adapters; with --finetuning_type full point "
-                "--model_name_or_path at the checkpoint instead")
-    if not 0 <= args.lora_dropout < 1:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    for name in ("cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "save_steps", "lora_rank"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.eval_steps is None:
-        args.eval_steps = args.save_steps
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora_rank
-    return args
+def _yaml_values(path: Path, groups) -> dict:
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a run configuration is a mapping of flag names to values")
+    known = {f.name: convert for group in groups.values() for f, convert in _fields(group)}
+    aliases = {a.lstrip("-"): f.name for group in groups.values() for f in dataclasses.fields(group)
+               for a in f.metadata["aliases"]}
+    out = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} (the keys are phift train's flag names)")
+        if isinstance(value, list):  # YAML lists for the comma-separated flags (dataset: [a, b])
+            value = ",".join(map(str, value))
+        try:
+            out[name] = None if value is None else known[name](value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            kind = {int: "an integer", float: "a number", str2bool: "true or false"}.get(known[name], "text")
+            raise ConfigError(f"{path}: key {key!r} has value {value!r}, which is not {kind}") from None
+    return out
+
+
+def parse_args(argv=None, prog: str = "phift train", groups=GROUPS) -> dict[str, object]:
+    """{group name: its dataclass} from flags, after an optional leading YAML file; argparse errors exit(2)."""
+    argv = list(argv) if argv is not None else None
+    values = {}
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        values = _yaml_values(Path(argv[0]), groups)
+        argv = argv[1:]
+    values.update(vars(parser(prog, groups).parse_args(argv)))
+    out = {}
+    for name, group in groups.items():
+        out[name] = group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.name in values})
+        missing = [f.name for f in dataclasses.fields(group) if getattr(out[name], f.name) is REQUIRED]
+        if missing:
+            raise ConfigError(f"--{missing[0]} is required (a flag, or a key of the YAML file)")
+    return out
+
+
+def parse_train_args(argv=None) -> RunConfig:
+    run = RunConfig(**parse_args(argv))
+    check(run)
+    return resolve(run)
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+def check(run: RunConfig) -> None:
+    """Every rule that ties flags together; each error names the flags involved."""
+    m, d, f, t = run.model, run.data, run.finetuning, run.training
+    if m.shift_attn:
+        raise ConfigError("--shift_attn True (LongLoRA S²-attention) is LLaMA-only in LLaMA-Factory; phi has no such "
+                          "path")
+    if t.fp16 and t.bf16:
+        raise ConfigError("--fp16 and --bf16 are exclusive")
+    if t.pure_bf16:
+        if t.fp16:
+            raise ConfigError("--pure_bf16 and --fp16 are exclusive")
+        if t.deepspeed:
+            raise ConfigError("--pure_bf16 is for the plain PyTorch engine; DeepSpeed's own bf16 mode already keeps "
+                              "the model in bf16 with fp32 master weights: drop --pure_bf16 and pass --bf16 True")
+        if f.upcast_layernorm:
+            raise ConfigError("--pure_bf16 keeps every weight in bf16; it cannot be combined with --upcast_layernorm "
+                              "True")
+    if t.offload_optimizer == "cpu":
+        if f.finetuning_type != "full":
+            raise ConfigError("--offload_optimizer cpu is for --finetuning_type full (LoRA's optimizer state is a "
+                              "few MB)")
+        if t.deepspeed:
+            raise ConfigError("--offload_optimizer cpu is phift's own offload; with --deepspeed, offload in the "
+                              "DeepSpeed config")
+        if not (t.fp16 or t.bf16 or t.pure_bf16):
+            raise ConfigError("--offload_optimizer cpu trains the model in half precision: pass --fp16 True or --bf16 "
+                              "True")
+        if f.upcast_layernorm:
+            raise ConfigError("--offload_optimizer cpu keeps every weight in half precision; drop --upcast_layernorm "
+                              "True")
+    if m.cuda_graphs:
+        if t.deepspeed or t.offload_optimizer == "cpu":
+            raise ConfigError("--cuda_graphs is for the plain PyTorch engine (not --deepspeed or --offload_optimizer "
+                              "cpu)")
+        if m.compile:
+            raise ConfigError("--cuda_graphs and --compile are exclusive: pick one way to cut the host's launch cost")
+        if f.neft_alpha > 0:
+            raise ConfigError("--cuda_graphs needs a step without random numbers; NEFTune (--neft_alpha) draws noise")
+        if f.finetuning_type == "lora" and f.lora_dropout > 0:
+            raise ConfigError("--cuda_graphs needs a step without random numbers, but LoRA dropout draws masks: pass "
+                              "--lora_dropout 0")
+    if t.do_predict and not t.predict_with_generate:
+        raise ConfigError("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
+    if f.finetuning_type == "full" and m.checkpoint_dir:
+        raise ConfigError("--checkpoint_dir holds LoRA adapters; with --finetuning_type full point "
+                          "--model_name_or_path at the checkpoint instead")
+    if not 0 <= f.lora_dropout < 1:
+        raise ConfigError(f"--lora_dropout must be in [0, 1), got {f.lora_dropout}")
+    for group, name in ((d, "cutoff_len"), (t, "per_device_train_batch_size"), (t, "gradient_accumulation_steps"),
+                        (t, "logging_steps"), (t, "save_steps"), (f, "lora_rank")):
+        if getattr(group, name) <= 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(group, name)}")
+    for group, name in ((m, "trust_remote_code"), (d, "overwrite_cache"), (d, "preprocessing_num_workers")):
+        if getattr(group, name):
+            logger.info("--%s has no effect in phift (%s)", name,
+                        next(x.metadata["help"] for x in dataclasses.fields(group) if x.name == name).split(": ")[-1])
+
+
+def resolve(run: RunConfig) -> RunConfig:
+    """The defaults that depend on other flags, filled in once."""
+    if run.finetuning.lora_alpha is None:
+        run.finetuning.lora_alpha = 2.0 * run.finetuning.lora_rank
+    if run.training.eval_steps is None:
+        run.training.eval_steps = run.training.save_steps
+    return run
+
+
+def check_runtime(run: RunConfig, world_size: int, device: torch.device, precision: Precision) -> None:
+    """The rules that depend on where the run landed: how many processes, which device."""
+    t = run.training
+    if world_size > 1 and not t.deepspeed:
+        raise ConfigError("multi-process runs go through DeepSpeed: add --deepspeed <config.json>")
+    if t.offload_optimizer == "cpu":
+        if world_size > 1:
+            raise ConfigError("--offload_optimizer cpu runs on one GPU; for several, use --deepspeed with "
+                              "examples/ds_config.json (ZeRO-2, optimizer offloaded)")
+        if precision.compute is None:
+            raise ConfigError("--offload_optimizer cpu needs a half-precision model: --fp16 needs a CUDA GPU, --bf16 "
+                              "True runs anywhere")
+    if run.model.cuda_graphs and device.type != "cuda":
+        raise ConfigError("--cuda_graphs needs a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------------------------------ precision
+@dataclass(frozen=True)
+class Precision:
+    """How the numbers of a run are kept, decided once from --fp16/--bf16/--pure_bf16, the engine and the device.
+
+    compute: the half dtype the math runs in, or None (fp32).
+    load: the dtype the base weights are loaded in.
+    upcast_trainable: trainable weights become fp32 masters under autocast (full fine-tuning, plain engine).
+    autocast: the dtype autocast casts to, or None for no autocast.
+    loss_scaling: fp16's dynamic loss scale.
+    master_weights: the optimizer keeps fp32 masters of half trainable weights (--pure_bf16, --offload_optimizer).
+    """
+    compute: torch.dtype | None
+    load: torch.dtype
+    upcast_trainable: bool
+    autocast: torch.dtype | None
+    loss_scaling: bool
+    master_weights: bool
+
+
+def decide_precision(run: RunConfig, device: torch.device) -> Precision:
+    t, full = run.training, run.finetuning.finetuning_type == "full"
+    fp16 = t.fp16
+    if fp16 and device.type != "cuda":
+        logger.warning("--fp16 needs a CUDA GPU (as in transformers' Trainer); training in fp32 on the CPU")
+        fp16 = False
+    compute = torch.float16 if fp16 else torch.bfloat16 if (t.bf16 or t.pure_bf16) else None
+    own_masters = t.pure_bf16 or t.offload_optimizer == "cpu"  # phift's optimizer keeps the fp32 copy
+    plain = not (t.deepspeed or t.offload_optimizer == "cpu")
+    return Precision(
+        compute=compute, load=compute or torch.float32,
+        upcast_trainable=compute is not None and full and plain and not own_masters,
+        autocast=compute if plain and not t.pure_bf16 else None,
+        loss_scaling=fp16 and not t.deepspeed,
+        master_weights=compute is not None and full and own_masters)

@@ -1,70 +1,58 @@
-"""`phift train | chat | export | eval`."""
+"""`phift train | eval | chat | export`: the edge where flags come in and errors go out as one line.
+
+Library code raises exceptions; here they become `phift <command>: error: <what is wrong>` and a non-zero exit
+(2 for a bad flag, 1 otherwise). PHIFT_DEBUG=1 shows the traceback instead.
+"""
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-import torch
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, parse_args
+from .distributed import setup_logging
 
 
-def _model_flags(p: argparse.ArgumentParser):
-    p.add_argument("--model_name_or_path", required=True, help="checkpoint directory or hub repo id")
-    p.add_argument("--adapter_name_or_path", "--checkpoint_dir", dest="adapters", default=None,
-                   help="comma-separated LoRA adapter directories (phift's, or PEFT's for transformers' "
-                        "PhiForCausalLM), merged in order")
-    p.add_argument("--template", default="vanilla")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+def _load(model_args: InferArgs):
+    import torch
 
+    from .weights import load_for_inference
 
-def _load(args):
-    from .checkpoint import load_for_inference
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
-    return load_for_inference(args.model_name_or_path, args.adapters, dtype=dtype, device=device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_for_inference(model_args.model_name_or_path, model_args.adapter_name_or_path,
+                              dtype=DTYPES[model_args.dtype] if model_args.dtype else None, device=device)
 
 
 def chat_main(argv):
-    p = argparse.ArgumentParser(prog="phift chat", description="Talk to a model (+ adapters); `clear` resets "
-                                "the history, `exit` quits; piped stdin answers each line and exits.")
-    _model_flags(p)
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    args = p.parse_args(argv)
+    """Talk to a model (+ adapters); `clear` resets the history, `exit` quits; piped stdin answers each line."""
+    parsed = parse_args(argv, "phift chat", {"model": InferArgs, "generating": GeneratingArgs})
     from .chat import chat
     from .data import get_template
 
-    model, tokenizer = _load(args)
-    chat(model, tokenizer, get_template(args.template), max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p)
+    template = get_template(parsed["model"].template)
+    model, tokenizer = _load(parsed["model"])
+    g = parsed["generating"]
+    chat(model, tokenizer, template, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
 
 
 def export_main(argv):
-    p = argparse.ArgumentParser(prog="phift export", description="Write a merged HF-native checkpoint, or the "
-                                "adapter in PEFT's format for transformers' PhiForCausalLM.")
-    _model_flags(p)
-    p.add_argument("--export_dir", required=True)
-    p.add_argument("--peft", action="store_true", help="export the (single) adapter for PEFT instead of merging")
-    args = p.parse_args(argv)
+    """Write a merged HF-native checkpoint, or the adapter in PEFT's format for transformers' PhiForCausalLM."""
+    parsed = parse_args(argv, "phift export", {"model": InferArgs, "export": ExportArgs})
     from . import lora
-    from .checkpoint import load_model, save_model
+    from .weights import load_model, save_model
 
-    if args.peft:
-        adapters = [a for a in (args.adapters or "").split(",") if a]
+    m, e = parsed["model"], parsed["export"]
+    if e.peft:
+        adapters = [a for a in (m.adapter_name_or_path or "").split(",") if a]
         if len(adapters) != 1:
-            p.error("--peft exports exactly one adapter: give it with --adapter_name_or_path")
-        model = load_model(args.model_name_or_path)
+            raise ConfigError("--peft exports exactly one adapter: give it with --adapter_name_or_path")
+        model = load_model(m.model_name_or_path)
         lora.load_adapter(model, adapters[0], trainable=False)
-        lora.export_peft(model, args.export_dir, base_model_name_or_path=args.model_name_or_path)
+        lora.export_peft(model, e.export_dir, base_model_name_or_path=m.model_name_or_path)
     else:
-        model, tokenizer = _load(args)
-        save_model(model, args.export_dir, dtype=DTYPES[args.dtype] if args.dtype else None)
-        tokenizer.save(args.export_dir)
-    print(f"exported to {args.export_dir}")
+        model, tokenizer = _load(m)
+        save_model(model, e.export_dir, dtype=DTYPES[m.dtype] if m.dtype else None)
+        tokenizer.save(e.export_dir)
+    print(f"exported to {e.export_dir}")
 
 
 def train_main(argv):
@@ -78,7 +66,7 @@ def eval_main(argv):
     train_main(["--do_train", "False", *argv])
 
 
-COMMANDS = {"train": train_main, "chat": chat_main, "export": export_main, "eval": eval_main}
+COMMANDS = {"train": train_main, "eval": eval_main, "chat": chat_main, "export": export_main}
 
 
 def main(argv=None):
@@ -86,7 +74,23 @@ def main(argv=None):
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: phift {{{','.join(COMMANDS)}}} [flags]  (phift <command> --help for each)", file=sys.stderr)
         raise SystemExit(2)
-    COMMANDS[argv[0]](argv[1:])
+    command, rest = argv[0], argv[1:]
+    setup_logging()
+    try:
+        COMMANDS[command](rest)
+    except ConfigError as e:
+        _fail(command, str(e), 2)
+    except Exception as e:  # noqa: BLE001 - the edge: every failure leaves as one line
+        if os.environ.get("PHIFT_DEBUG", "0") not in ("", "0"):
+            raise
+        known = isinstance(e, (ValueError, OSError, ImportError, RuntimeError, KeyError))
+        text = str(e) if known and str(e) else f"{type(e).__name__}: {e}"
+        _fail(command, text + ("" if known else " (PHIFT_DEBUG=1 shows the traceback)"), 1)
+
+
+def _fail(command: str, message: str, code: int):
+    print(f"phift {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from .chat import cut_at_stop_words
 from .data import collate, encode_prompt
 from .generate import generate
 from .model import IGNORE_INDEX
-from .rng import set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -318,49 +317,3 @@ def score_multiple_choice(model, tokenizer, template, questions: list[dict], few
     correct = sum(f["correct"] for f in files.values())
     return {"accuracy": 100 * correct / len(questions), "correct": correct, "total": len(questions),
             "files": files, "predictions": predictions}
-
-
-# ---------------------------------------------------------------------------------------------------- the CLI
-
-def run_from_args(args) -> dict:
-    """--do_eval / --do_predict / --mcq_files of `phift train|eval`: on the model just trained (output_dir) when
-    --do_train ran, else on --model_name_or_path plus the adapters in --checkpoint_dir."""
-    from .checkpoint import load_for_inference
-    from .data import get_dataset, get_template, load_rows
-
-    set_seed(args.seed)  # sampled predictions (--temperature > 0) follow --seed, as LLaMA-Factory's eval does
-    out = Path(args.output_dir)
-    if args.do_train:
-        trained_lora = (out / "adapter_config.json").is_file()
-        base = out / "base_model" if (out / "base_model").is_dir() else args.model_name_or_path
-        name, adapters = (base, str(out)) if trained_lora else (out, None)
-    else:
-        name, adapters = args.model_name_or_path, args.checkpoint_dir
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if args.fp16 and device == "cuda" else torch.bfloat16 if args.bf16 else torch.float32
-    model, tokenizer = load_for_inference(name, adapters, dtype=dtype, device=device)
-    template = get_template(args.template)
-    results = {}
-    if args.do_eval:
-        _, val = get_dataset(args.dataset, args.dataset_dir, tokenizer, template, args.cutoff_len, args.max_samples,
-                             args.train_on_prompt, args.val_size, args.seed, args.identity_name,
-                             args.identity_author)
-        if not val:  # no held-out split asked for: evaluate on the whole dataset, as --do_eval alone did
-            val, _ = get_dataset(args.dataset, args.dataset_dir, tokenizer, template, args.cutoff_len,
-                                 args.max_samples, args.train_on_prompt, 0.0, args.seed, args.identity_name,
-                                 args.identity_author)
-        results.update(evaluate_loss(model, val, tokenizer.pad_token_id, args.per_device_eval_batch_size))
-    if args.do_predict:
-        rows = load_rows(args.dataset, args.dataset_dir, args.max_samples, args.identity_name, args.identity_author)
-        results.update(predict(model, tokenizer, template, rows, args.per_device_eval_batch_size,
-                               args.max_new_tokens, args.temperature, args.top_p, args.cutoff_len, out))
-    if args.mcq_files:
-        questions = [q for f in args.mcq_files.split(",") if f for q in load_multiple_choice(f)]
-        scored = score_multiple_choice(model, tokenizer, template, questions,
-                                       batch_size=args.per_device_eval_batch_size)
-        results["mcq_accuracy"] = scored["accuracy"]
-        results["mcq_files"] = scored["files"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "all_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps(results, indent=2, ensure_ascii=False))
-    return results

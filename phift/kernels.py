@@ -193,21 +193,39 @@ def adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coe
     return True
 
 
+def parse_disabled(setting: str) -> frozenset[str]:
+    """PHIFT_DISABLE_KERNELS: 1 turns every op off; a comma-separated list of lora, ce, rotary, adamw turns those off
+    (to measure what each op gives)."""
+    setting = setting.replace(" ", "")
+    return frozenset({"all"} if setting == "1" else {op for op in setting.split(",") if op and op != "0"})
+
+
+DISABLED = parse_disabled(os.environ.get("PHIFT_DISABLE_KERNELS", ""))  # read once, when phift is imported
+
+
+def load(device: torch.device | str) -> bool:
+    """Make the CUDA ops ready for a run on `device`, before any forward: imported if setup.py built them, else
+    compiled now (once, cached in TORCH_EXTENSIONS_DIR). Returns whether they are there; without them every op runs
+    its PyTorch fallback."""
+    if torch.device(device).type != "cuda" or "all" in DISABLED:
+        return False
+    return _extension() is not None
+
+
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing: no graph break
 def kernels_enabled(op: str = "") -> bool:
-    """False when the extension can be neither imported nor built, or when PHIFT_DISABLE_KERNELS is 1 (every op) or
-    names `op` in a comma-separated list of lora, ce, rotary, adamw (to measure what each op gives)."""
-    return not _disabled(op) and _extension() is not None
+    """Whether the CUDA op `op` runs: the extension is loaded (phift.kernels.load) and the op is not disabled."""
+    return not _disabled(op) and _extension_module not in (_NOT_LOADED, None)
 
 
 def cpu_kernels_enabled(op: str = "") -> bool:
-    """As kernels_enabled, for the CPU extension (kernels/adamw_cpu.cpp, built with the host's C++ compiler)."""
+    """As kernels_enabled, for the CPU extension (kernels/adamw_cpu.cpp, built with the host's C++ compiler on its
+    first use, by the optimizer step: never inside a forward)."""
     return not _disabled(op) and _cpu_extension() is not None
 
 
 def _disabled(op: str) -> bool:
-    setting = os.environ.get("PHIFT_DISABLE_KERNELS", "0").replace(" ", "")
-    return setting == "1" or bool(op and op in setting.split(","))
+    return "all" in DISABLED or op in DISABLED
 
 
 _NOT_LOADED = object()

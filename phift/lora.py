@@ -16,6 +16,7 @@ rows are listed in `modules`: path → its parts in rank order, each {"r", "lora
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import Counter
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import kernels
+
+logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ("Wqkv", "out_proj", "fc1", "fc2")
 # Names users know from the HF-native checkpoint (and PEFT configs) → phift's module.
@@ -168,8 +171,8 @@ def inject(model: nn.Module, targets: str | list[str] = "Wqkv", r: int = 8, alph
     _wrap(model, {name: (Part(r, alpha),) for name in paths}, dropout, use_rslora)
     if verbose:
         for n in notes:
-            print(n)
-        print(trainable_summary(model))
+            logger.info(n)
+        logger.info(trainable_summary(model))
     return paths
 
 

@@ -11,6 +11,37 @@ PHI_TOKENIZER_DIR = SHARED / "data" / "phi-1_5"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Two tiers. The default, `pytest tests`, is the spec suite: every behaviour, fast (no DeepSpeed, no C++ build,
+# no bench). `pytest tests --integration` adds the tests marked integration: DeepSpeed runs, phift's C++ ops built
+# with the host compiler, the bench harness's smoke runs. CI runs both.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--integration", action="store_true", help="also run the integration tier")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: DeepSpeed, C++ builds and bench smoke runs (--integration)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--integration"):
+        return
+    skip = pytest.mark.skip(reason="integration tier: run with --integration")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_cpp_build_in_the_spec_tier(request):
+    """The spec tier steps optimizers through the PyTorch fallback of phift's CPU AdamW op, whose C++ build takes a
+    minute; the integration tier builds it and runs the same tests through it."""
+    from phift import kernels
+
+    if not request.config.getoption("--integration"):
+        kernels.DISABLED = kernels.DISABLED | {"adamw"}
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

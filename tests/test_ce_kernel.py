@@ -123,7 +123,7 @@ def test_dispatch_falls_back_for_what_the_kernel_does_not_cover(fused_op, monkey
     logits, labels = make_inputs(9, 100, torch.bfloat16, "cuda")
     assert not cross_entropy_fused_applies(logits.float(), labels)
     assert not cross_entropy_fused_applies(*make_inputs(2, kernels.MAX_KERNEL_VOCAB + 1, torch.bfloat16, "cuda"))
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     assert not cross_entropy_fused_applies(logits, labels)
 
 
@@ -160,7 +160,7 @@ def test_phi_loss_and_grads_with_the_fused_kernel_match_the_fallback(dtype, chun
     loss, grads = loss_and_grads()
     assert fused_calls == [True] * (3 if chunk == 32 else 1)  # the fused op ran for each chunk of the 90 rows
     monkeypatch.setattr(kernels, "cross_entropy_fused_applies", applies)
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     loss_ref, grads_ref = loss_and_grads()
     assert kept == [chunk == 128, False]
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import subprocess_env
 from phift import lora
-from phift.checkpoint import load_model, save_model
+from phift.weights import load_model, save_model
 from phift.cli import main
 from phift.config import PhiConfig
 from phift.model import Phi
@@ -80,7 +80,7 @@ def test_eval_reports_loss_and_perplexity(tiny_dir, tmp_path, capsys):
 def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["finetune"])
-    assert "usage: phift {train,chat,export,eval}" in capsys.readouterr().err
+    assert "usage: phift {train,eval,chat,export}" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -136,3 +136,29 @@ def test_export_peft_writes_a_peft_adapter_back_unchanged(tiny_dir, peft_adapter
           "--export_dir", str(tmp_path / "again"), "--peft"])
     original, again = (load_file(str(d / lora.ADAPTER_WEIGHTS)) for d in (adapter, tmp_path / "again"))
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+def run_cli(*argv, **env):
+    return subprocess.run([sys.executable, "-m", "phift.cli", *argv], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env(HF_HUB_OFFLINE="1", **env))
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["train", "--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir", "/tmp/x",
+      "--fp16", "True", "--bf16", "True"], 2, "phift train: error: --fp16 and --bf16 are exclusive"),
+    (["train", "--model_name_or_path", "/no/such/dir", "--dataset", "self_cognition", "--output_dir", "/tmp/x",
+      "--dataset_dir", str(ROOT / "data")], 1, "phift train: error: /no/such/dir is not a local directory"),
+    (["export", "--model_name_or_path", "/no/such/dir", "--export_dir", "/tmp/x", "--peft"], 2,
+     "phift export: error: --peft exports exactly one adapter"),
+])
+def test_errors_leave_the_cli_as_one_line_and_an_exit_code(argv, code, message):
+    proc = run_cli(*argv)
+    assert proc.returncode == code
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(message) and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_phift_debug_shows_the_traceback():
+    proc = run_cli("train", "--model_name_or_path", "/no/such/dir", "--dataset", "self_cognition", "--output_dir",
+                   "/tmp/x", "--dataset_dir", str(ROOT / "data"), PHIFT_DEBUG="1")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

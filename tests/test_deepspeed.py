@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
+pytestmark = pytest.mark.integration
 pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[1]
 

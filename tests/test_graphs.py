@@ -1,20 +1,23 @@
-"""--cuda_graphs (phift/graphs.py): padded batches give the loss and gradients of unpadded ones (CPU), the flag
+"""--cuda_graphs (phift/engines/graphs.py): padded batches give the loss and gradients of unpadded ones (CPU), the flag
 refuses what a graph cannot replay, and on a GPU a graphed run matches an eager one step for step."""
 import copy
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from phift import graphs, lora
+from phift import lora
 from phift import recompute as recompute_mod
 from phift import train as train_mod
-from phift.engine import TorchEngine
+from phift.args import ConfigError, decide_precision
+from phift.engines import graphs
 from phift.model import Phi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import run_args  # noqa: E402
+from test_train import engine_for, run_args  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -55,40 +58,43 @@ def test_padded_batch_with_every_row_gives_the_same_loss_and_gradients(tiny_conf
     ({"finetuning_type": "lora"}, "pass --lora_dropout 0"),
     ({"offload_optimizer": "cpu", "bf16": True}, "plain PyTorch engine"),
 ])
-def test_cuda_graphs_refuse_what_a_graph_cannot_replay(tmp_path, tiny_config, over, message):
-    args = run_args(tmp_path, cuda_graphs=True, **over)
+def test_cuda_graphs_refuse_flags_a_graph_cannot_replay(tmp_path, over, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_args(tmp_path, cuda_graphs=True, **over)
+
+
+def test_cuda_graphs_refuse_a_model_that_draws_random_numbers(tiny_config):
+    assert "applies dropout" in graphs.check(Phi(dataclasses.replace(tiny_config, resid_pdrop=0.1)))
     model = Phi(tiny_config)
-    if args.finetuning_type == "lora":
-        lora.inject(model, "Wqkv", r=4, alpha=8, dropout=args.lora_dropout, verbose=False)
-    assert message in graphs.check(args, model, torch.device("cuda"))
+    lora.inject(model, "Wqkv", r=4, alpha=8, dropout=0.1, verbose=False)
+    assert "pass --lora_dropout 0" in graphs.check(model)
 
 
 def test_cuda_graphs_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="--cuda_graphs needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match="--cuda_graphs needs a CUDA GPU"):
         train_mod.train(run_args(tmp_path, cuda_graphs=True, max_steps=1))
 
 
 def test_lora_without_dropout_may_be_graphed(tmp_path, tiny_config):
-    args = run_args(tmp_path, cuda_graphs=True, finetuning_type="lora", lora_dropout=0.0)
+    run_args(tmp_path, cuda_graphs=True, finetuning_type="lora", lora_dropout=0.0)
     model = Phi(tiny_config)
     lora.inject(model, "Wqkv", r=4, alpha=8, dropout=0.0, verbose=False)
-    assert graphs.check(args, model, torch.device("cuda")) is None
+    assert graphs.check(model) is None
 
 
 def run(model, args, micro_batches):
-    """Micro-batches through micro_step and TorchEngine as `phift train` runs them, each batch padded as a graph
-    pads it (so that the eager run computes the same shapes): the loss of each, and the step function."""
-    engine = TorchEngine(model, args, total_steps=len(micro_batches), device=torch.device("cuda"))
+    """Micro-batches through the engine `phift train` builds, each batch padded as a graph pads it (so that the eager
+    run computes the same shapes): the loss of each, and the engine."""
+    engine = engine_for(model, args, "cuda", total_steps=len(micro_batches))
     model.train()
-    step = train_mod.micro_step(engine, model, args, torch.device("cuda"))
     losses = []
     for i, micro in enumerate(micro_batches):
-        boundary = (i + 1) % args.gradient_accumulation_steps == 0
+        boundary = (i + 1) % args.training.gradient_accumulation_steps == 0
         batch = graphs.GraphedStep.pad(train_mod.to_batch(micro, False, 0, "cuda"))
-        losses.append(float(step(batch, boundary)))
+        losses.append(float(engine.forward_backward(batch, boundary)))
         engine.step(boundary)
-    return losses, step
+    return losses, engine
 
 
 def in_graph_pool(tensor, pool) -> bool:
@@ -123,14 +129,15 @@ def test_graphed_run_matches_eager_step_for_step(tmp_path, tiny_config, mode, ac
     for graphed in (False, True):
         args = run_args(tmp_path, cuda_graphs=graphed, **over)
         torch.manual_seed(2)  # the same LoRA A initialisation in both runs
-        model = train_mod.prepare_model(args, copy.deepcopy(base), torch.bfloat16)
+        model = train_mod.prepare_model(copy.deepcopy(base), args, decide_precision(args, torch.device("cuda")))
         trainable = [p for p in model.parameters() if p.requires_grad]
         before = [p.detach().float().clone() for p in trainable]
-        losses, step = run(model, args, micro_batches)
+        losses, engine = run(model, args, micro_batches)
         moved = torch.cat([(p.detach().float() - b).flatten() for p, b in zip(trainable, before, strict=True)])
         results[graphed] = torch.tensor(losses), moved
         if graphed:
             # lengths 64 and 128: 2 captures; 6 replays, or 7 where the first batch's is a replay too
+            step = engine.graphed
             assert len(step.graphs) == 2 and step.replays == (7 if accumulation == 1 else 6)
             assert all(p.grad is not None for p in trainable)  # kept at their addresses
             assert all(in_graph_pool(p.grad, step.pool) == (accumulation == 1) for p in trainable)
@@ -158,7 +165,8 @@ def test_prepare_model_under_graphs_keeps_no_rng_state_and_the_same_gradients(tm
     monkeypatch.setattr(recompute_mod, "checkpoint", recording)
     for graphed in (False, True):
         args = run_args(tmp_path, cuda_graphs=graphed, disable_gradient_checkpointing=False)
-        model = train_mod.prepare_model(args, copy.deepcopy(base), torch.float64).train()
+        model = train_mod.prepare_model(copy.deepcopy(base), args, decide_precision(args, torch.device("cpu")))
+        model.train()
         forms.clear()
         grads[graphed] = loss_and_grads(model, batch)[1]
         assert set(forms) == {(not graphed, not graphed)}

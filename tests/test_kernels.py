@@ -3,12 +3,15 @@
 GPU tests need CUDA and build the extension on first use (about a minute); on CPU they skip.
 """
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import phift.kernels as kernels
+from conftest import subprocess_env
 from phift.kernels import fused_applies, kernels_enabled, lora_linear
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused LoRA op needs a CUDA GPU")
@@ -74,24 +77,36 @@ def test_cpu_tensors_take_the_fallback_without_loading_the_extension(monkeypatch
     assert lora_linear(x, w, b, A, B, 1.0, 0.0, training=True).shape == (2, 3, 8)
 
 
-def test_env_var_disables_the_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "_extension", lambda: object())  # as if the extension were built
-    monkeypatch.delenv("PHIFT_DISABLE_KERNELS", raising=False)
-    assert kernels_enabled()
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
-    assert not kernels_enabled()
-
-
-def test_env_var_can_disable_single_ops(monkeypatch):
-    monkeypatch.setattr(kernels, "_extension", lambda: object())
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "rotary, ce")
+def test_the_switch_turns_every_op_or_single_ops_off(monkeypatch):
+    monkeypatch.setattr(kernels, "_extension_module", object())  # as if the extension were loaded
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled(""))
+    assert kernels_enabled() and kernels_enabled("lora")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
+    assert not kernels_enabled() and not kernels_enabled("lora")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("rotary, ce"))
     assert not kernels_enabled("rotary") and not kernels_enabled("ce")
     assert kernels_enabled("lora") and kernels_enabled()
 
 
+def test_the_switch_is_read_from_the_environment_once_at_import(tmp_path):
+    code = ("import os; import phift.kernels as k; os.environ['PHIFT_DISABLE_KERNELS'] = '0'; "
+            "print(sorted(k.DISABLED))")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(PHIFT_DISABLE_KERNELS="lora,ce"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "['ce', 'lora']", proc.stderr
+
+
+def test_kernels_are_never_built_inside_a_forward(monkeypatch):
+    """Until phift.kernels.load runs (at the start of a run), an op asks nothing of the extension."""
+    monkeypatch.setattr(kernels, "_extension_module", kernels._NOT_LOADED)
+    monkeypatch.setattr(kernels, "_extension", lambda: pytest.fail("the extension was loaded inside an op"))
+    assert not kernels_enabled("lora")
+    assert not kernels.load("cpu")
+
+
 def test_per_op_switch_is_a_constant_under_torch_compile(monkeypatch):
-    monkeypatch.setattr(kernels, "_extension", lambda: object())
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "rotary")
+    monkeypatch.setattr(kernels, "_extension_module", object())
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("rotary"))
 
     def f(x):
         return (x * 2 if kernels_enabled("lora") else x) + (x * 10 if kernels_enabled("rotary") else x)
@@ -234,7 +249,7 @@ def test_dispatch_falls_back_for_what_the_kernels_do_not_cover():
 
 @needs_cuda
 def test_env_var_forces_the_fallback_on_cuda(monkeypatch):
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     x, w, b, A, B = make_inputs((5,), 64, 32, 8, torch.bfloat16, "cuda")
     assert not fused_applies(x, w, b, A, B)
 

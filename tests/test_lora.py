@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from phift import lora
-from phift.checkpoint import load_model, save_model
+from phift.weights import load_model, save_model
 from phift.model import Phi
 
 
@@ -97,9 +97,10 @@ def test_adapter_weights_stay_fp32_on_a_half_base(model):
     assert m.weight.dtype == torch.float16 and m.lora_A.dtype == m.lora_B.dtype == torch.float32
 
 
-def test_hf_names_map_to_fused_modules(model, capsys):
-    paths = lora.inject(model, "q_proj,v_proj,dense", verbose=True)
-    out = capsys.readouterr().out
+def test_hf_names_map_to_fused_modules(model, caplog):
+    with caplog.at_level("INFO", logger="phift"):
+        paths = lora.inject(model, "q_proj,v_proj,dense", verbose=True)
+    out = caplog.text
     assert "q_proj → Wqkv" in out and "dense → out_proj" in out
     assert sorted(paths) == sorted(f"layers.{i}.attn.{n}" for i in range(2) for n in ("Wqkv", "out_proj"))
     assert "trainable params: " in out and " || all params: " in out and " || trainable%: " in out

@@ -1,8 +1,9 @@
-"""phift.offload.OffloadEngine (--offload_optimizer cpu) on the CPU: the same updates as the --pure_bf16 engine,
+"""phift.engines.offload.OffloadEngine (--offload_optimizer cpu) on the CPU: the same updates as the --pure_bf16 engine,
 gradients off the model after each boundary backward, fp16 overflow steps skipped, a training run that learns and
 resumes exactly. (Its CUDA side, pinned copies on a side stream, runs only on a GPU.)
 """
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -10,13 +11,13 @@ import pytest
 import torch
 
 from phift import train as train_mod
-from phift.args import parse_train_args
-from phift.engine import TorchEngine
+from phift.args import ConfigError, parse_train_args
+from phift.engines import OptimSpec
+from phift.engines.offload import LossScale, OffloadEngine
 from phift.model import Phi
-from phift.offload import LossScale, OffloadEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import losses, run_args  # noqa: E402
+from test_train import engine_for, losses, run_args  # noqa: E402
 
 
 def engines(tiny_config, tmp_path, device="cpu", max_grad_norm=0.5, **over):
@@ -27,7 +28,7 @@ def engines(tiny_config, tmp_path, device="cpu", max_grad_norm=0.5, **over):
     flags = {"max_grad_norm": max_grad_norm, "weight_decay": 0.1, **over}
     args = run_args(tmp_path, pure_bf16=True, **flags)
     off = run_args(tmp_path, bf16=True, offload_optimizer="cpu", **flags)
-    return TorchEngine(model, args, 10, device), OffloadEngine(twin, off, 10, device)
+    return engine_for(model, args, device), engine_for(twin, off, device)
 
 
 def batch(tiny_config, seed, device="cpu"):
@@ -44,11 +45,11 @@ def test_same_updates_as_the_pure_bf16_engine(tiny_config, tmp_path, device):
     for step in range(4):
         for e in (plain, offload):
             e.backward(e.forward(batch(tiny_config, step, device)), True)
-        assert all(p.grad is None for p in offload.model.parameters())
+        assert all(p.grad is None for p in offload.module.parameters())
         a, b = plain.step(True), offload.step(True)
         assert float(a["grad_norm"]) == pytest.approx(b["grad_norm"], rel=1e-5)
         assert not b["skipped"] and b["loss_scale"] is None
-    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+    for p, q in zip(plain.module.parameters(), offload.module.parameters()):
         master_p = plain.optimizer.state[p]["master"]
         master_q = offload.optimizer.state[offload.host[q]]["master"]
         assert master_q.device.type == "cpu"
@@ -67,7 +68,7 @@ def test_clipping_matches_the_pure_bf16_engine(tiny_config, tmp_path):
         e.backward(e.forward(batch(tiny_config, 0)), True)
     a, _ = plain.step(True), offload.step(True)
     assert float(a["grad_norm"]) > 0.5  # clipped
-    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+    for p, q in zip(plain.module.parameters(), offload.module.parameters()):
         torch.testing.assert_close(offload.optimizer.state[offload.host[q]]["master"],
                                    plain.optimizer.state[p]["master"], rtol=1e-6, atol=1e-7)
 
@@ -76,15 +77,15 @@ def test_gradients_leave_the_model_on_a_boundary_and_accumulate_before(tiny_conf
     plain, offload = engines(tiny_config, tmp_path, gradient_accumulation_steps=2)
     for e in (plain, offload):
         e.backward(e.forward(batch(tiny_config, 0)), False)
-    assert all(p.grad is not None for p in offload.model.parameters())  # kept on the device between boundaries
+    assert all(p.grad is not None for p in offload.module.parameters())  # kept on the device between boundaries
     for e in (plain, offload):
         e.backward(e.forward(batch(tiny_config, 1)), True)
-    assert all(p.grad is None for p in offload.model.parameters())  # the boundary sent them to the host
-    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+    assert all(p.grad is None for p in offload.module.parameters())  # the boundary sent them to the host
+    for p, q in zip(plain.module.parameters(), offload.module.parameters()):
         torch.testing.assert_close(offload.host[q].grad.float(), p.grad.float(), rtol=0, atol=0)
     plain.step(True)
     offload.step(True)
-    for p, q in zip(plain.model.parameters(), offload.model.parameters()):
+    for p, q in zip(plain.module.parameters(), offload.module.parameters()):
         torch.testing.assert_close(offload.optimizer.state[offload.host[q]]["master"],
                                    plain.optimizer.state[p]["master"], rtol=1e-5, atol=1e-6)
 
@@ -92,7 +93,7 @@ def test_gradients_leave_the_model_on_a_boundary_and_accumulate_before(tiny_conf
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny_config, tmp_path):
     model = Phi(tiny_config).to(torch.float16)
     args = run_args(tmp_path, bf16=True, offload_optimizer="cpu")
-    engine = OffloadEngine(model, args, 10, torch.device("cpu"))
+    engine = OffloadEngine(model, OptimSpec.from_training(args.training, 10), torch.device("cpu"))
     assert engine.loss_scale.enabled and engine.loss_scale.scale == 2.0 ** 16
     engine.loss_scale.scale = 2.0 ** 40  # the fp16 gradients overflow
     before = [p.detach().clone() for p in model.parameters()]
@@ -112,12 +113,12 @@ def test_a_parameter_without_a_gradient_this_step_is_not_stepped(tiny_config, tm
     _, offload = engines(tiny_config, tmp_path)
     offload.backward(offload.forward(batch(tiny_config, 0)), True)
     offload.step(True)  # every parameter has a host gradient now
-    skipped = offload.model.layers[0].mlp.fc1.weight
+    skipped = offload.module.layers[0].mlp.fc1.weight
     before = skipped.detach().clone()
     # a non-boundary backward keeps the gradients on the model; then all but one go to the host by hand
     offload.backward(offload.forward(batch(tiny_config, 1)), False)
     offload.boundary = True
-    for p in offload.model.parameters():
+    for p in offload.module.parameters():
         if p is not skipped:
             offload._offload(p)
     skipped.grad = None
@@ -144,12 +145,12 @@ def test_training_run_learns_and_resumes_exactly(tmp_path):
     args = run_args(tmp_path / "a", bf16=True, offload_optimizer="cpu", num_train_epochs=6, learning_rate=3e-3,
                     save_steps=9)
     train_mod.train(args)
-    curve = losses(args.output_dir)
+    curve = losses(args.training.output_dir)
     assert sum(curve[-3:]) / 3 < 0.7 * sum(curve[:3]) / 3
     resumed = run_args(tmp_path / "b", bf16=True, offload_optimizer="cpu", num_train_epochs=6, learning_rate=3e-3,
-                       save_steps=9, resume_from_checkpoint=str(Path(args.output_dir) / "checkpoint-9"))
+                       save_steps=9, resume_from_checkpoint=str(Path(args.training.output_dir) / "checkpoint-9"))
     train_mod.train(resumed)
-    assert losses(resumed.output_dir) == curve[9:]
+    assert losses(resumed.training.output_dir) == curve[9:]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -158,9 +159,8 @@ def test_training_run_learns_and_resumes_exactly(tmp_path):
     ([], "pass --fp16 True or --bf16 True"),
     (["--bf16", "True", "--upcast_layernorm", "True"], "drop --upcast_layernorm True"),
 ])
-def test_refuses_what_it_cannot_honour(tmp_path, bad, message, capsys):
+def test_refuses_what_it_cannot_honour(tmp_path, bad, message):
     argv = ["--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir", str(tmp_path),
             "--finetuning_type", "full", "--offload_optimizer", "cpu", *bad]
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_train_args(argv)
-    assert message in capsys.readouterr().err

@@ -31,11 +31,11 @@ def fill_grads(params, step, scale=3.0):
         p.grad = (scale * torch.randn(p.shape, generator=g)).to(device=p.device, dtype=p.dtype)
 
 
-@pytest.fixture(params=["fused", "fallback"])
+@pytest.fixture(params=[pytest.param("fused", marks=pytest.mark.integration), "fallback"])
 def path(request, monkeypatch):
     """Each test of MasterAdamW runs through the fused op (the CPU extension here) and through the fallback."""
     if request.param == "fallback":
-        monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "adamw")
+        monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("adamw"))
     elif not kernels.cpu_kernels_enabled("adamw"):
         pytest.skip("phift's CPU extension could not be built here (no C++ compiler?)")
     return request.param
@@ -118,7 +118,7 @@ def float64_reference(w, g, p, m, v, coef, lr, beta1, beta2, eps, wd, step):
     return p, m, v
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.fixture(params=[pytest.param("cpu", marks=pytest.mark.integration), pytest.param("cuda", marks=needs_cuda)])
 def fused_device(request):
     """A device whose fused AdamW op is built: the CPU extension, or the CUDA one."""
     if request.param == "cuda":
@@ -131,7 +131,7 @@ def fused_device(request):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("clip", [None, 0.37])
 def test_fused_op_against_float64(fused_device, dtype, clip, monkeypatch):
-    monkeypatch.delenv("PHIFT_DISABLE_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled(""))
     device = fused_device
     torch.manual_seed(0)
     sizes = [1, 3, 4, 1027, 8192 * 3 + 5]
@@ -165,7 +165,7 @@ def test_fused_op_against_float64(fused_device, dtype, clip, monkeypatch):
 @needs_cuda
 def test_fused_and_fallback_steps_agree_on_a_model(phift_extension, monkeypatch):
     def run(disable):
-        monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "adamw" if disable else "0")
+        monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("adamw" if disable else "0"))
         params = half_params(device="cuda")
         opt = MasterAdamW(groups(params), **HYPER)
         assert kernels.adamw_fused_applies([p.data for p in params], [torch.empty_like(p) for p in params],

@@ -142,7 +142,7 @@ def test_fused_op_gives_the_bits_of_the_pytorch_path(B, T, H, D, rd, dtype, fuse
     qkv, cos, sin, _ = make_inputs(B, T, H, D, rd, dtype, "cuda")
     dout = [torch.randn(B, H, T, D, device="cuda").to(dtype) for _ in range(3)]
     out, grad = values_and_grads(qkv, cos, sin, H, dout)
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     assert not rotary_fused_applies(qkv, cos, sin, H)
     out_ref, grad_ref = values_and_grads(qkv, cos, sin, H, dout)
     for name, o, r in zip("qkv", out, out_ref):
@@ -200,7 +200,7 @@ def test_dispatch_falls_back_for_what_the_kernels_do_not_cover(fused_ops, monkey
     assert not rotary_fused_applies(qkv, cos[..., :31], sin[..., :31], 4)  # odd rotary_dim
     wide_cos, wide_sin = torch.cat([cos, cos, cos], -1), torch.cat([sin, sin, sin], -1)  # 96 > head_dim 64
     assert not rotary_fused_applies(qkv, wide_cos, wide_sin, 4)
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     assert not rotary_fused_applies(qkv, cos, sin, 4)
 
 
@@ -230,7 +230,7 @@ def test_phi_loss_and_grads_with_the_fused_rotary_match_the_fallback(config, fus
     monkeypatch.setattr(kernels, "apply_rotary", lambda *a: pytest.fail("took the PyTorch rotary"))
     loss, grads = loss_and_grads()
     monkeypatch.undo()
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     loss_ref, grads_ref = loss_and_grads()
 
     assert abs(loss.item() - loss_ref.item()) < 1e-3 * loss_ref.item()
@@ -252,20 +252,20 @@ def test_cached_decoding_with_the_fused_rotary_matches_the_fallback(fused_ops, m
         return torch.cat(logits, dim=1).float()
 
     fused = decode()
-    monkeypatch.setenv("PHIFT_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
     assert_close("logits", fused, decode().double(), 1e-2)
 
 
 @needs_cuda
 def test_torch_compile_traces_attention_without_graph_breaks(fused_ops, monkeypatch):
     torch.manual_seed(0)
-    attn = Attention(phi_like(**MODEL_CONFIGS["phi_heads"])).to("cuda", torch.bfloat16)
+    attn = Attention(phi_like(**MODEL_CONFIGS["phi_heads"]), layer=0).to("cuda", torch.bfloat16)
     x = torch.randn(2, 33, 128, device="cuda").to(torch.bfloat16).requires_grad_()
     cos, sin = rotary_cos_sin(torch.randint(0, 2048, (2, 33), device="cuda"), 32, THETA)
     dy = torch.randn(2, 33, 128, device="cuda").to(torch.bfloat16)
     monkeypatch.setattr(kernels, "apply_rotary", lambda *a: pytest.fail("traced the PyTorch rotary"))
-    y = torch.compile(attn, fullgraph=True)(x, cos, sin, None, True)
+    y = torch.compile(attn, fullgraph=True)(x, cos, sin)
     grad = torch.autograd.grad(y, x, dy)[0]
-    y_eager = attn(x, cos, sin, None, True)
+    y_eager = attn(x, cos, sin)
     assert_close("y", y, y_eager.double(), 1e-2)
     assert_close("dx", grad, torch.autograd.grad(y_eager, x, dy)[0].double(), 1e-2)

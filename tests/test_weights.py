@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from phift.checkpoint import CheckpointError, load_model, save_model
+from phift.weights import WeightsError, load_model, save_model
 from phift.config import PhiConfig
 
 transformers = pytest.importorskip("transformers")
@@ -157,7 +157,7 @@ def test_missing_tensor_is_named(hf_dir, tmp_path):
     del sd["model.layers.1.mlp.fc2.bias"]
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
-    with pytest.raises(CheckpointError, match=r"layout hf.*missing \['model\.layers\.1\.mlp\.fc2\.bias'\]"):
+    with pytest.raises(WeightsError, match=r"layout hf.*missing \['model\.layers\.1\.mlp\.fc2\.bias'\]"):
         load_model(tmp_path)
 
 
@@ -166,7 +166,7 @@ def test_unexpected_tensor_is_named(hf_dir, tmp_path):
     sd["model.layers.0.self_attn.q_layernorm.weight"] = torch.ones(16)
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
-    with pytest.raises(CheckpointError, match=r"unexpected \['model\.layers\.0\.self_attn\.q_layernorm\.weight'\]"):
+    with pytest.raises(WeightsError, match=r"unexpected \['model\.layers\.0\.self_attn\.q_layernorm\.weight'\]"):
         load_model(tmp_path)
 
 
@@ -175,7 +175,7 @@ def test_wrong_shape_names_key_and_both_shapes(hf_dir, tmp_path):
     sd["model.layers.0.mlp.fc1.weight"] = torch.zeros(255, 64)
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
-    with pytest.raises(CheckpointError, match=r"layout hf.*layers\.0\.mlp\.fc1\.weight expects \(256, 64\), "
+    with pytest.raises(WeightsError, match=r"layout hf.*layers\.0\.mlp\.fc1\.weight expects \(256, 64\), "
                                               r"found model\.layers\.0\.mlp\.fc1\.weight \(255, 64\)"):
         load_model(tmp_path)
 
@@ -183,7 +183,7 @@ def test_wrong_shape_names_key_and_both_shapes(hf_dir, tmp_path):
 def test_pickle_only_checkpoint_is_refused(tmp_path, hf_dir):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(CheckpointError, match="safetensors only"):
+    with pytest.raises(WeightsError, match="safetensors only"):
         load_model(tmp_path)
 
 
@@ -211,7 +211,7 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match=r"microsoft/phi-1_5 is not a local directory and could not be "
+    with pytest.raises(WeightsError, match=r"microsoft/phi-1_5 is not a local directory and could not be "
                                               r"fetched from the hub \(OSError: no network\)"):
         load_model("microsoft/phi-1_5")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from phift.engine import lr_lambda, param_groups
-from phift.optim import MasterAdamW
+from ..optim import MasterAdamW
+from . import Engine, OptimSpec, param_groups, scheduler
 
 
 class LossScale:
@@ -46,13 +46,13 @@ class LossScale:
         self.scale, self.good_steps = state["scale"], state["good_steps"]
 
 
-class OffloadEngine:
-    """The engine interface of phift.engine (forward, backward, step, lr, save, load) with the optimizer on the CPU."""
+class OffloadEngine(Engine):
+    """phift's engine interface with the optimizer on the CPU."""
 
-    def __init__(self, model, args, total_steps: int, device: torch.device):
-        self.model, self.args, self.device = model, args, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        bad = sorted({str(p.dtype) for p in self.params} - {"torch.float16", "torch.bfloat16"})
+    def __init__(self, model, spec: OptimSpec, device: torch.device):
+        self.module, self.spec, self.device = model, spec, device
+        self.trainable = self.params  # fixed for the run: the hooks and host copies are made for these
+        bad = sorted({str(p.dtype) for p in self.trainable} - {"torch.float16", "torch.bfloat16"})
         if bad:
             raise ValueError(f"--offload_optimizer cpu trains a half-precision model; parameters are {bad}")
         cuda = device.type == "cuda"
@@ -60,8 +60,8 @@ class OffloadEngine:
         # the host side of each parameter: its half weight (written by the CPU step, copied to the GPU) and gradient,
         # views of one pinned buffer each per dtype (pinned blocks are rounded up to powers of two one by one)
         self.host = {}
-        for dtype in {p.dtype for p in self.params}:
-            group = [p for p in self.params if p.dtype == dtype]
+        for dtype in {p.dtype for p in self.trainable}:
+            group = [p for p in self.trainable if p.dtype == dtype]
             total = sum(p.numel() for p in group)
             weights, grads = (torch.empty(total, dtype=dtype, pin_memory=cuda) for _ in range(2))
             offset = 0
@@ -72,22 +72,15 @@ class OffloadEngine:
                 self.host[p] = h
                 offset += n
         self.on_device = {id(h): p for p, h in self.host.items()}
-        groups = [{**g, "params": [self.host[p] for p in g["params"]]} for g in param_groups(model, args.weight_decay)]
-        self.optimizer = MasterAdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                     eps=args.adam_epsilon)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps))
-        self.loss_scale = LossScale(enabled=any(p.dtype == torch.float16 for p in self.params))
+        groups = [{**g, "params": [self.host[p] for p in g["params"]]} for g in param_groups(model, spec.weight_decay)]
+        self.optimizer = MasterAdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+        self.scheduler = scheduler(self.optimizer, spec)
+        self.loss_scale = LossScale(enabled=any(p.dtype == torch.float16 for p in self.trainable))
         self.norms = []  # the fp32 norm of each gradient offloaded this step (an inf/nan anywhere stays in their norm)
         self.fresh = set()  # parameters whose gradient reached the host this step (the others' host copy is stale)
         self.boundary = True
-        for p in self.params:
+        for p in self.trainable:
             p.register_post_accumulate_grad_hook(self._offload)
-
-    @property
-    def module(self):
-        return self.model
 
     def _offload(self, p):
         """Runs as each gradient is final: on an accumulation boundary it leaves for the host and the GPU frees it."""
@@ -107,15 +100,16 @@ class OffloadEngine:
         p.grad = None
 
     def forward(self, batch):
-        return self.model(**batch)
+        return self.module(**batch)
 
     def backward(self, loss, boundary: bool):
         self.boundary = boundary
-        (loss * (self.loss_scale.scale / self.args.gradient_accumulation_steps)).backward()
+        (loss * (self.loss_scale.scale / self.spec.accumulation)).backward()
 
-    def step(self, boundary: bool):
-        if not boundary:
-            return None
+    def zero_grad(self):
+        pass  # backward's hooks already moved every gradient to the host and freed it
+
+    def update(self):
         if self.copy_stream is not None:
             self.copy_stream.synchronize()  # every gradient is on the host (and the last step's weights on the GPU)
         scale = self.loss_scale.scale
@@ -130,8 +124,7 @@ class OffloadEngine:
         stale = {h: h.grad for p, h in self.host.items() if p not in fresh}
         for h in stale:  # a parameter that got no gradient this step is not stepped (as torch's optimizers do)
             h.grad = None
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        coef = torch.tensor(min(1.0, max_norm / (norm + 1e-6)) / scale, dtype=torch.float32)
+        coef = torch.tensor(min(1.0, self.spec.clip / (norm + 1e-6)) / scale, dtype=torch.float32)
         def upload(h):  # while the CPU updates the next tensor, this one's weights go back to the GPU
             p = self.on_device[id(h)]
             if self.copy_stream is None:
@@ -156,8 +149,9 @@ class OffloadEngine:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "loss_scale": self.loss_scale.state_dict()}, directory / "optimizer.pt")
 
-    def load(self, directory: Path):
+    def load(self, directory: Path, restore):
+        restore(self.module, directory)  # (the host weights need nothing: they are only ever the CPU step's output)
         state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loss_scale.load_state_dict(state["loss_scale"])  # (the host weights are the CPU step's output only)
+        self.loss_scale.load_state_dict(state["loss_scale"])

@@ -59,7 +59,7 @@ LAYOUT_MARKERS = {"hf": "model.embed_tokens.weight", "phi-msft": "transformer.em
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-class CheckpointError(ValueError):
+class WeightsError(ValueError):
     pass
 
 
@@ -75,7 +75,7 @@ def key_map(layout: str, state_keys, num_layers: int) -> dict[str, tuple[str, ..
     for key in state_keys:
         prefix, param = key.rsplit(".", 1)
         if prefix not in prefixes:
-            raise CheckpointError(f"phift key {key} has no entry in the {layout} layout table")
+            raise WeightsError(f"phift key {key} has no entry in the {layout} layout table")
         out[key] = tuple(f"{t}.{param}" for t in prefixes[prefix])
     return out
 
@@ -85,7 +85,7 @@ def detect_layout(keys) -> str:
     found = [name for name, marker in LAYOUT_MARKERS.items() if marker in keys]
     if len(found) != 1:
         sample = ", ".join(sorted(keys)[:6])
-        raise CheckpointError(f"cannot tell the checkpoint layout (markers found: {found or 'none'}); "
+        raise WeightsError(f"cannot tell the checkpoint layout (markers found: {found or 'none'}); "
                               f"expected one of {LAYOUT_MARKERS}; first keys: {sample}")
     return found[0]
 
@@ -96,7 +96,7 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None
     if p.is_dir():
         return p
     if p.exists():
-        raise CheckpointError(f"{p} is a file; give the directory holding config.json and *.safetensors")
+        raise WeightsError(f"{p} is a file; give the directory holding config.json and *.safetensors")
     from huggingface_hub import snapshot_download
 
     try:
@@ -104,7 +104,7 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None
                                       allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json",
                                                       "tokenizer*", "vocab.json", "merges.txt"]))
     except Exception as e:  # offline, a typo, a gated repo: say which, and what else would work
-        raise CheckpointError(f"{name_or_path} is not a local directory and could not be fetched from the hub "
+        raise WeightsError(f"{name_or_path} is not a local directory and could not be fetched from the hub "
                               f"({type(e).__name__}: {e}); give a directory holding config.json and "
                               "*.safetensors, or a preset name for a random-init model (tiny, phi-1_5, ...)") from e
 
@@ -119,7 +119,7 @@ def _weight_files(d: Path) -> dict[str, Path]:
     if not files:
         extra = " (it has pytorch_model.bin: phift loads safetensors only, never pickles)" if any(
             d.glob("*.bin")) else ""
-        raise CheckpointError(f"no *.safetensors weights in {d}{extra}")
+        raise WeightsError(f"no *.safetensors weights in {d}{extra}")
     out = {}
     for f in files:
         with safe_open(f, framework="pt") as sf:
@@ -137,7 +137,7 @@ def load_state_dict(d: Path, model: Phi, dtype: torch.dtype, device="cpu"):
     unexpected = sorted(k for k in files if k not in used and not IGNORED_KEYS.search(k))
     missing = sorted(k for keys in mapping.values() for k in keys if k not in files)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {d} (layout {layout}) does not match the model "
+        raise WeightsError(f"checkpoint {d} (layout {layout}) does not match the model "
                               f"{model.config.name}: missing {missing[:8]}{' …' if len(missing) > 8 else ''}, "
                               f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
     handles = {}
@@ -153,7 +153,7 @@ def load_state_dict(d: Path, model: Phi, dtype: torch.dtype, device="cpu"):
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             if t.shape != expected[ours]:
                 found = " + ".join(f"{k} {tuple(p.shape)}" for k, p in zip(theirs, parts))
-                raise CheckpointError(f"shape mismatch in {d} (layout {layout}): {ours} expects "
+                raise WeightsError(f"shape mismatch in {d} (layout {layout}): {ours} expects "
                                       f"{tuple(expected[ours])}, found {found}")
             state[ours] = t
     finally:
@@ -166,7 +166,7 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", r
     d = resolve_checkpoint_dir(name_or_path, revision)
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"no config.json in {d}")
+        raise WeightsError(f"no config.json in {d}")
     config = PhiConfig.from_json(cfg_file)
     with torch.device("meta"):
         model = Phi(config)
@@ -223,13 +223,27 @@ def save_model(model: Phi, directory, dtype: torch.dtype | None = None, max_shar
     return d
 
 
-def load_for_inference(name_or_path, adapters: str | list[str] | None = None, dtype=torch.float32, device="cpu"):
-    """(model in eval mode, tokenizer): a checkpoint plus LoRA adapter directories merged in, in order."""
-    from . import lora
+def inference_dtype(checkpoint_dir: Path, device) -> torch.dtype:
+    """The dtype LLaMA-Factory v0.3.3 runs a model in when none is asked for: bf16 for a bf16 checkpoint on a GPU
+    that has it, else fp16 on a GPU, fp32 on the CPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text()) if (
+        Path(checkpoint_dir) / "config.json").is_file() else {}
+    saved = config.get("dtype") or config.get("torch_dtype")  # transformers 5 writes dtype, 4.x torch_dtype
+    return torch.bfloat16 if saved == "bfloat16" and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_for_inference(name_or_path, adapters: str | list[str] | None = None, dtype: torch.dtype | None = None,
+                       device="cpu"):
+    """(model in eval mode, tokenizer): a checkpoint plus LoRA adapter directories merged in, in order, in `dtype`
+    (default: inference_dtype), with the CUDA kernels loaded for `device`."""
+    from . import kernels, lora
     from .tokenizer import load_tokenizer
 
     d = resolve_checkpoint_dir(name_or_path)
-    model = load_model(d, dtype=dtype, device=device)
+    kernels.load(device)
+    model = load_model(d, dtype=dtype or inference_dtype(d, device), device=device)
     adapters = [a for a in (adapters.split(",") if isinstance(adapters, str) else adapters or []) if a]
     for a in adapters:
         lora.load_adapter(model, a, trainable=False)

@@ -16,12 +16,12 @@ call. What it needs, and how this module gives it:
   captured allocates the gradients itself, inside its pool, at the points of the backward where eager allocates
   them, so a graphed step peaks where an eager one does; its replays overwrite them, and graphs of later shapes
   add into them. With accumulation, every graph adds into gradients made before any capture. Either way the
-  gradients stay for the whole run: nothing may free them (the engine leaves them alone under graphs), and this
+  gradients stay for the whole run: nothing may free them (GraphedEngine leaves them alone), and this
   module zeroes them when an accumulation window starts, unless the replay about to run overwrites them. The
   clipping norm and the optimizer step stay outside the graph: they read the learning rate and step count from
   the host, and cost a handful of launches.
 - No host syncs and no random numbers inside: checkpointing runs without saving the RNG state, so nothing in the
-  model may draw one (dropout, LoRA dropout, NEFTune noise); `check` refuses those up front.
+  model may draw one (dropout, LoRA dropout, NEFTune noise); `check` and phift.args.check refuse those up front.
 
 The first batch of each shape runs eagerly (its gradients are real: it is also the warm-up that capture needs),
 and the graph is captured right after, so a run pays one capture per shape and nothing else. The gradient-owning
@@ -33,25 +33,61 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import Engine
+
 BUCKET = 64  # tokens: batch lengths are padded up to a multiple of this
 
 
-def check(args, model, device) -> str | None:
-    """Why --cuda_graphs cannot run with these flags, this model and device, or None when it can."""
-    if device.type != "cuda":
-        return "--cuda_graphs needs a CUDA GPU"
-    if args.deepspeed or args.offload_optimizer == "cpu":
-        return "--cuda_graphs is for the plain PyTorch engine (not --deepspeed or --offload_optimizer cpu)"
-    if args.compile:
-        return "--cuda_graphs and --compile are exclusive: pick one way to cut the host's launch cost"
-    if args.neft_alpha > 0:
-        return "--cuda_graphs needs a step without random numbers; NEFTune (--neft_alpha) draws noise"
+def check(model) -> str | None:
+    """Why a CUDA graph cannot hold this model's step, or None when it can: nothing in the step may draw random
+    numbers (the flags that would, --neft_alpha and --lora_dropout, are refused by phift.args.check)."""
     drawing = [name for name, m in model.named_modules()
-               if (isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "lora_dropout", 0.0) > 0]
+               if (isinstance(m, torch.nn.Dropout) and m.p > 0) or getattr(m, "lora_dropout", 0.0) > 0
+               or getattr(m, "dropout", 0.0) > 0]
     if drawing:
-        return (f"--cuda_graphs needs a step without random numbers, but {drawing[0]} applies dropout "
-                f"(pass --lora_dropout 0 for LoRA)")
+        return (f"--cuda_graphs needs a step without random numbers, but {drawing[0]} applies dropout (pass "
+                "--lora_dropout 0 for LoRA; a checkpoint whose config declares dropout cannot be graphed)")
     return None
+
+
+class GraphedEngine(Engine):
+    """The plain engine with each micro-batch's forward and backward replayed as a graph (GraphedStep); clipping, the
+    optimizer step and the schedule run as the engine runs them, outside the graph."""
+
+    def __init__(self, engine: Engine):
+        why = check(engine.module)
+        if why:
+            raise ValueError(why)
+        self.inner = engine
+        self.graphed = GraphedStep(engine.params, engine.forward_backward, engine.spec.accumulation)
+
+    @property
+    def module(self):
+        return self.inner.module
+
+    def forward(self, batch):
+        return self.inner.forward(batch)
+
+    def forward_backward(self, batch, boundary: bool = True):
+        return self.graphed(batch, boundary)
+
+    def update(self):
+        return self.inner.update()
+
+    def zero_grad(self):
+        pass  # the gradients stay at the addresses the graphs write; GraphedStep zeroes them when a window opens
+
+    def lr(self):
+        return self.inner.lr()
+
+    def weights_state_dict(self):
+        return self.inner.weights_state_dict()
+
+    def save(self, directory):
+        self.inner.save(directory)
+
+    def load(self, directory, restore):
+        self.inner.load(directory, restore)
 
 
 class GraphedStep:
