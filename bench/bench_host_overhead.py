@@ -1,6 +1,6 @@
 """Host time of a phift training step: a phi-1_5-deep (24 blocks) but narrow model, so that the math is negligible and
 the step time is what the host spends issuing it (Python, autograd, the dispatcher, kernel launches). On a GPU that
-time bounds small-batch steps, e.g. full fine-tuning 1×1024 (BENCHMARKS.md, profile-full: 46 % kernel time).
+time bounds small-batch steps, e.g. full fine-tuning 1×1024 (46 % kernel time: bench/HISTORY.md, profile-full).
 
     python bench/bench_host_overhead.py --out $OUT/host_overhead.md [--device cuda] [--steps 30]
     python bench/record.py $OUT/host_overhead.jsonl --name NAME          # then into BENCHMARKS.md
