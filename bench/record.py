@@ -27,6 +27,8 @@ def record(jsonl: Path, name: str, commit: str | None, results: Path = report.RE
     head, rows = lines[0], lines[1:]
     if "bench" not in head or "meta" not in head:
         raise SystemExit(f"{jsonl}: its first line is not a harness header with 'bench' and 'meta'")
+    if head["meta"].get("tiny"):
+        raise SystemExit(f"{jsonl}: a --tiny smoke test measures nothing; it is not recorded")
     if head["bench"] == "train":  # rows carry their case's fields (older files: the table's case of their id)
         for row in rows:
             c = case_of(row)

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import record, report  # noqa: E402
@@ -85,3 +87,11 @@ def test_a_row_measured_under_the_old_peak_rule_says_so(tmp_path):
     (store / "second.jsonl").unlink()
     text = report.page(report.load(store))
     assert "| lora-6x1024 | phift | 60,000 | 102.4 | 9.50 (peak incl. model build and warm-up) |" in text
+
+
+def test_a_smoke_test_is_not_recorded(tmp_path):
+    run = write_run(tmp_path / "t.jsonl", "train", {**meta("CPU", "2026-11-04", "python bench/bench_train.py --tiny"),
+                                                    "tiny": True}, [train_row("lora-6x1024/phift", 100)])
+    with pytest.raises(SystemExit):
+        record.record(run, "smoke", None, tmp_path / "results")
+    assert not (tmp_path / "results").exists()
