@@ -2,18 +2,20 @@
 
     python bench/bench_cpu_adam.py --out $OUT/cpu_adam.md [--params 1.42e9] [--threads 16,8]
     python bench/bench_cpu_adam.py --params 2e6 --out /tmp/cpu_adam.md        # smoke test (any machine)
+    python bench/record.py $OUT/cpu_adam.jsonl --name NAME                     # then into BENCHMARKS.md
 
 Times, on the CPU the run is on: a large in-place host add (the memory bandwidth ceiling), one step of
 DeepSpeed's CPU Adam (what ZeRO-Offload runs) and of torch's fused CPU AdamW over `--params` fp32 parameters with
 fp32 gradients, at each thread count. An Adam step must read parameter, gradient and both moments and write back
 parameter and moments: 28 bytes a parameter at the least. The table gives each step's effective bandwidth against the
-stream's: near 1 means the step is at the memory wall, and recipe 3 (train-2 in BENCHMARKS.md: the step is the wall)
+stream's: near 1 means the step is at the memory wall, and recipe 3 (train-2 in bench/HISTORY.md: the step is the wall)
 can only go faster by moving fewer bytes or fewer parameters through the CPU.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -77,7 +79,7 @@ def adam_step_s(kind: str, n: int, repeats: int) -> float:
     return timed(opt.step, repeats)
 
 
-def link_rows(n_bytes: int, repeats: int) -> list[str]:
+def link_rows(n_bytes: int, repeats: int, data: list[dict]) -> list[str]:
     """GB/s of the copies an offloaded step makes between GPU and host, for fp16 data the size of the model."""
     if not torch.cuda.is_available():
         return []
@@ -93,6 +95,8 @@ def link_rows(n_bytes: int, repeats: int) -> list[str]:
             s = timed(synced, repeats)
             rows.append(f"| {name} | {'pinned' if pinned else 'pageable'} | {n_bytes / 2 ** 30:.2f} | {s * 1e3:.4g} | "
                         f"{n_bytes / s / 1e9:.1f} |")
+            data.append({"copy": name, "host_memory": "pinned" if pinned else "pageable", "gib": n_bytes / 2 ** 30,
+                         "ms": s * 1e3, "gbs": n_bytes / s / 1e9})
             print(rows[-1], flush=True)
     return rows
 
@@ -107,13 +111,17 @@ def main(argv=None):
     a = ap.parse_args(argv)
     n = int(a.params)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    rows, links = [], []
+    rows, links, data = [], [], []
+    where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    command = f"python bench/bench_cpu_adam.py --params {a.params:g} --threads {a.threads}"
+    head = {"bench": "cpu_adam", "meta": {"device": where, "torch": torch.__version__,
+                                          "date": datetime.date.today().isoformat(), "command": command}}
 
     def write(note: str = "") -> str:  # after every row: a run killed at its time limit keeps what it measured
+        a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [head, *data]))
         text = "\n".join([
             "### CPU optimizer step vs host memory bandwidth (recipe 3)", "",
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs · torch {torch.__version__} · "
-            f"{datetime.date.today()} · `python bench/bench_cpu_adam.py --params {a.params:g} --threads {a.threads}`",
+            f"{where} · torch {torch.__version__} · {datetime.date.today()} · `{command}`",
             "",
             f"One Adam step over {n:,} fp32 parameters with fp32 gradients, median of {a.repeats}. \"+ conversions\": "
             "the bf16 gradient converted to fp32 before and the bf16 weight written after, as an offloaded half model "
@@ -128,7 +136,7 @@ def main(argv=None):
         a.out.write_text(text + "\n")
         return text
 
-    links = link_rows(int(min(2 * n, a.stream_gib * 2 ** 30)), a.repeats)
+    links = link_rows(int(min(2 * n, a.stream_gib * 2 ** 30)), a.repeats, data)
     threads_list = [int(t) for t in a.threads.split(",")]
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -139,8 +147,12 @@ def main(argv=None):
                 s = adam_step_s(kind, n, a.repeats)
                 gbs = BYTES_PER_PARAM * n / s / 1e9
                 rows.append(f"| {threads} | {kind} | {stream:.1f} | {s * 1e3:.4g} | {gbs:.1f} | {gbs / stream:.2f} |")
+                data.append({"params": n, "threads": threads, "step": kind, "stream_gbs": stream, "step_ms": s * 1e3,
+                             "effective_gbs": gbs, "ratio": gbs / stream})
             except Exception as error:  # deepspeed missing, or its CPU Adam cannot build here
                 rows.append(f"| {threads} | {kind} | {stream:.1f} | — | — | {str(error).splitlines()[0][:80]} |")
+                data.append({"params": n, "threads": threads, "step": kind, "stream_gbs": stream, "step_ms": None,
+                             "error": str(error).splitlines()[0][:80]})
             print(rows[-1], flush=True)
             write(f"\n(still running: {len(rows)} of {4 * len(threads_list)} rows measured)")
     print("\n" + write())

@@ -1,8 +1,9 @@
 """Host time of a phift training step: a phi-1_5-deep (24 blocks) but narrow model, so that the math is negligible and
 the step time is what the host spends issuing it (Python, autograd, the dispatcher, kernel launches). On a GPU that
-time bounds small-batch steps, e.g. full fine-tuning 1×1024 (BENCHMARKS.md, profile-full: 46 % kernel time).
+time bounds small-batch steps, e.g. full fine-tuning 1×1024 (46 % kernel time: bench/HISTORY.md, profile-full).
 
     python bench/bench_host_overhead.py --out $OUT/host_overhead.md [--device cuda] [--steps 30]
+    python bench/record.py $OUT/host_overhead.jsonl --name NAME          # then into BENCHMARKS.md
 
 Rows: full fine-tuning (fp32 + AdamW, or --pure_bf16 on CUDA) and LoRA, each without activation checkpointing and
 with full-block checkpointing in its reentrant (phift's default in eager) and non-reentrant forms; on CUDA also
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -94,24 +96,29 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    rows = []
+    rows, data = [], []
     for name, flags, ckpt in CASES:
         if "--cuda_graphs" in flags and device.type != "cuda":
             continue
         ms = step_ms(name, flags, ckpt, device, a.layers, a.steps, a.seq)
         rows.append(f"| {name} | {ms:.2f} |")
+        data.append({"case": name, "device": device.type, "step_ms": ms})
         print(rows[-1], flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    command = (f"python bench/bench_host_overhead.py --device {a.device} --layers {a.layers} --seq {a.seq} "
+               f"--steps {a.steps} --threads {a.threads}")
     text = "\n".join([
         "### Host time of a training step (issuing, not math)", "",
-        f"{where} · torch {torch.__version__} · {datetime.date.today()} · `python bench/bench_host_overhead.py "
-        f"--device {a.device} --layers {a.layers} --seq {a.seq} --steps {a.steps} --threads {a.threads}`", "",
+        f"{where} · torch {torch.__version__} · {datetime.date.today()} · `{command}`", "",
         f"A phi of {a.layers} blocks, hidden 64, {a.seq} tokens, batch 1: the math is negligible, so the step time is "
         f"the host's. Median of {a.steps} steps after 3 warm-up steps (synchronised on CUDA); TorchEngine as `phift "
         "train` runs it (fp32 on the CPU; bf16, full fine-tuning with --pure_bf16, on CUDA).", "",
         "| case | step ms |", "|---|---|", *rows])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text + "\n")
+    head = {"bench": "host_overhead", "meta": {"device": where, "torch": torch.__version__,
+                                               "date": datetime.date.today().isoformat(), "command": command}}
+    a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [head, *data]))
     print("\n" + text)
 
 

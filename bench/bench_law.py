@@ -1,4 +1,4 @@
-"""The law LoRA recipe end to end (issue 7): wall time of examples/law_lora_zero2.sh's training run (LoRA r 8 α 16
+"""The law LoRA recipe end to end: wall time of examples/law_lora_zero2.sh's training run (LoRA r 8 α 16
 dropout 0.1 on Wqkv, fp16, batch 1, cutoff_len 1792, lr 2e-4 cosine, 5 epochs, 1000 samples, prompt unlabelled)
 with phift and with the HF stacks, on synthetic samples whose lengths follow the DISC-Law-SFT triplet sample.
 
@@ -6,7 +6,7 @@ with phift and with the HF stacks, on synthetic samples whose lengths follow the
     python bench/bench_law.py --out $OUT/law.md [--epochs 1] [--only REGEX] [--timeout-s 300] [--budget-s 540]
     python bench/bench_law.py --render A.jsonl B.jsonl --out law.md          # one report from several runs' rows
     python bench/bench_law.py --device cpu --tiny --out /tmp/law.md          # smoke test of the harness
-    python bench/record.py law.md --name law                                 # then into BENCHMARKS.md
+    python bench/record.py $OUT/law.jsonl --name NAME                        # then into BENCHMARKS.md
 
 The samples are token-level: random ids, the prompt labelled -100, lengths drawn (seeded) from the (prompt,
 response) token counts of the law sample under the vanilla template and cut by phift's own encode_supervised
@@ -18,8 +18,10 @@ response) token counts of the law sample under the vanilla template and cut by p
                          Trainer's --torch_compile does; the same collator; no activation checkpointing
   phift[+compile]        phift.train.prepare_model + TorchEngine, phift.train's epoch_batches/to_batch, batch 1
   phift+packing[+compile] the same with --packing True: samples packed into rows of up to cutoff_len
-Each run is a subprocess; its wall time covers every step of every epoch, compilation included (the user pays
-it); the model build is timed apart. A run that reaches --timeout-s stops after its current step and says so.
+Each impl is a bench.cases.Case (family, compile, packing, checkpointing) built by the training benchmark's
+builders (bench/peers.py, bench/phift_case.py). Each run is a subprocess; its wall time covers every step of every
+epoch, compilation included (the user pays it); the model build is timed apart. A run that reaches --timeout-s stops
+after its current step and says so.
 """
 from __future__ import annotations
 
@@ -38,9 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench_train as bt
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROOT = bt.ROOT
+from bench import harness, phift_case  # noqa: E402
+from bench.cases import VOCAB_USED, Case, model_shape  # noqa: E402
+
+ROOT = harness.ROOT
 
 SHARED = Path(os.environ.get("PHIFT_SHARED", ROOT.parent / "shared"))
 LAW_SAMPLE = SHARED / "data" / "disc_law_sft_triplet_reconstructed_sample.jsonl"
@@ -51,16 +56,25 @@ RECIPE_EPOCHS, RECIPE_SAMPLES, CUTOFF, TINY_CUTOFF = 5, 1000, 1792, 64
 TINY_PAIRS = [[12, 6], [20, 14], [8, 30], [40, 36], [6, 4], [30, 10], [16, 16], [90, 20]]
 DATA_SEED = 1234
 
-# impl: (builder, activation checkpointing, packing), in the order the runs go: the targets' rows first
-IMPLS = {
-    "phift": (bt.build_phift, False, False),
-    "seed": (bt.build_seed, True, False),
-    "hf+compile": (bt.build_hf, False, False),
-    "phift+packing": (bt.build_phift, False, True),
-    "phift+compile": (bt.build_phift, False, False),
-    "phift+packing+compile": (bt.build_phift, False, True),
-    "hf": (bt.build_hf, False, False),
-}
+# The recipe's cases but for their shape and precision (law_case), in the order the runs go: the targets' rows first
+IMPLS = [dict(family="phift"), dict(family="seed", engine="deepspeed", ckpt="full"), dict(family="hf", compile=True),
+         dict(family="phift", packing=True), dict(family="phift", compile=True),
+         dict(family="phift", packing=True, compile=True), dict(family="hf")]
+
+
+def law_case(fields: dict, cutoff: int, device_type: str) -> Case:
+    """LoRA, batch 1, cut to `cutoff`; fp16 as the recipe (the CPU has no fp16 training: phift and the seed's stack
+    fall back too)."""
+    return Case(shape="law", mode="lora", batch=1, seq=cutoff, precision="fp16" if device_type == "cuda" else "bf16",
+                **fields)
+
+
+IMPL_NAMES = [law_case(f, CUTOFF, "cuda").impl for f in IMPLS]
+
+
+def family(row: dict) -> str:
+    """A row's family: from its case, or (rows written before rows carried it) from the table by its impl."""
+    return (row.get("case") or IMPLS[IMPL_NAMES.index(row["impl"])])["family"]
 MARK_EVERY = 20  # steps between synchronised time marks (tiny: 2); the first mark times the warm-up
 MIN_START_S = 40   # a run is not started with less of the budget left
 
@@ -145,29 +159,23 @@ def worker(spec: dict) -> dict:
     import torch
 
     from phift import data
-    from phift.args import parse_train_args
-    from phift.train import count, epoch_batches, to_batch
 
     t_proc = time.perf_counter()
-    impl, tiny = spec["impl"], spec["tiny"]
-    builder, ckpt, packing = IMPLS[impl]
+    c = Case.from_dict(spec["case"])
     device = torch.device(spec["device"])
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    # fp16 as the recipe; the CPU has no fp16 training (phift and the seed's stack fall back too)
-    c = bt.Config("lora", 1, spec["cutoff"], dtype="fp16" if device.type == "cuda" else "bf16", ckpt=ckpt)
-    vocab = min(bt.VOCAB_USED, bt.model_shape(tiny).vocab_size)
+    vocab = min(VOCAB_USED, model_shape(spec["tiny"]).vocab_size)
     samples = make_samples(spec["pairs"], spec["samples"], spec["cutoff"], vocab)
     pad_id = min(50256, vocab - 1)
     # phift.train's batching for every impl: the same seeded shuffle per epoch, batch 1, packed or not
-    args = parse_train_args(bt.phift_args(c, impl, {**spec, "total_steps": -1}) + ["--packing", str(packing)])
-    epochs = [epoch_batches(samples, e, args, 0, 1) for e in range(spec["epochs"])]
+    epochs = phift_case.epoch_batches(c, spec, samples, spec["epochs"])
     total_steps = sum(map(len, epochs))
 
     def batch_of(micro):
-        if builder is bt.build_phift:
-            return to_batch(micro, packing, pad_id, device)
+        if c.family == "phift":
+            return phift_case.to_batch(micro, c.packing, pad_id, device)
         # LLaMA-Factory's DataCollatorForSeq2Seq: right padding to a multiple of 4, attention_mask kept
         return {k: v.to(device) for k, v in data.collate(micro, pad_id, pad_to_multiple_of=4).items()}
 
@@ -177,7 +185,7 @@ def worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    step, info = builder(c, impl, {**spec, "total_steps": total_steps}, device)
+    step, info = harness.build(c, {**spec, "total_steps": total_steps}, device)
     sync()
     build_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -193,7 +201,7 @@ def worker(spec: dict) -> dict:
             loss_sum += step(batch_of(micro)).detach().float()
             n += 1
             steps += 1
-            tokens += count(micro)[1]
+            tokens += phift_case.tokens(micro)
             if steps % spec["mark_every"] == 0:
                 sync()
                 marks.append((steps, tokens, time.perf_counter() - t_run))
@@ -221,11 +229,11 @@ def worker(spec: dict) -> dict:
               "tokens_per_s": tokens / wall, "mark_every": spec["mark_every"],
               "first_mark_s": marks[0][2] if marks else None, "steady_tokens_per_s": steady, "marks": marks,
               "epochs": epoch_rows,
-              "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1], "checkpointing": ckpt,
-              "packing": packing, "data_checksum": checksum(samples),
+              "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1], "checkpointing": c.ckpt != "off",
+              "packing": c.packing, "data_checksum": checksum(samples),
               "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
               **info}
-    if impl.endswith("+compile"):
+    if c.compile:
         from torch._dynamo.utils import counters
         result["graphs_compiled"] = counters["stats"]["unique_graphs"]
     return result
@@ -256,14 +264,14 @@ def launch(spec: dict, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def prebuild(impls, env) -> list[str]:
+def prebuild(cases: list[Case], env) -> list[str]:
     """The fused kernels and DeepSpeed's CPU Adam are built once per machine, not inside a timed run."""
     notes = []
     codes = []
-    if any(i.startswith("phift") for i in impls):
+    if any(c.family == "phift" for c in cases):
         codes.append(("phift kernels",
                       "import phift.kernels as k; print('fused kernels available:', k.kernels_enabled())"))
-    if "seed" in impls:
+    if any(c.engine == "deepspeed" for c in cases):
         codes.append(("DeepSpeed CPU Adam",
                       "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); print('built')"))
     for name, code in codes:
@@ -275,30 +283,29 @@ def prebuild(impls, env) -> list[str]:
     return notes
 
 
-def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
+def run_all(a, cases: list[Case], pairs, meta) -> tuple[list[dict], list[str]]:
     t_start = time.time()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl, logfile = out.with_suffix(".jsonl"), out.with_suffix(".log")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = harness.child_env(a.device)
     if a.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
         env.setdefault("DS_ACCELERATOR", "cpu")
-    jsonl.write_text(json.dumps({"meta": meta}) + "\n")
+    jsonl.write_text(json.dumps({"bench": "law", "meta": meta}) + "\n")
     logfile.write_text("")
-    notes = prebuild(impls, env) if a.device == "cuda" else []
+    notes = prebuild(cases, env) if a.device == "cuda" else []
     print(*notes, sep="\n", flush=True)
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="phift_law_"))
-    for impl in impls:
+    for c in cases:
+        impl = c.impl
         left = a.budget_s - (time.time() - t_start)
-        row = {"id": impl, "impl": impl}
+        row = {"id": impl, "impl": impl, "case": c.to_dict()}
         if left < (MIN_START_S if not a.tiny else 5):
             row["status"] = f"skipped: time budget ({left:.0f} s left)"
         else:
             limit = min(a.timeout_s, left)
-            spec = {"impl": impl, "device": a.device, "tiny": a.tiny, "epochs": meta["epochs"],
+            spec = {"case": c.to_dict(), "device": a.device, "tiny": a.tiny, "epochs": meta["epochs"],
                     "samples": meta["samples"], "cutoff": meta["cutoff"], "mark_every": meta["mark_every"],
                     "pairs": pairs,
                     "limit_s": max(5.0, limit - 30), "tmp": str(tmp / re.sub(r"\W+", "_", impl))}
@@ -308,7 +315,7 @@ def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
             try:
                 text, rc = proc.communicate(timeout=limit)[0], proc.returncode
             except subprocess.TimeoutExpired:
-                text, rc = bt.Harness.stop(proc), None
+                text, rc = harness.stop(proc), None
             row["process_s"] = round(time.time() - t0, 1)
             with logfile.open("a") as f:
                 f.write(f"\n===== {impl} (rc {rc}, {row['process_s']} s)\n{text[-6000:]}")
@@ -316,7 +323,7 @@ def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
             if rc == 0 and found:
                 row.update(json.loads(found[-1][len("RESULT "):]), status="ok")
             else:
-                row["status"] = bt.classify_failure(text, rc)
+                row["status"] = harness.classify_failure(text, rc)
                 last = [line.split() for line in text.splitlines() if line.startswith("MARK ")][-1:]
                 row["status"] += (f" after {last[0][1]} steps ({last[0][2]} tokens) in {float(last[0][3]):.0f} s of "
                                   "training" if last else " before its first time mark (the first "
@@ -325,11 +332,11 @@ def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print("  ", json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()
-                                if k != "epochs"}), flush=True)
+                                if k not in ("epochs", "case")}), flush=True)
     wall = f"Harness wall time {time.time() - t_start:.0f} s of a {a.budget_s:.0f} s budget; raw rows in {jsonl.name}."
     footer = [f"Builds before the runs: {'; '.join(notes)}." if notes else "", wall]
     rows_text = jsonl.read_text().splitlines()
-    rows_text[0] = json.dumps({"meta": meta, "footer": footer})
+    rows_text[0] = json.dumps({"bench": "law", "meta": meta, "footer": footer})
     jsonl.write_text("\n".join(rows_text) + "\n")
     return rows, footer
 
@@ -337,7 +344,7 @@ def run_all(a, impls, pairs, meta) -> tuple[list[dict], list[str]]:
 # ============================================================================================ the report
 def report(rows: list[dict], meta: dict, footer: list[str]) -> str:
     s, epochs, first, cutoff = meta["stats"], meta["epochs"], meta["mark_every"], meta["cutoff"]
-    title = "## The law LoRA recipe end to end (issue 7)"
+    title = "## The law LoRA recipe end to end"
     if meta["tiny"]:
         title += " — TINY SMOKE TEST, not a measurement"
     versions = (f"{meta['device']} · torch {meta['torch']} (CUDA {meta['cuda']}) · transformers "
@@ -371,7 +378,7 @@ def report(rows: list[dict], meta: dict, footer: list[str]) -> str:
               "| epoch s (steady) | 5-epoch wall s | build s | peak GiB | loss ep 1 → last | notes |")
     lines = [title, "", versions, "", f"Command: `{meta['command']}`.", "", recipe, "", lengths, "", method, "",
              header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    fmt = bt.fmt
+    fmt = harness.fmt
     for r in rows:
         if r["status"] != "ok":
             lines.append("| " + " | ".join([r["impl"], *["—"] * 11, r["status"]]) + " |")
@@ -394,14 +401,14 @@ def report(rows: list[dict], meta: dict, footer: list[str]) -> str:
     sums = {meta["data_checksum"]} | {r["data_checksum"] for r in rows if r["status"] == "ok"}
     if len(sums) > 1:
         lines += ["", f"**Warning: the runs trained on different samples** (checksums {', '.join(sorted(sums))})."]
-    lines += ["", "### Issue 7 targets: the law recipe, phift (its fastest mode) ÷ the peers", "",
+    lines += ["", "### Targets: the law recipe, phift (its fastest mode) ÷ the peers", "",
               "| target | measured | goal | |", "| --- | --- | --- | --- |", *targets(rows, epochs)]
     return "\n".join([*lines, "", *(f for f in footer if f)]) + "\n"
 
 
 def targets(rows, epochs) -> list[str]:
     ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
-    phift = [r for i, r in ok.items() if i.startswith("phift") and recipe_wall(r)[0]]
+    phift = [r for r in ok.values() if family(r) == "phift" and recipe_wall(r)[0]]
     best = min(phift, key=lambda r: recipe_wall(r)[0]) if phift else None
     out = []
     for peer, goal in (("seed", 3.0), ("hf+compile", 1.5)):
@@ -461,7 +468,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the 'tiny' model, 16 samples, 1 epoch: a smoke test")
     p.add_argument("--epochs", type=int, default=None, help=f"default {RECIPE_EPOCHS} (tiny: 1)")
     p.add_argument("--samples", type=int, default=None, help=f"default {RECIPE_SAMPLES} (tiny: 16)")
-    p.add_argument("--only", default=None, help=f"regex over impl names: {', '.join(IMPLS)}")
+    p.add_argument("--only", default=None, help=f"regex over impl names: {', '.join(IMPL_NAMES)}")
     p.add_argument("--timeout-s", type=float, default=540.0, help="a run stops after the step that passes this")
     p.add_argument("--budget-s", type=float, default=560.0, help="no run starts after this much harness time")
     p.add_argument("--lengths", default=None, help=f"a lengths file (default {LENGTHS.relative_to(ROOT)}; tiny: "
@@ -484,25 +491,26 @@ def main(argv=None):
     if a.render:
         render(a.render, Path(a.out))
         return
-    impls = [i for i in IMPLS if a.only is None or re.search(a.only, i)]
+    cutoff = TINY_CUTOFF if a.tiny else CUTOFF
+    cases = [c for c in (law_case(f, cutoff, a.device) for f in IMPLS) if a.only is None or re.search(a.only, c.impl)]
+    impls = [c.impl for c in cases]
     if a.list:
         print("\n".join(impls))
         return
     epochs = a.epochs or (1 if a.tiny else RECIPE_EPOCHS)
     samples = a.samples or (16 if a.tiny else RECIPE_SAMPLES)
-    cutoff = TINY_CUTOFF if a.tiny else CUTOFF
     pairs, source = load_pairs(a)
-    vocab = min(bt.VOCAB_USED, bt.model_shape(a.tiny).vocab_size)
+    vocab = min(VOCAB_USED, model_shape(a.tiny).vocab_size)
     drawn = make_samples(pairs, samples, cutoff, vocab)
     stats = length_stats(pairs, drawn, cutoff)
-    meta = {**bt.versions(a.device), "date": datetime.date.today().isoformat(), "tiny": a.tiny, "epochs": epochs,
+    meta = {**harness.versions(a.device), "date": datetime.date.today().isoformat(), "tiny": a.tiny, "epochs": epochs,
             "samples": samples, "cutoff": cutoff, "mark_every": 2 if a.tiny else MARK_EVERY,
-            "model": f"{bt.model_shape(a.tiny).name}-shaped model",
+            "model": f"{model_shape(a.tiny).name}-shaped model",
             "lengths_source": source, "stats": stats, "data_checksum": checksum(drawn),
             "command": " ".join(["python", "bench/bench_law.py", *(argv if argv is not None else sys.argv[1:])])}
     print(f"{len(impls)} runs: {', '.join(impls)}; {epochs} epoch(s) of {samples} samples\nlengths: "
           + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}), flush=True)
-    rows, footer = run_all(a, impls, pairs, meta)
+    rows, footer = run_all(a, cases, pairs, meta)
     text = report(rows, meta, footer)
     Path(a.out).write_text(text)
     print("\n" + text, flush=True)

@@ -1,6 +1,7 @@
 """Time the fused LoRA linear (forward + backward) against the frozen base linear and the PyTorch composite.
 
-    python bench/bench_lora_kernel.py --out lora_kernel.md     # then: python bench/record.py lora_kernel.md
+    python bench/bench_lora_kernel.py --out $OUT/lora_kernel.md
+    python bench/record.py $OUT/lora_kernel.jsonl --name NAME          # then into BENCHMARKS.md
 
 Each variant runs forward and the backward that training needs (base: dx; LoRA: dx, dA, dB), timed with CUDA
 events, median of --repeats, cycling through --sets independent input sets (weights too) so that no run finds
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import statistics
 import sys
@@ -161,7 +163,21 @@ def main():
 
     table = markdown(rows, args)
     args.out.write_text(table)
+    args.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in jsonl(rows, args)))
     print(table)
+
+
+def jsonl(rows, args) -> list[dict]:
+    """The header (bench, meta) and one dict a row, for bench/record.py."""
+    props = torch.cuda.get_device_properties(0)
+    meta = {"device": f"{torch.cuda.get_device_name(0)} ({props.multi_processor_count} SMs)",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
+            "command": f"python bench/bench_lora_kernel.py --out FILE --repeats {args.repeats} --sets {args.sets}"}
+    return [{"bench": "lora_kernel", "meta": meta}] + [
+        {"layer": layer, "tokens": tokens, "in": d_in, "out": d_out, "r": rank, "dtype": dtype, "p": p,
+         "base_ms": ms["base"], "composite_ms": ms["composite"], "fused_ms": ms["fused"],
+         "fused_over_base": ms["fused"] / ms["base"], "composite_over_fused": ms["composite"] / ms["fused"]}
+        for layer, tokens, d_in, d_out, rank, dtype, p, ms in rows]
 
 
 def markdown(rows, args):

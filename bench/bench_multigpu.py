@@ -1,4 +1,4 @@
-"""Multi-GPU through the DeepSpeed launcher (issue 8): `phift train` unchanged under `deepspeed --num_gpus N`.
+"""Multi-GPU through the DeepSpeed launcher: `phift train` unchanged under `deepspeed --num_gpus N`.
 
 For each case it runs the same global batch on 1 GPU (gradient accumulation) and on N GPUs, reads
 trainer_log.jsonl, and reports tokens/s, the N-GPU speed-up, peak memory and the largest loss difference over the

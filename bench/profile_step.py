@@ -1,10 +1,10 @@
-"""Where a training step's GPU time goes: one (config, impl) of bench_train.py under torch.profiler.
+"""Where a training step's GPU time goes: one case of bench_train.py (bench/cases.py) under torch.profiler.
 
     python bench/profile_step.py lora-6x1024 phift [--steps 3] [--top 25] [--trace $OUT/trace.json]
 
 Prints the step time (CUDA events), the GPU-busy share of it, the kernel time by category (GEMM, attention,
-fused phift kernels, elementwise, reductions, copies, optimizer) and the top kernels. This informs the levers in
-BENCHMARKS.md; it is not a benchmark (profiling slows the host side).
+fused phift kernels, elementwise, reductions, copies, optimizer) and the top kernels. This informs the levers; it is
+not a benchmark (profiling slows the host side).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train as bt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import cases, harness  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("phift fused", r"phift|lora|prep_kernel|fix_kernel|ce_|rotary"),
@@ -36,25 +36,26 @@ def category(name: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", choices=sorted(bt.CONFIGS))
-    p.add_argument("impl")
+    p.add_argument("config", choices=sorted(cases.SHAPES), help="the case's shape")
+    p.add_argument("impl", help="the case's impl, as `bench/bench_train.py --list` prints it after the shape")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="write a chrome trace here")
     a = p.parse_args()
+    c = cases.BY_ID.get(f"{a.config}/{a.impl}")
+    if c is None:
+        p.error(f"no case {a.config}/{a.impl}: `python bench/bench_train.py --list` prints them")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
-    c = bt.CONFIGS[a.config]
-    spec = {"config": a.config, "impl": a.impl, "device": "cuda", "tiny": False, "prepass": False,
+    spec = {"case": c.to_dict(), "device": "cuda", "tiny": False, "prepass": False,
             "warmup": a.warmup, "steps": a.steps, "total_steps": 1000, "tmp": "/tmp/phift_profile"}
-    family = "phift" if a.impl.startswith("phift") else a.impl.split("+")[0]
-    step, _ = bt.BUILDERS[family](c, a.impl, spec, device)
-    batch = bt.random_batch(family, c, bt.VOCAB_USED, device)
+    step, _ = harness.build(c, spec, device)
+    batch = harness.random_batch(c, cases.VOCAB_USED, device)
     for _ in range(a.warmup):
         step(batch)
     torch.cuda.synchronize()

@@ -2,9 +2,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_cpu_adam  # noqa: E402 (bench/ is not a package)
+from bench import bench_cpu_adam  # noqa: E402
 
 
 def test_small_run_times_each_optimizer(tmp_path):

@@ -3,9 +3,9 @@ every case but the CUDA-graph ones)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_host_overhead  # noqa: E402 (bench/ is not a package)
+from bench import bench_host_overhead  # noqa: E402
 
 
 def test_small_run_times_every_case(tmp_path):

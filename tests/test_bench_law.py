@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
-import bench_law  # noqa: E402 (bench/ is not a package)
+from bench import bench_law  # noqa: E402
 
 
 def test_tiny_run_reports_every_step_and_packing_takes_fewer(tmp_path):

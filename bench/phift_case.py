@@ -1,0 +1,178 @@
+"""phift under the benchmarks: every use of phift's training API (its arguments, `prepare_model`, the engines, the
+micro-step, the recomputation, `phift train` itself) is in this file, so that a change of that API is absorbed here.
+
+    build(case, spec, device)             a training step as `phift train` builds it: prepare_model + an engine
+    label_rows(ids)                       what phift's batches carry besides ids and labels
+    init_deepspeed / deepspeed_config     the DeepSpeed setup and filled ds_config the seed's stack shares
+    recipe_worker(case, spec)             `phift train` end to end on the self-cognition recipe
+    epoch_batches / to_batch / tokens     phift.train's batching, for the law recipe
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from bench.cases import LR, MAX_GRAD_NORM, Case, model_shape
+
+ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG = ROOT / "examples" / "ds_config.json"
+TOKENIZER_DIR = ROOT / ".device" / "phi-1_5-tokenizer"
+
+
+def train_argv(c: Case, spec: dict) -> list[str]:
+    """`phift train`'s flags for a case (the dataset is never read: batches come from the harness)."""
+    half = ["--fp16", "True"] if c.precision == "fp16" else ["--bf16", "True"]
+    if c.engine == "offload" and spec.get("device") == "cpu":
+        # fp16 needs CUDA (phift trains in fp32 without it), and the offload needs a half model
+        half = ["--bf16", "True"]
+    argv = ["--model_name_or_path", "phi-1_5", "--dataset", "self_cognition", "--output_dir", spec["tmp"],
+            "--finetuning_type", c.mode, "--lora_target", "Wqkv", "--lora_rank", "8", "--lora_alpha", "16",
+            "--lora_dropout", "0.1", "--per_device_train_batch_size", str(c.batch), "--cutoff_len", str(c.seq),
+            "--learning_rate", str(LR), "--max_grad_norm", str(MAX_GRAD_NORM), "--lr_scheduler_type", "cosine",
+            "--max_steps", str(spec["total_steps"]), "--disable_gradient_checkpointing", str(c.ckpt == "off"),
+            "--compile", str(c.compile), *half]
+    if c.precision == "pure_bf16":
+        argv += ["--pure_bf16", "True"]
+    if c.graphs:
+        argv += ["--cuda_graphs", "True"]
+    if c.ckpt == "mlp":
+        argv += ["--gradient_checkpointing_policy", "mlp"]
+    if c.engine == "deepspeed":
+        argv += ["--deepspeed", str(DS_CONFIG)]
+    if c.engine == "offload":
+        argv += ["--offload_optimizer", "cpu"]
+    if c.packing:
+        argv += ["--packing", "True"]
+    if not c.lean:  # checkpointing is applied by build() instead, without the lean lever
+        argv += ["--disable_gradient_checkpointing", "True"]
+    return argv
+
+
+def init_deepspeed(device):
+    """As phift.train.train sets DeepSpeed up (one process, gloo on the CPU)."""
+    from phift.engine import init_distributed_env
+
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed_env()
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def deepspeed_config(c: Case, spec: dict, device, hidden_size: int) -> dict:
+    """examples/ds_config.json with its "auto" values filled as `phift train --deepspeed` fills them for this shape,
+    so that the seed's stack runs the same optimizer (DeepSpeed's CPU Adam) and precision."""
+    from phift.args import parse_train_args
+    from phift.engine import fill_deepspeed_config
+
+    args = parse_train_args(train_argv(dataclasses.replace(c, family="phift"), spec))
+    if device.type != "cuda":
+        args.fp16 = False
+    return fill_deepspeed_config(json.loads(DS_CONFIG.read_text()), args, 1, hidden_size)
+
+
+def build(c: Case, spec: dict, device):
+    """(step, info): step(batch) → loss is one optimizer step as `phift train` takes it."""
+    if c.kernels_off:  # before phift is imported in this process, as a user would set it
+        os.environ["PHIFT_DISABLE_KERNELS"] = "1" if "all" in c.kernels_off else ",".join(c.kernels_off)
+    import torch
+
+    from phift import kernels
+    from phift.args import parse_train_args
+    from phift.engine import DeepSpeedEngine, TorchEngine
+    from phift.model import Phi
+    from phift.offload import OffloadEngine
+    from phift.recompute import recompute
+    from phift.train import micro_step, precision, prepare_model
+
+    args = parse_train_args(train_argv(c, spec))
+    if c.engine == "deepspeed":
+        init_deepspeed(device)
+    dtype = precision(args, device)
+    with torch.device(device):  # phift.train.load_base builds on the CPU and moves: same weights, faster here
+        model = Phi(model_shape(spec["tiny"])).to(dtype)
+    model = prepare_model(args, model, dtype)
+    if not c.lean:  # what prepare_model applies (eager), without the lean lever
+        recompute(model, "full", reentrant=not args.cuda_graphs, preserve_rng_state=not args.cuda_graphs, lean=False)
+    Engine = {"plain": TorchEngine, "deepspeed": DeepSpeedEngine, "offload": OffloadEngine}[c.engine]
+    engine = Engine(model, args, spec["total_steps"], device)
+    model.train()
+
+    forward_backward = micro_step(engine, model, args, device)
+
+    def step(batch):
+        loss = forward_backward(batch, True)
+        engine.step(True)
+        return loss
+
+    wqkv = model.layers[0].attn.Wqkv
+    fused = None
+    if c.mode == "lora":
+        x = torch.empty(1, 1, wqkv.in_features, device=device, dtype=wqkv.weight.dtype)
+        fused = bool(kernels.fused_applies(x, wqkv.weight, wqkv.bias, wqkv.lora_A, wqkv.lora_B))
+    return step, {"fused_kernel": fused}
+
+
+def label_rows(ids):
+    """The labelled rows of a batch of ids (every position labelled), found on the CPU as phift.train.to_batch does
+    (no host sync in the step)."""
+    from phift.model import LMHead
+    return LMHead.label_rows(ids.cpu())
+
+
+def recipe_worker(c: Case, spec: dict) -> dict:
+    """`phift train` on the self-cognition recipe in this process; peak GPU memory of the whole run."""
+    import torch
+
+    from phift import train
+
+    out = Path(spec["tmp"]) / "run"
+    if spec["tiny"]:
+        argv = ["--model_name_or_path", "tiny", "--cutoff_len", "64", "--per_device_train_batch_size", "2",
+                "--max_steps", "4", "--logging_steps", "1"]
+    else:
+        argv = ["--model_name_or_path", "phi-1_5", "--tokenizer_name_or_path", str(TOKENIZER_DIR),
+                "--cutoff_len", str(c.seq), "--per_device_train_batch_size", str(c.batch), "--max_steps", "20",
+                "--logging_steps", "5"]
+    argv += ["--dataset", "self_cognition", "--dataset_dir", str(ROOT / "data"), "--template", "vanilla",
+             "--finetuning_type", c.mode, "--lora_target", "Wqkv", "--fp16", "True", "--output_dir", str(out),
+             "--overwrite_output_dir", "True"]
+    if c.engine == "deepspeed":
+        argv += ["--deepspeed", str(DS_CONFIG)]
+    t0 = time.perf_counter()
+    train.main(argv)
+    wall = time.perf_counter() - t0
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    log = [e for e in log if "tokens_per_second" in e]
+    # step time over the logging intervals after the first (which holds the kernel build and the first step)
+    first, last = log[0], log[-1]
+    steps = last["current_steps"] - first["current_steps"]
+    step_s = (last["elapsed_time"] - first["elapsed_time"]) / steps if steps else None
+    return {"step_ms": 1e3 * step_s if step_s else None, "first_interval_s": first["elapsed_time"],
+            "tokens_per_s": statistics.mean(e["tokens_per_second"] for e in log[1:]) if len(log) > 1 else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None,
+            "wall_s": round(wall, 1), "log": log}
+
+
+def epoch_batches(c: Case, spec: dict, samples: list, epochs: int) -> list[list]:
+    """phift.train's micro-batches for each epoch: one seeded shuffle per epoch, packed or not (c.packing)."""
+    from phift.args import parse_train_args
+    from phift.train import epoch_batches as batches
+
+    args = parse_train_args(train_argv(c, {**spec, "total_steps": -1}))
+    return [batches(samples, e, args, 0, 1) for e in range(epochs)]
+
+
+def to_batch(micro, packed: bool, pad_id: int, device) -> dict:
+    from phift.train import to_batch as batch
+    return batch(micro, packed, pad_id, device)
+
+
+def tokens(micro) -> int:
+    """The samples' tokens in a micro-batch, padding not counted."""
+    from phift.train import count
+    return count(micro)[1]

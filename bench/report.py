@@ -1,0 +1,335 @@
+"""BENCHMARKS.md, rendered from the results store: one table per question, each row from the latest run that
+measured it and naming that run.
+
+    python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
+
+The store holds one file per recorded run, `bench/results/<run>.jsonl` (bench/record.py writes them): a header line
+    {"run": NAME, "bench": "train" | "law" | "host_overhead" | "cpu_adam" | "lora_kernel", "sequence": N,
+     "commit": SHA or null, "meta": {"device", "date", "command", ...}, ...}
+then the harness's rows. `sequence` orders the runs (the order they were recorded in): a row of a later run replaces
+the same row of an earlier one. A row is the same row when its key is: a training case's id, a law impl, a
+host-overhead case on the same kind of device, a CPU Adam step kind at the same parameter and thread counts, a fused
+LoRA shape. A row that was never measured shows its latest failure (timeout, OOM, ...), never a skip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import bench_law  # noqa: E402
+from bench.cases import CASES, T4_GIB, Case, case_of  # noqa: E402
+from bench.harness import compiled_peer, fmt, hf_eager  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+PEAK_RULES = {  # rows measured under an earlier peak-memory rule say so in the memory column
+    "incl. model build": "peak incl. model build and warm-up",
+    "incl. graph pool's free memory": "peak incl. the graph pool's free memory",
+}
+
+
+@dataclass
+class Run:
+    name: str
+    bench: str
+    sequence: int
+    header: dict
+    rows: list[dict]
+
+    @property
+    def device(self) -> str:
+        return self.header["meta"]["device"]
+
+
+def load(results: Path) -> list[Run]:
+    runs = []
+    for path in sorted(results.glob("*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        head = lines[0]
+        runs.append(Run(head["run"], head["bench"], head["sequence"], head, lines[1:]))
+    return sorted(runs, key=lambda r: r.sequence)
+
+
+def measured(bench: str, row: dict) -> bool:
+    if bench in ("train", "law"):
+        return row.get("status") == "ok"
+    if bench == "lora_kernel":
+        return row.get("fused_ms") is not None
+    return row.get("ms" if "copy" in row else "step_ms") is not None
+
+
+def key(bench: str, row: dict):
+    if bench == "train":
+        return case_of(row).id
+    if bench == "law":
+        return row["impl"]
+    if bench == "host_overhead":
+        return row["device"], row["case"]
+    if bench == "cpu_adam":
+        return ("copy", row["copy"], row["host_memory"]) if "copy" in row else \
+            ("step", row["params"], row["threads"], row["step"])
+    return tuple(row[k] for k in ("layer", "tokens", "in", "out", "r", "dtype", "p"))
+
+
+def latest(runs: list[Run], bench: str) -> list[tuple[dict, Run]]:
+    """Each row key's row from the latest run that measured it; a key never measured keeps its latest failure
+    (a skip says nothing and is left out). In the order of the keys' first appearance."""
+    found: dict = {}
+    for run in runs:
+        if run.bench != bench:
+            continue
+        for row in run.rows:
+            k = key(bench, row)
+            if measured(bench, row) or not (row.get("status", "").startswith("skipped")
+                                            or k in found and measured(bench, found[k][0])):
+                found[k] = (row, run)
+    return list(found.values())
+
+
+def newest_first(rows: list[tuple[dict, Run]]) -> list[tuple[dict, Run]]:
+    """The rows of the latest run first, each run's rows in the order it measured them."""
+    return sorted(rows, key=lambda x: (-x[1].sequence, x[1].rows.index(x[0])))
+
+
+def code(text: str) -> str:
+    """A code span that a table cell can hold (GitHub splits cells at every unescaped |)."""
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+# ============================================================================================ the training cases
+def plain(c: Case) -> bool:
+    return not (c.kernels_off or c.recipe) and c.lean
+
+
+def questions() -> list[tuple[str, str, callable, list[str]]]:
+    """(title, how it is measured, which cases, the same-run comparisons) of the training benchmark's tables."""
+    method = ("Random-weight phi-1_5-shaped models on random tokens, every position labelled, AdamW; tokens/s = batch "
+              "× seq ÷ the mean of the timed steps; MFU against the bf16 matmul ceiling measured in the same run. "
+              "The × columns divide by a row of the same run, never across runs.")
+    return [
+        ("LoRA fine-tuning: phift against the peers",
+         f"LoRA r 8 on the attention's q/k/v, half base + fp32 adapters + autocast. {method} Peers: transformers + "
+         "PEFT (`hf`), litgpt; `+compile` compiles the whole model (phift: each block).",
+         lambda c: c.mode == "lora" and c.engine == "plain" and plain(c) and not c.mem_cap_gib, ["hf", "peer"]),
+        ("Full fine-tuning: phift against the peers",
+         f"fp32 master weights + autocast, or `(pure bf16)`: bf16 weights, fp32 masters in the optimizer; "
+         f"`+graphs`: each step a replayed CUDA graph. {method}",
+         lambda c: c.mode == "full" and c.engine == "plain" and plain(c), ["hf", "peer"]),
+        ("Recipe 3: full fine-tuning in fp16 with the optimizer on the CPU, against the seed's stack",
+         "phi-1_5-shaped, 1×1024, checkpointing on. `phift+ds`: phift under DeepSpeed ZeRO-2 with CPU Adam "
+         "(examples/ds_config.json); `phift+offload`: phift's own optimizer offload (`--offload_optimizer cpu`); "
+         f"`seed`: transformers + DeepSpeed ZeRO-2 with CPU Adam, as the seed trained. {method}",
+         lambda c: c.mode == "full" and c.engine != "plain", ["seed"]),
+        (f"A T4's budget: phift under a {T4_GIB:.0f} GiB cap",
+         "torch.cuda.set_per_process_memory_fraction caps the process at a T4's 15 GiB: LoRA fp16 1×2048 without "
+         "offload, and full fine-tuning fp16 1×1024 under ZeRO-2 with CPU offload. The question is whether it runs.",
+         lambda c: c.mem_cap_gib is not None, []),
+        ("What each lever gives a phift step",
+         "phift with one lever switched off: a fused CUDA op (`PHIFT_DISABLE_KERNELS`; `no fused kernel`: all of "
+         "them), or the lean recomputation (`full recompute`: checkpointed blocks recompute out_proj and fc2 too). "
+         "Gain = tokens/s with the lever on ÷ off, both rows of the same run.",
+         lambda c: bool(c.kernels_off) or not c.lean, ["lever"]),
+    ]
+
+
+def same_run(run: Run, shape: str, want) -> dict | None:
+    found = [r for r in run.rows if r.get("status") == "ok" and r["config"] == shape and want(case_of(r))]
+    return max(found, key=lambda r: r["tokens_per_s"], default=None)
+
+
+def peak(row: dict) -> str:
+    rule = PEAK_RULES.get(row.get("peak_rule"))
+    return fmt(row.get("peak_gib"), 2) + (f" ({rule})" if rule and row.get("peak_gib") is not None else "")
+
+
+def mfu(row: dict, run: Run) -> str:
+    if "mfu_pct" in row:  # transcribed as the run printed it
+        return f"{row['mfu_pct']:.1f} %"
+    tf = run.header.get("ceiling", {}).get("tflops")
+    return "—" if not tf else f"{100 * row['tokens_per_s'] * row['flops_per_token'] / (tf * 1e12):.1f} %"
+
+
+def comparison(what: str, row: dict, c: Case, run: Run) -> str:
+    def ratio(other, invert=False):
+        if not other or other is row:
+            return "—"
+        q = other["tokens_per_s"] / row["tokens_per_s"] if invert else row["tokens_per_s"] / other["tokens_per_s"]
+        return f"{q:.2f}"
+
+    if what == "hf":
+        return ratio(same_run(run, c.shape, hf_eager))
+    if what == "peer":
+        return ratio(same_run(run, c.shape, compiled_peer)) if c.family == "phift" else "—"
+    if what == "seed":
+        return ratio(same_run(run, c.shape, lambda o: o.family == "seed")) if c.family == "phift" else "—"
+    base = replace(c, kernels_off=(), lean=True)  # the same case with the lever on
+    return ratio(same_run(run, c.shape, lambda o: o.id == base.id), invert=True) + f" ({base.impl})"
+
+
+HEADINGS = {"hf": "× HF eager", "peer": "× best compiled peer", "seed": "× the seed's stack", "lever": "gain (against)"}
+
+
+def train_rows(rows: list[tuple[dict, Run]], want) -> list[tuple[dict, Run]]:
+    """The rows whose case passes want(case), in the case table's order."""
+    order = {c.id: i for i, c in enumerate(CASES)}
+    picked = [(r, run) for r, run in rows if want(case_of(r))]
+    return sorted(picked, key=lambda x: order.get(case_of(x[0]).id, len(order)))
+
+
+def train_table(rows: list[tuple[dict, Run]], compare: list[str]) -> list[str]:
+    lines = ["| shape | impl | tokens/s | step ms | peak GiB | MFU | " + "".join(f"{HEADINGS[w]} | " for w in compare)
+             + "run | device |", "| --- | --- | ---: | ---: | ---: | ---: | " + "---: | " * len(compare)
+             + "--- | --- |"]
+    for r, run in rows:
+        c = case_of(r)
+        if r["status"] != "ok":
+            cells = ["—"] * (4 + len(compare))
+            cells[0] = r["status"]
+        else:
+            cells = [fmt(r["tokens_per_s"]), fmt(r["step_ms"], 1), peak(r), mfu(r, run),
+                     *(comparison(w, r, c, run) for w in compare)]
+        lines.append(f"| {c.shape} | {c.impl} | " + " | ".join(cells) + f" | {run.name} | {run.device} |")
+    return lines
+
+
+def recipe_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| impl | step ms | tokens/s | peak GiB (whole process) | first 5 steps s | train.main wall s | status "
+             "| run | device |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for r, run in rows:
+        lines.append(f"| {r['impl']} | {fmt(r.get('step_ms'), 1)} | {fmt(r.get('tokens_per_s'))} | "
+                     f"{fmt(r.get('peak_gib'), 2)} | {fmt(r.get('first_interval_s'), 1)} | "
+                     f"{fmt(r.get('wall_s'), 1)} | {r['status']} | {run.name} | {run.device} |")
+    return lines
+
+
+# ============================================================================================ the other benches
+def law_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| impl | ckpt | epochs run | wall s | tokens/s | steady tokens/s | 5-epoch wall s | peak GiB | notes "
+             "| run | device |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for r, run in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['impl']} | " + "— | " * 7 + f"{r['status']} | {run.name} | {run.device} |")
+            continue
+        if "recipe_wall_s" in r:  # transcribed as the run printed it
+            five, was_measured = r["recipe_wall_s"], r["recipe_wall_measured"]
+        else:
+            five, was_measured = bench_law.recipe_wall(r)
+        notes = ["packed" if r["packing"] else "unpacked"]
+        if r["stopped_at_limit"]:
+            notes.insert(0, f"stopped at the time limit after {r['steps']} of {r['planned_steps']} steps")
+        lines.append(f"| {r['impl']} | {'on' if r['checkpointing'] else 'off'} | {run.header['meta']['epochs']} | "
+                     f"{fmt(r['wall_s'], 1)} | {fmt(r['tokens_per_s'])} | {fmt(r['steady_tokens_per_s'])} | "
+                     f"{fmt(five)}{'' if was_measured or five is None else ' (extrapolated)'} | "
+                     f"{fmt(r['peak_gib'], 2)} | {', '.join(notes)} | {run.name} | {run.device} |")
+    return lines
+
+
+def host_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| case | step ms | run | device |", "| --- | ---: | --- | --- |"]
+    lines += [f"| {r['case']} | {r['step_ms']:.2f} | {run.name} | {run.device} |" for r, run in rows]
+    return lines
+
+
+def adam_tables(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| parameters | threads | step | stream GB/s | step ms | effective GB/s | ÷ stream | run | device |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r, run in rows:
+        if "copy" not in r:
+            lines.append(f"| {r['params']:,} | {r['threads']} | {r['step']} | {r['stream_gbs']:.1f} | "
+                         + (f"{r['step_ms']:.4g} | {r['effective_gbs']:.1f} | {r['ratio']:.2f} |"
+                            if r["step_ms"] is not None else f"— | — | {r['error']} |")
+                         + f" {run.name} | {run.device} |")
+    copies = [(r, run) for r, run in rows if "copy" in r]
+    if copies:
+        lines += ["", "GPU ↔ host copies of fp16 data the size of the model, on the same hosts:", "",
+                  "| copy | host memory | GiB | ms | GB/s | run | device |",
+                  "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+        lines += [f"| {r['copy']} | {r['host_memory']} | {r['gib']:.2f} | {r['ms']:.4g} | {r['gbs']:.1f} | "
+                  f"{run.name} | {run.device} |" for r, run in copies]
+    return lines
+
+
+def kernel_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| layer | tokens | in→out | r | dtype | p | base ms | composite ms | fused ms | fused / base | composite "
+             "/ fused | run | device |", "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- | --- |"]
+    lines += [f"| {r['layer']} | {r['tokens']} | {r['in']}→{r['out']} | {r['r']} | {r['dtype']} | {r['p']} | "
+              f"{r['base_ms']:.3f} | {r['composite_ms']:.3f} | {r['fused_ms']:.3f} | {r['fused_over_base']:.3f} | "
+              f"{r['composite_over_fused']:.2f} | {run.name} | {run.device} |" for r, run in rows]
+    return lines
+
+
+# ============================================================================================ the page
+def page(runs: list[Run]) -> str:
+    out = ["# Benchmarks", "",
+           "Generated by `python bench/report.py` from the recorded runs in `bench/results/`; do not edit it by hand "
+           "(`bench/README.md` says how to record a run). Each table answers one question; each row comes from the "
+           "latest run that measured it and names that run, whose date, command and commit are listed under "
+           "[Runs](#runs). Rows of different runs ran on different machines or days: compare within one run. "
+           "The record of earlier runs, with each run's full report, is `bench/HISTORY.md`.", ""]
+    named: set[str] = set()
+
+    def section(title, text, rows, table):
+        if rows:
+            out.extend([f"## {title}", "", text, "", *table(rows), ""])
+            named.update(run.name for _, run in rows)
+
+    train = latest(runs, "train")
+    asked = questions()
+    for title, text, want, compare in asked[:4]:
+        section(title, text, train_rows(train, want), lambda rows, compare=compare: train_table(rows, compare))
+    section("The law LoRA recipe end to end",
+            "Wall time of `examples/law_lora_zero2.sh`'s training (LoRA r 8 on Wqkv, fp16, batch 1, cutoff 1792, 5 "
+            "epochs of 1000 samples) on a random-weight phi-1_5, on synthetic samples whose lengths follow the "
+            "DISC-Law-SFT triplet sample: `bench/bench_law.py`. The 5-epoch wall is extrapolated from the steady rate "
+            "when fewer epochs ran; a run that reaches its time limit is stopped and says so.",
+            latest(runs, "law"), law_table)
+    section("`phift train` end to end: the self-cognition recipe",
+            "`phift train` on the self-cognition data (phi-1_5-shaped random model, the real tokenizer, LoRA Wqkv, "
+            "cutoff 1024, batch 6, fp16, 20 steps, checkpointing on), plain and with examples/ds_config.json. Step "
+            "time and tokens/s from trainer_log.jsonl after the first logging interval.",
+            train_rows(train, lambda c: c.recipe), recipe_table)
+    title, text, want, compare = asked[4]
+    section(title, text, train_rows(train, want), lambda rows: train_table(rows, compare))
+    section("The fused LoRA linear: forward + backward",
+            "`bench/bench_lora_kernel.py`: the fused op against the frozen base linear (forward + input gradient) and "
+            "the PyTorch composite (forward + dx, dA, dB), median of CUDA-event timings over input sets cycled so "
+            "that no operand stays in L2.",
+            newest_first(latest(runs, "lora_kernel")), kernel_table)
+    section("Host time of a training step",
+            "`bench/bench_host_overhead.py`: a phi of 24 blocks, hidden 64, 32 tokens, batch 1, so that the math is "
+            "negligible and the step time is the host's (Python, autograd, the dispatcher, kernel launches); median "
+            "step after 3 warm-up steps, one issuing thread.",
+            newest_first(latest(runs, "host_overhead")), host_table)
+    section("The CPU optimizer step against host memory bandwidth",
+            "`bench/bench_cpu_adam.py`: one Adam step over fp32 parameters on the CPU (what recipe 3's offload runs), "
+            "against an in-place host `a += b`. Effective GB/s = 28 B a parameter ÷ step time; near the stream's "
+            "rate, the step is at the memory wall. `+ conversions`: with the bf16 gradient and weight conversions an "
+            "offloaded half model needs.",
+            newest_first(latest(runs, "cpu_adam")), adam_tables)
+    out += ["## Runs", "", "| run | device | date | command | commit | recorded from |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for run in sorted((r for r in runs if r.name in named), key=lambda r: -r.sequence):
+        meta = run.header["meta"]
+        command = code(meta["command"]) + (f" {meta['command_note']}" if meta.get("command_note") else "")
+        out.append(f"| {run.name} | {run.device} | {meta['date']} | {command} | {run.header.get('commit') or '—'} | "
+                   f"{run.header.get('source', 'its harness output')} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=BENCHMARKS)
+    a = p.parse_args(argv)
+    a.out.write_text(page(load(a.results)))
+
+
+if __name__ == "__main__":
+    main()

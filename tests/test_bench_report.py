@@ -1,0 +1,97 @@
+"""bench/record.py and bench/report.py: runs recorded into the results store render as BENCHMARKS.md, one table per
+question, each row from the latest run that measured it and naming that run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import record, report  # noqa: E402
+from bench.cases import BY_ID, case_of  # noqa: E402
+
+
+def train_row(case_id, tokens_per_s, **extra):
+    c = BY_ID[case_id]
+    return {"id": c.id, "config": c.shape, "impl": c.impl, "case": c.to_dict(), "status": "ok",
+            "tokens_per_s": tokens_per_s, "step_ms": 6144e3 / tokens_per_s, "peak_gib": 9.5,
+            "flops_per_token": 8e9, **extra}
+
+
+def write_run(path: Path, bench: str, meta: dict, rows: list[dict], **head) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in [{"bench": bench, "meta": meta, **head}, *rows]))
+    return path
+
+
+def meta(device, date, command):
+    return {"device": device, "date": date, "command": command}
+
+
+def recorded_store(tmp_path) -> Path:
+    store = tmp_path / "results"
+    first, second = (meta("H100", "2026-11-01", "python bench/bench_train.py --quick"),
+                     meta("H200", "2026-11-02", "python bench/bench_train.py --only a|b"))
+    older = write_run(tmp_path / "a.jsonl", "train", first, [
+        train_row("lora-6x1024/hf", 30000),
+        train_row("lora-6x1024/phift", 60000, peak_rule="incl. model build"),
+        train_row("recipe3-full-1x1024-zero2/seed", 1100),
+        {"id": "full-1x1024-ckpt/hf", "config": "full-1x1024-ckpt", "impl": "hf",  # a row without its case
+         "status": "skipped: time budget (3 s left, needs ~20 s)"},
+    ], ceiling={"tflops": 700.0})
+    newer = write_run(tmp_path / "b.jsonl", "train", second, [
+        train_row("lora-6x1024/phift", 80000),
+        train_row("recipe3-full-1x1024-zero2/phift+offload", 2200),
+        train_row("recipe3-full-1x1024-zero2/seed", 1000),
+    ], ceiling={"tflops": 800.0})
+    host = write_run(tmp_path / "h.jsonl", "host_overhead",
+                     meta("CPU (x86_64)", "2026-11-03", "python bench/bench_host_overhead.py"),
+                     [{"case": "full, no checkpointing", "device": "cpu", "step_ms": 40.0}])
+    for name, path in (("first", older), ("second", newer), ("host", host)):
+        record.record(path, name, "abc1234", store)
+    return store
+
+
+def test_recorded_runs_take_the_next_sequence_and_keep_their_rows(tmp_path):
+    store = recorded_store(tmp_path)
+    runs = report.load(store)
+    assert [(r.name, r.sequence) for r in runs] == [("first", 1), ("second", 2), ("host", 3)]
+    assert runs[0].header["commit"] == "abc1234" and runs[0].header["ceiling"] == {"tflops": 700.0}
+    skipped = runs[0].rows[3]  # written without its case: the store gives it the table's
+    assert len(runs[0].rows) == 4 and "case" in skipped and case_of(skipped) == BY_ID["full-1x1024-ckpt/hf"]
+
+
+def test_page_has_a_table_per_question_and_every_row_names_its_run(tmp_path):
+    text = report.page(report.load(recorded_store(tmp_path)))
+    titles = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["LoRA fine-tuning: phift against the peers",
+                      "Recipe 3: full fine-tuning in fp16 with the optimizer on the CPU, against the seed's stack",
+                      "Host time of a training step", "Runs"]
+    sections = text.split("\n## ")
+    lora, recipe3, host = sections[1], sections[2], sections[3]
+    # the later run's phift row replaces the earlier one; hf is measured only in the earlier run
+    assert "| lora-6x1024 | phift | 80,000 |" in lora and "60,000" not in lora
+    assert "| lora-6x1024 | hf | 30,000 | 204.8 | 9.50 | " in lora and lora.count("| first | H100 |") == 1
+    assert "| lora-6x1024 | phift | 80,000 | 76.8 | 9.50 | 80.0 % | — | — | second | H200 |" in lora
+    # comparisons only within one run: phift+offload against the seed's row of its own run
+    assert "| recipe3-full-1x1024-zero2 | phift+offload | 2,200 |" in recipe3 and "| 2.20 | second | H200 |" in recipe3
+    assert "| full, no checkpointing | 40.00 | host | CPU (x86_64) |" in host
+    assert "skipped" not in text and "full-1x1024-ckpt" not in text
+    runs = sections[4]
+    assert "| second | H200 | 2026-11-02 | `python bench/bench_train.py --only a\\|b` | abc1234 |" in runs
+    assert "| host | CPU (x86_64) | 2026-11-03 |" in runs
+
+
+def test_a_row_measured_under_the_old_peak_rule_says_so(tmp_path):
+    store = recorded_store(tmp_path)
+    (store / "second.jsonl").unlink()
+    text = report.page(report.load(store))
+    assert "| lora-6x1024 | phift | 60,000 | 102.4 | 9.50 (peak incl. model build and warm-up) |" in text
+
+
+def test_a_smoke_test_is_not_recorded(tmp_path):
+    run = write_run(tmp_path / "t.jsonl", "train", {**meta("CPU", "2026-11-04", "python bench/bench_train.py --tiny"),
+                                                    "tiny": True}, [train_row("lora-6x1024/phift", 100)])
+    with pytest.raises(SystemExit):
+        record.record(run, "smoke", None, tmp_path / "results")
+    assert not (tmp_path / "results").exists()
