@@ -24,18 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phift.args import parse_train_args  # noqa: E402
+from phift.args import decide_precision, parse_train_args  # noqa: E402
 from phift.config import PhiConfig  # noqa: E402
-from phift.engine import TorchEngine  # noqa: E402
+from phift.engines import build_engine  # noqa: E402
 from phift.model import LMHead, Phi  # noqa: E402
 from phift.recompute import recompute  # noqa: E402
-from phift.train import micro_step, prepare_model  # noqa: E402
+from phift.train import prepare_model  # noqa: E402
 
 CASES = [  # name, flags, checkpointing (None = off, else reentrant?)
     ("full, no checkpointing", ["--finetuning_type", "full"], None),
     ("full, checkpointing (non-reentrant)", ["--finetuning_type", "full"], False),
     ("full, checkpointing (reentrant)", ["--finetuning_type", "full"], True),
-    # the lean recomputation off (phift.model.Linear): what skipping out_proj's and fc2's GEMMs costs the host
+    # the lean recomputation off (phift.recompute): what skipping out_proj's and fc2's GEMMs costs the host
     ("full, checkpointing (reentrant), full recompute", ["--finetuning_type", "full"], True),
     ("LoRA Wqkv, checkpointing (non-reentrant)", ["--finetuning_type", "lora"], False),
     ("LoRA Wqkv, checkpointing (reentrant)", ["--finetuning_type", "lora"], True),
@@ -49,26 +49,24 @@ CASES = [  # name, flags, checkpointing (None = off, else reentrant?)
 def step_ms(name, flags, ckpt, device, layers: int, steps: int, seq: int) -> float:
     cuda = device.type == "cuda"
     precision = ["--pure_bf16", "True"] if cuda and "full" in flags else ["--bf16", "True"] if cuda else []
-    args = parse_train_args(["--model_name_or_path", "tiny", "--dataset", "-", "--output_dir", "/tmp/phift_host",
-                             "--lora_dropout", "0", *flags, *precision, "--disable_gradient_checkpointing", "True"])
+    run = parse_train_args(["--model_name_or_path", "tiny", "--dataset", "-", "--output_dir", "/tmp/phift_host",
+                            "--lora_dropout", "0", *flags, *precision, "--disable_gradient_checkpointing", "True"])
     torch.manual_seed(0)
     config = PhiConfig.from_name("tiny", vocab_size=512, max_position_embeddings=max(256, seq), num_layers=layers)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    policy = decide_precision(run, device)
     with torch.device(device):
-        model = Phi(config).to(dtype)
-    model = prepare_model(args, model, dtype)
+        model = Phi(config).to(policy.load)
+    model = prepare_model(model, run, policy)
     if ckpt is not None:  # applied here rather than by prepare_model: the form and the lean lever are what is measured
-        recompute(model, "full", reentrant=ckpt, preserve_rng_state=not args.cuda_graphs,
+        recompute(model, "full", reentrant=ckpt, preserve_rng_state=not run.model.cuda_graphs,
                   lean="full recompute" not in name)
-    engine = TorchEngine(model, args, 1000, device)
+    engine = build_engine(model, run, policy, 1000, device)
     model.train()
     ids = torch.randint(0, 512, (1, seq), device=device)
     batch = {"input_ids": ids, "labels": ids, "label_rows": LMHead.label_rows(ids.cpu()).to(device)}
 
-    forward_backward = micro_step(engine, model, args, device)
-
     def step():
-        forward_backward(batch, True)
+        engine.forward_backward(batch, True)
         engine.step(True)
 
     for _ in range(3):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -54,58 +53,56 @@ def train_argv(c: Case, spec: dict) -> list[str]:
 
 def init_deepspeed(device):
     """As phift.train.train sets DeepSpeed up (one process, gloo on the CPU)."""
-    from phift.engine import init_distributed_env
+    from phift import distributed
 
-    if device.type != "cuda":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    init_distributed_env()
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    distributed.start(deepspeed=True)
 
 
 def deepspeed_config(c: Case, spec: dict, device, hidden_size: int) -> dict:
     """examples/ds_config.json with its "auto" values filled as `phift train --deepspeed` fills them for this shape,
     so that the seed's stack runs the same optimizer (DeepSpeed's CPU Adam) and precision."""
-    from phift.args import parse_train_args
-    from phift.engine import fill_deepspeed_config
+    import torch
 
-    args = parse_train_args(train_argv(dataclasses.replace(c, family="phift"), spec))
-    if device.type != "cuda":
-        args.fp16 = False
-    return fill_deepspeed_config(json.loads(DS_CONFIG.read_text()), args, 1, hidden_size)
+    from phift.args import decide_precision, parse_train_args
+    from phift.engines import OptimSpec
+    from phift.engines.deepspeed import fill_deepspeed_config
+
+    run = parse_train_args(train_argv(dataclasses.replace(c, family="phift"), spec))
+    precision = decide_precision(run, device)
+    return fill_deepspeed_config(json.loads(DS_CONFIG.read_text()), OptimSpec.from_training(run.training, 1000),
+                                 run.training.per_device_train_batch_size, precision.compute == torch.float16,
+                                 precision.compute == torch.bfloat16, 1, hidden_size)
 
 
 def build(c: Case, spec: dict, device):
     """(step, info): step(batch) → loss is one optimizer step as `phift train` takes it."""
-    if c.kernels_off:  # before phift is imported in this process, as a user would set it
-        os.environ["PHIFT_DISABLE_KERNELS"] = "1" if "all" in c.kernels_off else ",".join(c.kernels_off)
     import torch
 
     from phift import kernels
-    from phift.args import parse_train_args
-    from phift.engine import DeepSpeedEngine, TorchEngine
+    from phift.args import decide_precision, parse_train_args
+    from phift.engines import build_engine
     from phift.model import Phi
-    from phift.offload import OffloadEngine
     from phift.recompute import recompute
-    from phift.train import micro_step, precision, prepare_model
+    from phift.train import prepare_model
 
-    args = parse_train_args(train_argv(c, spec))
+    if c.kernels_off:  # as PHIFT_DISABLE_KERNELS would, read at import
+        kernels.DISABLED = kernels.parse_disabled("1" if "all" in c.kernels_off else ",".join(c.kernels_off))
+    run = parse_train_args(train_argv(c, spec))
     if c.engine == "deepspeed":
         init_deepspeed(device)
-    dtype = precision(args, device)
+    precision = decide_precision(run, device)
+    kernels.load(device)
     with torch.device(device):  # phift.train.load_base builds on the CPU and moves: same weights, faster here
-        model = Phi(model_shape(spec["tiny"])).to(dtype)
-    model = prepare_model(args, model, dtype)
+        model = Phi(model_shape(spec["tiny"])).to(precision.load)
+    model = prepare_model(model, run, precision)
     if not c.lean:  # what prepare_model applies (eager), without the lean lever
-        recompute(model, "full", reentrant=not args.cuda_graphs, preserve_rng_state=not args.cuda_graphs, lean=False)
-    Engine = {"plain": TorchEngine, "deepspeed": DeepSpeedEngine, "offload": OffloadEngine}[c.engine]
-    engine = Engine(model, args, spec["total_steps"], device)
+        graphs = run.model.cuda_graphs
+        recompute(model, "full", reentrant=not graphs, preserve_rng_state=not graphs, lean=False)
+    engine = build_engine(model, run, precision, spec["total_steps"], device)
     model.train()
 
-    forward_backward = micro_step(engine, model, args, device)
-
     def step(batch):
-        loss = forward_backward(batch, True)
+        loss = engine.forward_backward(batch, True)
         engine.step(True)
         return loss
 
@@ -163,8 +160,9 @@ def epoch_batches(c: Case, spec: dict, samples: list, epochs: int) -> list[list]
     from phift.args import parse_train_args
     from phift.train import epoch_batches as batches
 
-    args = parse_train_args(train_argv(c, {**spec, "total_steps": -1}))
-    return [batches(samples, e, args, 0, 1) for e in range(epochs)]
+    run = parse_train_args(train_argv(c, {**spec, "total_steps": -1}))
+    t, d = run.training, run.data
+    return [batches(samples, e, t.seed, t.per_device_train_batch_size, d.packing, d.cutoff_len) for e in range(epochs)]
 
 
 def to_batch(micro, packed: bool, pad_id: int, device) -> dict:

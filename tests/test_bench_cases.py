@@ -58,13 +58,13 @@ def test_the_phift_fields_reach_phift_train_s_arguments():
     for c in CASES:
         if c.family != "phift" or c.recipe:
             continue
-        args = parse_train_args(phift_case.train_argv(c, spec))
-        assert (args.finetuning_type, args.per_device_train_batch_size, args.cutoff_len) == (c.mode, c.batch, c.seq)
-        assert args.compile == c.compile and args.cuda_graphs == c.graphs and args.pure_bf16 == (
-            c.precision == "pure_bf16")
-        assert args.fp16 == (c.precision == "fp16") and args.bf16 == (c.precision != "fp16")
-        assert bool(args.deepspeed) == (c.engine == "deepspeed")
-        assert (args.offload_optimizer == "cpu") == (c.engine == "offload")
+        run = parse_train_args(phift_case.train_argv(c, spec))
+        m, f, t = run.model, run.finetuning, run.training
+        assert (f.finetuning_type, t.per_device_train_batch_size, run.data.cutoff_len) == (c.mode, c.batch, c.seq)
+        assert m.compile == c.compile and m.cuda_graphs == c.graphs and t.pure_bf16 == (c.precision == "pure_bf16")
+        assert t.fp16 == (c.precision == "fp16") and t.bf16 == (c.precision != "fp16")
+        assert bool(t.deepspeed) == (c.engine == "deepspeed")
+        assert (t.offload_optimizer == "cpu") == (c.engine == "offload")
         # the lean lever off: build() applies the checkpointing itself instead of prepare_model
-        assert args.disable_gradient_checkpointing == (c.ckpt == "off" or not c.lean)
-        assert args.gradient_checkpointing_policy == ("mlp" if c.ckpt == "mlp" else "full")
+        assert m.disable_gradient_checkpointing == (c.ckpt == "off" or not c.lean)
+        assert m.gradient_checkpointing_policy == ("mlp" if c.ckpt == "mlp" else "full")

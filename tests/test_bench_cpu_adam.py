@@ -2,9 +2,13 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_cpu_adam  # noqa: E402
+
+pytestmark = pytest.mark.integration  # the bench harness's smoke runs
 
 
 def test_small_run_times_each_optimizer(tmp_path):

@@ -3,9 +3,13 @@ every case but the CUDA-graph ones)."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import bench_host_overhead  # noqa: E402
+
+pytestmark = pytest.mark.integration  # the bench harness's smoke runs
 
 
 def test_small_run_times_every_case(tmp_path):

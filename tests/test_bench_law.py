@@ -5,10 +5,14 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import bench_law  # noqa: E402
+
+pytestmark = pytest.mark.integration  # the bench harness's smoke runs
 
 
 def test_tiny_run_reports_every_step_and_packing_takes_fewer(tmp_path):
