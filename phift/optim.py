@@ -2,7 +2,7 @@
 
 Full fine-tuning under autocast keeps the model in fp32, so every forward casts each weight to bf16 (twice with
 activation checkpointing) and every bf16 weight gradient is cast back to fp32: on a phi-1_5 step of 1×1024 tokens
-that was 9.9 ms of copy kernels and ~780 of the 2,233 launches (BENCHMARKS.md, profile-full). With --pure_bf16 the
+that was 9.9 ms of copy kernels and ~780 of the 2,233 launches (bench/HISTORY.md, profile-full). With --pure_bf16 the
 model itself is bf16 and runs without autocast; MasterAdamW keeps the fp32 copy of each weight, and one pass per
 tensor (`phift.kernels.adamw_master_`) updates it from the bf16 gradient, clipping coefficient included, and writes
 the rounded weight back. Memory is the same 16 bytes a parameter as fp32 weights + fp32 gradients + moments:
