@@ -72,11 +72,13 @@ class Row:
 class Engine:
     """Continuous batching over a pool of `max_batch_size` KV-cache rows; `max_queue` rows may wait for one."""
 
-    def __init__(self, model: Phi, tokenizer, max_batch_size: int = 16, max_queue: int = 256):
+    def __init__(self, model: Phi, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
+                 prefill_tokens: int = 8192):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config, self.device, self.dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
         self.context = model.config.max_position_embeddings
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.prefill_tokens = prefill_tokens  # prompts prefilled together hold at most this many (padded) tokens
         self.slots: list[Row | None] = [None] * max_batch_size
         self.cache = KVCache(self.config, max_batch_size, min(256, self.context), self.device, self.dtype)
         self.mask = torch.zeros(max_batch_size, self.cache.k.shape[3], dtype=torch.long, device=self.device)
@@ -100,8 +102,10 @@ class Engine:
             self.lock.notify()
 
     def cancel(self, request: Request) -> None:
+        """Its rows leave the queue now and the pool at the next step (a finished request is unaffected)."""
         request.cancelled = True
         with self.lock:
+            self.waiting = collections.deque(r for r in self.waiting if r.request is not request)
             self.lock.notify()
 
     def active(self) -> int:
@@ -132,11 +136,12 @@ class Engine:
                     if self.stopping:
                         return
                     free = [i for i, r in enumerate(self.slots) if r is None]
-                    joining = []
+                    joining, longest = [], 0
                     while self.waiting and len(joining) < len(free):
-                        row = self.waiting.popleft()
-                        if not row.request.cancelled:
-                            joining.append(row)
+                        longest = max(longest, len(self.waiting[0].request.prompt))
+                        if joining and (len(joining) + 1) * longest > self.prefill_tokens:
+                            break  # the others join at the next step: a long prefill stalls every row's decoding
+                        joining.append(self.waiting.popleft())
                 for i, row in enumerate(self.slots):
                     if row is not None and row.request.cancelled:
                         self._leave(i)
@@ -176,7 +181,7 @@ class Engine:
             self.mask[slot] = 0
             self.mask[slot, end - p:end] = 1
             self.start[slot], self.slots[slot], r.slot = end - p, r, slot
-        self._advance(rows, logits)
+        self._advance(rows, logits, torch.tensor(free[:len(rows)], device=self.device))
 
     def _decode(self) -> None:
         """One token for every row in the pool: one forward over the slots up to the last one in use."""
@@ -184,15 +189,16 @@ class Engine:
             self._grow_or_compact()
         n = max(i for i, r in enumerate(self.slots) if r is not None) + 1
         end = self.cache.length
-        in_use = torch.tensor([r is not None for r in self.slots[:n]], device=self.device)
-        self.mask[:n, end] = in_use.long()
+        in_use = [r is not None for r in self.slots[:n]]
+        self.mask[:n, end] = torch.tensor(in_use, device=self.device)
         logits = self.model(self.last[:n, None], attention_mask=self.mask[:n, :end + 1], kv_cache=self.cache)[:, -1]
         self.steps += 1
-        self.max_rows_seen = max(self.max_rows_seen, int(in_use.sum()))
-        self._advance(self.slots[:n], logits)
+        self.max_rows_seen = max(self.max_rows_seen, sum(in_use))
+        self._advance(self.slots[:n], logits, slice(0, n))
 
-    def _advance(self, rows: list[Row | None], logits: torch.Tensor) -> None:
-        """Sample each row's next token, hand its new text out, and let finished rows leave."""
+    def _advance(self, rows: list[Row | None], logits: torch.Tensor, slots) -> None:
+        """Sample each row's next token (the next step's input in `slots`), hand its new text out, and let finished
+        rows leave."""
         tokens = logits.argmax(dim=-1)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, r in enumerate(rows):
@@ -201,10 +207,10 @@ class Engine:
         for (temperature, top_p), idx in groups.items():
             idx_t = torch.tensor(idx, device=self.device)
             tokens[idx_t] = sample_next(logits[idx_t], temperature, top_p)
+        self.last[slots] = tokens
         for r, token in zip(rows, tokens.tolist()):
             if r is None:
                 continue
-            self.last[r.slot] = token
             if token == self.tokenizer.eos_token_id:
                 self._emit(r, r.stream.finish(), "stop")
                 self._leave(r.slot)
@@ -381,7 +387,6 @@ def create_app(engine: Engine, template: Template, model_name: str, max_new_toke
                            "model_not_found")
 
     def make_request(body: Body, prompt: list[int], stop: tuple[str, ...], prompt_param: str) -> Request:
-        check_model(body.model)
         if not prompt:
             raise APIError(400, "the prompt is empty", prompt_param)
         if len(prompt) >= engine.context:
@@ -426,12 +431,16 @@ def create_app(engine: Engine, template: Template, model_name: str, max_new_toke
             """(choice index, text, finish) over all requests, until every choice has finished."""
             queues = [asyncio.ensure_future(r.events.get()) for r in requests]
             remaining = [r.n for r in requests]
+            checked = time.monotonic()
             try:
                 while any(remaining):
                     done, _ = await asyncio.wait([q for q, left in zip(queues, remaining) if left], timeout=1.0,
                                                  return_when=asyncio.FIRST_COMPLETED)
-                    if not done and await http.is_disconnected():
-                        return
+                    # a stream learns of a disconnect from Starlette, which cancels it; an answer sent whole asks
+                    if not body.stream and time.monotonic() - checked > 1.0:
+                        checked = time.monotonic()
+                        if await http.is_disconnected():
+                            return
                     for k, q in enumerate(queues):
                         if q in done:
                             index, text, finish = q.result()

@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-import bench_serve  # noqa: E402 (bench/ is not a package)
+from bench import bench_serve  # noqa: E402
+
+pytestmark = pytest.mark.integration  # the bench harness's smoke runs
 
 
-@pytest.mark.integration
 def test_serve_bench_smoke_run_writes_a_row_per_client_count(tmp_path):
     out = tmp_path / "serve.md"
     bench_serve.main(["--device", "cpu", "--tiny", "--clients", "1,4", "--requests_per_client", "1",
