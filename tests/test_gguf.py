@@ -182,3 +182,9 @@ def test_llama_cpp_tokenizes_as_phi_1_5s_tokenizer(llama_cpp, phi_tokenizer, tmp
     for text in ["Instruct: Write a poem.\nOutput:", "你是谁？ I am   an assistant.\n\n    def f(x):\n        return x",
                  "<|endoftext|>Hello, world!"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == phi_tokenizer.encode(text), text
+
+
+def test_export_needs_a_destination(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--model_name_or_path", str(tmp_path)])
+    assert e.value.code == 2 and "--export_dir is required (or --gguf" in capsys.readouterr().err

@@ -272,3 +272,40 @@ def test_requests_join_between_decode_steps_and_rows_move_when_the_cache_is_full
                 for p in prompts]
     assert texts == expected
     assert engine.max_rows_seen == 3 and engine.steps < sum(r.max_tokens for r in requests)
+
+
+def test_phift_api_serves_a_checkpoint_from_the_command_line(tiny, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from phift.weights import save_model
+
+    model, tok = tiny
+    save_model(model, tmp_path / "model")
+    tok.save(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "phift.cli", "api", "--model_name_or_path", str(tmp_path / "model"),
+                             "--served_model_name", "mine", "--port", str(port), "--max_new_tokens", "6"],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: proc.poll() is not None or _up(url), seconds=120)
+        assert proc.poll() is None, proc.stderr.read()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["mine"]
+        r = client.completions.create(model="mine", prompt="who are you?")
+        assert r.choices[0].text == greedy(tiny, tok.encode("who are you?"), 6)  # --max_new_tokens, greedy
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _up(url):
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
