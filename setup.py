@@ -18,6 +18,9 @@ try:
 except ImportError:  # torch not installed yet, or kernels/ absent: pure-Python install
     pass
 
+SERVE = ["fastapi>=0.100", "uvicorn>=0.23"]  # phift api
+GGUF = ["gguf>=0.10"]  # phift export --gguf: llama.cpp's own GGUF writer
+
 setup(
     name="phift",
     version="0.1.0",
@@ -33,7 +36,12 @@ setup(
         "eval": ["nltk", "jieba", "rouge-chinese"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
-        "test": ["pytest", "transformers>=4.37", "peft>=0.10", "tensorboard", "wandb"],
+        "serve": SERVE,
+        "gguf": GGUF,
+        # the references the tests compare against: transformers and PEFT, the openai client, llama.cpp (the binding
+        # builds it from source with cmake: about 10 minutes on 2 cores), and what runs the notebook
+        "test": ["pytest", "transformers>=4.37", "peft>=0.10", "tensorboard", "wandb", *SERVE, *GGUF,
+                 "openai>=1.40", "httpx", "llama-cpp-python>=0.3", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["phift=phift.cli:main"]},
     ext_modules=ext_modules,

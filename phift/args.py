@@ -164,8 +164,34 @@ class InferArgs:
 
 @dataclass
 class ExportArgs:
-    export_dir: str = arg(REQUIRED, "where the merged checkpoint (or the PEFT adapter) goes")
+    export_dir: str | None = arg(None, "where the merged checkpoint (or the PEFT adapter) goes")
     peft: bool = arg(False, "export the (single) adapter in PEFT's format instead of merging it")
+    gguf: str | None = arg(None, "also (or only) write the merged model as one GGUF file for llama.cpp and Ollama "
+                                 "(llama.cpp's phi2 architecture), the tokenizer included")
+    gguf_type: str = arg("f16", "the GGUF file's weight type: f16, or q8_0 (8-bit blocks, about half the size)",
+                         choices=("f16", "q8_0"))
+
+    def __post_init__(self):
+        if self.export_dir is None and self.gguf is None:
+            raise ConfigError("--export_dir is required (or --gguf OUT.gguf for a GGUF file)")
+        if self.peft and self.gguf:
+            raise ConfigError("--gguf writes a merged model; --peft writes an adapter: one at a time")
+
+
+@dataclass
+class ServeArgs:
+    """What `phift api` serves on."""
+    host: str = arg("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
+    port: int = arg(8000, "the port to listen on")
+    served_model_name: str | None = arg(None, "the model's id in the API (default: --model_name_or_path)")
+    max_batch_size: int = arg(16, "completions generated together on the device; each holds KV-cache rows for the "
+                                  "whole context")
+    max_queue: int = arg(256, "completions that may wait for a free row; more are answered 429")
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,4 +1,4 @@
-"""`phift train | eval | chat | export`: the edge where flags come in and errors go out as one line.
+"""`phift train | eval | chat | export | api`: the edge where flags come in and errors go out as one line.
 
 Library code raises exceptions; here they become `phift <command>: error: <what is wrong>` and a non-zero exit
 (2 for a bad flag, 1 otherwise). PHIFT_DEBUG=1 shows the traceback instead.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, parse_args
+from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, ServeArgs, parse_args
 from .distributed import setup_logging
 
 
@@ -50,9 +50,27 @@ def export_main(argv):
         lora.export_peft(model, e.export_dir, base_model_name_or_path=m.model_name_or_path)
     else:
         model, tokenizer = _load(m)
-        save_model(model, e.export_dir, dtype=DTYPES[m.dtype] if m.dtype else None)
-        tokenizer.save(e.export_dir)
-    print(f"exported to {e.export_dir}")
+        if e.export_dir:
+            save_model(model, e.export_dir, dtype=DTYPES[m.dtype] if m.dtype else None)
+            tokenizer.save(e.export_dir)
+        if e.gguf:
+            from .gguf_export import write_gguf
+
+            write_gguf(model, tokenizer, e.gguf, e.gguf_type)
+    print(f"exported to {', '.join(p for p in (e.export_dir, e.gguf) if p)}")
+
+
+def api_main(argv):
+    """Serve a model (+ adapters) over an OpenAI-compatible HTTP API."""
+    parsed = parse_args(argv, "phift api", {"model": InferArgs, "generating": GeneratingArgs, "serve": ServeArgs})
+    from .data import get_template
+    from .serve import serve
+
+    m, g, s = parsed["model"], parsed["generating"], parsed["serve"]
+    template = get_template(m.template)
+    model, tokenizer = _load(m)
+    serve(model, tokenizer, template, s.served_model_name or m.model_name_or_path, s.host, s.port, s.max_batch_size,
+          s.max_queue, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
 
 
 def train_main(argv):
@@ -66,7 +84,7 @@ def eval_main(argv):
     train_main(["--do_train", "False", *argv])
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "chat": chat_main, "export": export_main}
+COMMANDS = {"train": train_main, "eval": eval_main, "chat": chat_main, "export": export_main, "api": api_main}
 
 
 def main(argv=None):

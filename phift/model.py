@@ -26,7 +26,10 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float):
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: [layers, B, heads, max_len, head_dim]."""
+    """Preallocated keys/values for all layers: [layers, B, heads, max_len, head_dim].
+
+    A forward over fewer rows than B reads and writes the cache's first rows: a server keeps a pool of rows and
+    runs each step on the rows in use."""
 
     def __init__(self, config: PhiConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
@@ -35,12 +38,12 @@ class KVCache:
         self.length = 0  # positions already written; the model advances it after each forward
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        end = self.length + k.shape[2]
+        end, rows = self.length + k.shape[2], k.shape[0]  # a batch may use the first rows only (phift.serve)
         if end > self.k.shape[3]:
             raise ValueError(f"KV cache holds {self.k.shape[3]} positions, asked for {end}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, :rows, :, self.length:end] = k
+        self.v[layer, :rows, :, self.length:end] = v
+        return self.k[layer, :rows, :, :end], self.v[layer, :rows, :, :end]
 
 
 def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:

@@ -53,6 +53,10 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def to_json(self) -> dict:
+        """tokenizer.json's content: the vocabulary, merges and added tokens (GGUF export writes them out)."""
+        return json.loads(self._tok.to_str())
+
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load `tokenizer.json` from a directory (or the file itself); special tokens from special_tokens_map.json."""

@@ -1,0 +1,145 @@
+"""Generated tokens/s of `phift api` at 1, 8 and 32 concurrent streaming clients, on a random phi-1_5-shaped model.
+
+    python bench/bench_serve.py --tokenizer DIR --out $OUT/serve.md [--dtype bf16] [--max_tokens 128]
+    python bench/bench_serve.py --device cpu --tiny --out /tmp/serve.md   # CPU smoke test (tests/test_bench_serve.py)
+
+The server is phift's own (`phift.serve`: the batching engine behind FastAPI + uvicorn) on 127.0.0.1, in this
+process; the clients are the official `openai` client's async streams, each asking for `--max_tokens` tokens from a
+prompt of `--prompt_tokens` tokens (random weights rarely say eos: the usage counts say how many came). A row's
+tokens/s is every generated token over the wall time from the first request to the last answer; TTFT is the time to
+a stream's first text. DIR holds the real phi-1_5 tokenizer (tokenizer.json); `--tiny` takes a 2-layer model, and
+without DIR a demo tokenizer. Rows go to OUT (markdown) and OUT.jsonl (first line: versions, device, date).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from phift.config import PhiConfig  # noqa: E402
+from phift.data import get_template  # noqa: E402
+from phift.model import Phi  # noqa: E402
+from phift.serve import BackgroundServer, Engine, create_app  # noqa: E402
+from phift.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
+
+TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
+        "once or twice she had peeped into the book her sister was reading, but it had no pictures or "
+        "conversations in it, 'and what is the use of a book,' thought Alice 'without pictures or conversations?' ")
+
+
+def build(args):
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_demo_tokenizer([TEXT] * 20, vocab_size=512)
+    vocab = max(512, (tok.vocab_size + 63) // 64 * 64)
+    config = (PhiConfig.from_name("tiny", vocab_size=vocab) if args.tiny
+              else PhiConfig.from_name("phi-1_5", vocab_size=max(vocab, 51200)))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Phi(config).to(dtype).eval()
+    return model, tok
+
+
+async def run_clients(url: str, clients: int, requests_each: int, prompt: str, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    ttft, tokens = [], []
+
+    async def one():
+        start, first = time.perf_counter(), None
+        stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, stream=True,
+                                                 temperature=0, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+            if chunk.usage:
+                tokens.append(chunk.usage.completion_tokens)
+        ttft.append(first if first is not None else float("nan"))
+
+    async def client_loop():
+        for _ in range(requests_each):
+            await one()
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(client_loop() for _ in range(clients)))
+    finally:
+        await client.close()
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": clients * requests_each, "tokens": sum(tokens), "wall_s": wall,
+            "tokens_per_s": sum(tokens) / wall, "ttft_ms_median": 1000 * statistics.median(ttft),
+            "stream_tokens_per_s": sum(tokens) / wall / clients}
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+    lines = [f"phift api on {header['device']} ({header['model']}, {header['dtype']}), prompt "
+             f"{header['prompt_tokens']} tokens, {header['max_tokens']} generated per request, greedy, streamed; "
+             f"{header['date']}", "",
+             "| clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT ms |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} "
+                     f"| {r['tokens_per_s']:.1f} | {r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} |")
+    lines += ["", f"torch {header['torch']}, max_batch_size {header['max_batch_size']}; tokens/s: all generated "
+                  "tokens over the wall time of the row"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokenizer", help="a directory holding phi-1_5's tokenizer.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="default: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke test)")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--requests_per_client", type=int, default=2)
+    p.add_argument("--prompt_tokens", type=int, default=64)
+    p.add_argument("--max_tokens", type=int, default=128)
+    p.add_argument("--max_batch_size", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        cuda = args.device.startswith("cuda")
+        args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if not args.tiny and not args.tokenizer:
+        p.error("the phi-1_5-shaped model needs the real tokenizer: --tokenizer DIR (or --tiny)")
+
+    model, tok = build(args)
+    ids = (tok.encode(TEXT) * (1 + args.prompt_tokens // max(1, len(tok.encode(TEXT)))))[:args.prompt_tokens]
+    prompt = tok.decode(ids)
+    engine = Engine(model, tok, max_batch_size=args.max_batch_size, max_queue=4096).start_thread()
+    server = BackgroundServer(create_app(engine, get_template("vanilla"), "bench"))
+    header = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+              or "cpu", "model": "tiny" if args.tiny else "phi-1_5 (random weights)", "dtype": args.dtype,
+              "torch": torch.__version__, "python": platform.python_version(),
+              "date": datetime.date.today().isoformat(), "prompt_tokens": len(tok.encode(prompt)),
+              "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size}
+    rows = []
+    try:
+        asyncio.run(run_clients(server.url, 1, 1, prompt, 8))  # warm-up: first allocations, kernel selection
+        for clients in (int(c) for c in args.clients.split(",")):
+            row = asyncio.run(run_clients(server.url, clients, args.requests_per_client, prompt, args.max_tokens))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        server.stop()
+        engine.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, header))
+    args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [header, *rows]) + "\n")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""bench/bench_serve.py's smoke mode: a tiny model on the CPU, a row per client count with tokens that came back."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+from bench import bench_serve  # noqa: E402
+
+pytestmark = pytest.mark.integration  # the bench harness's smoke runs
+
+
+def test_serve_bench_smoke_run_writes_a_row_per_client_count(tmp_path):
+    out = tmp_path / "serve.md"
+    bench_serve.main(["--device", "cpu", "--tiny", "--clients", "1,4", "--requests_per_client", "1",
+                      "--prompt_tokens", "16", "--max_tokens", "8", "--max_batch_size", "4", "--out", str(out)])
+    header, *rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert header["model"] == "tiny" and [r["clients"] for r in rows] == [1, 4]
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "| 4 | 4 |" in out.read_text()
