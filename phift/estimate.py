@@ -288,7 +288,7 @@ def block_saved(c: PhiConfig, p: Plan, policy: str, input_requires_grad: bool = 
     if x_rg or p.full:
         if p.ln_fp32:
             saved["layer-norm input (fp32 copy)"] = 4 * n * h
-        else:
+        elif not recomputing:  # a recomputation reads the input its checkpoint kept
             saved["block input"] = r * n * h
         saved["layer-norm statistics"] = 2 * n * (4 if cuda or p.ln_fp32 else r)
     h_rg = x_rg or p.full
@@ -487,9 +487,9 @@ def states(c: PhiConfig, params: Params, p: Plan) -> States:
         s.gpu["weights"] = total * 2
         s.grads_all = s.grads_head = in_flight
         s.grads_carried = 2 * nt if p.accumulation > 1 else 0
-        for dtype_total in (nt,):  # one pinned buffer a dtype group: the model is all fp16 or all bf16
-            s.pinned["half weights, pinned (offload)"] = pow2(2 * dtype_total)
-            s.pinned["half gradients, pinned (offload)"] = pow2(2 * dtype_total)
+        # one pinned buffer each for weights and gradients per dtype group: the model is all fp16 or all bf16
+        s.pinned["half weights (offload)"] = pow2(2 * nt)
+        s.pinned["half gradients (offload)"] = pow2(2 * nt)
         s.pageable["fp32 master weights"] = 4 * nt
         s.pageable["optimizer states (AdamW moments)"] = 8 * nt
         s.model_states_gpu, s.model_states_host = 2 * total, 16 * nt
@@ -499,7 +499,8 @@ def states(c: PhiConfig, params: Params, p: Plan) -> States:
 
 
 def _deepspeed_states(c: PhiConfig, params: Params, p: Plan, s: States, in_flight: int, lora: str) -> None:
-    z, g, total, nt = p.zero, p.world, params.total, params.trainable
+    z, total, nt = p.zero, params.total, params.trainable
+    g = p.world if z.stage > 0 else 1  # stage 0: DeepSpeed's fp16 optimizer, nothing partitioned
     elem = p.trainable  # DeepSpeed's fp16/bf16 module (fp32 without either)
     part = nt / g
     if z.stage < 3:
@@ -672,14 +673,14 @@ def fits(e: Estimate, gpu_gib: float, host_gib: float) -> bool:
 
 
 def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
-    """Changes that cut memory, cheapest first, each with the flags that say it: (description, run, ds_config).
-    A change is kept for the next ones when it helped (`suggest`)."""
+    """Changes that cut memory, cheapest first: (kind, the flags that say it, {group: fields}, DeepSpeed config or
+    None). A later change of a kind replaces an earlier one of the same kind."""
     m, d, f, t = run.model, run.data, run.finetuning, run.training
     if m.disable_gradient_checkpointing:
-        yield "--disable_gradient_checkpointing False --gradient_checkpointing_policy mlp", \
+        yield "recompute", "--disable_gradient_checkpointing False --gradient_checkpointing_policy mlp", \
             {"model": dict(disable_gradient_checkpointing=False, gradient_checkpointing_policy="mlp")}, None
     if m.disable_gradient_checkpointing or m.gradient_checkpointing_policy == "mlp":
-        yield "--disable_gradient_checkpointing False --gradient_checkpointing_policy full", \
+        yield "recompute", "--disable_gradient_checkpointing False --gradient_checkpointing_policy full", \
             {"model": dict(disable_gradient_checkpointing=False, gradient_checkpointing_policy="full")}, None
     if f.finetuning_type == "full" and t.deepspeed and ds_config is not None:
         zero = ds_config.get("zero_optimization", {})
@@ -688,36 +689,31 @@ def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
             cfg.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
             if cfg["zero_optimization"].get("stage", 0) == 0:
                 cfg["zero_optimization"]["stage"] = 2
-            yield f"zero_optimization.offload_optimizer.device cpu in {t.deepspeed}", {}, cfg
+            yield "offload", f"zero_optimization.offload_optimizer.device cpu in {t.deepspeed}", {}, cfg
     elif f.finetuning_type == "full" and t.offload_optimizer == "none":
         half = {} if (t.fp16 or t.bf16 or t.pure_bf16) else {"bf16": True} if gpu_bf16 else {"fp16": True}
-        flags = "".join(f" --{k} True" for k in half)
-        yield f"--offload_optimizer cpu{flags}", {"training": dict(offload_optimizer="cpu", **half),
-                                                  "finetuning": dict(upcast_layernorm=False)}, None
+        yield "offload", "--offload_optimizer cpu" + "".join(f" --{k} True" for k in half), \
+            {"training": dict(offload_optimizer="cpu", **half), "finetuning": dict(upcast_layernorm=False)}, None
     batch, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
     while batch > 1:
         batch, accum = batch // 2, accum * 2
-        yield f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {accum}", \
+        yield "batch", f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {accum}", \
             {"training": dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum)}, None
     for share in (3 / 4, 1 / 2, 1 / 4):
         cutoff = int(d.cutoff_len * share) // 64 * 64
         if 64 <= cutoff < d.cutoff_len:
-            yield f"--cutoff_len {cutoff} (longer samples are cut)", {"data": dict(cutoff_len=cutoff)}, None
+            yield "cutoff", f"--cutoff_len {cutoff} (longer samples are cut)", {"data": dict(cutoff_len=cutoff)}, None
     if f.finetuning_type == "full":
-        yield "--finetuning_type lora", {"finetuning": dict(finetuning_type="lora"),
-                                         "training": dict(offload_optimizer="none")}, None
-
-
-def _apply(run: RunConfig, changes: dict) -> RunConfig:
-    groups = {g: dataclasses.replace(getattr(run, g), **kw) for g, kw in changes.items()}
-    return dataclasses.replace(run, **groups)
+        yield "lora", "--finetuning_type lora", {"finetuning": dict(finetuning_type="lora"),
+                                                 "training": dict(offload_optimizer="none")}, None
 
 
 def suggest(config: PhiConfig, run: RunConfig, gpu: tuple[str, float, bool], host_gib: float, gpus: int = 1,
             nodes: int = 1, ds_config: dict | None = None) -> tuple[str, Estimate] | None:
     """The cheapest change that makes the run fit `gpu` and `host_gib`: recomputation, then optimizer offload, then
-    smaller micro-batches with more accumulation, a shorter cutoff, LoRA instead of full fine-tuning. Each is
-    re-estimated; a change that helped stays under the next. None: nothing on the list fits."""
+    smaller micro-batches with more accumulation, a shorter cutoff, LoRA instead of full fine-tuning, each
+    re-estimated. A change that brought the run closer stays under the next ones; once one fits, the earlier ones it
+    does not need are dropped. None: nothing on the list fits."""
     _, gpu_gib, gpu_bf16 = gpu
     if ds_config is None and run.training.deepspeed:
         ds_config = json.loads(Path(run.training.deepspeed).read_text())
@@ -725,20 +721,34 @@ def suggest(config: PhiConfig, run: RunConfig, gpu: tuple[str, float, bool], hos
     def excess(e):
         return max(0, e.gpu_total - gpu_gib * GIB) + max(0, e.host_total - host_gib * GIB)
 
-    best = estimate(config, run, gpus, nodes, ds_config)
-    said = []
-    for text, changes, cfg in _variants(run, ds_config, gpu_bf16):
-        candidate = _apply(run, changes)
+    def trial(changes):
+        """The estimate with these changes applied to the run, or None where phift would refuse the flags."""
+        candidate, cfg = run, ds_config
+        for _, _, groups, new_cfg in changes:
+            candidate = dataclasses.replace(candidate, **{
+                g: dataclasses.replace(getattr(candidate, g), **kw) for g, kw in groups.items()})
+            cfg = new_cfg if new_cfg is not None else cfg
         try:
             check(candidate)
         except ConfigError:
+            return None
+        return estimate(config, candidate, gpus, nodes, cfg)
+
+    kept, best = [], estimate(config, run, gpus, nodes, ds_config)
+    for variant in _variants(run, ds_config, gpu_bf16):
+        changes = [c for c in kept if c[0] != variant[0]] + [variant]
+        e = trial(changes)
+        if e is None:
             continue
-        e = estimate(config, candidate, gpus, nodes, cfg if cfg is not None else ds_config)
         if fits(e, gpu_gib, host_gib):
-            return "; ".join(said + [text]), e
+            for c in changes[:-1]:  # drop what the last change made unnecessary
+                fewer = [x for x in changes if x is not c]
+                smaller = trial(fewer)
+                if smaller is not None and fits(smaller, gpu_gib, host_gib):
+                    changes, e = fewer, smaller
+            return "; ".join(text for _, text, _, _ in changes), e
         if excess(e) < excess(best):
-            run, ds_config, best = candidate, cfg if cfg is not None else ds_config, e
-            said.append(text)
+            kept, best = changes, e
     return None
 
 
@@ -749,7 +759,8 @@ def _gib(b: float) -> str:
 
 def render(e: Estimate, config: PhiConfig, params: Params, suggestion, target: tuple[str, float, float]) -> str:
     p, a = e.plan, e.activations
-    lines = [f"phift estimate: {config.name}, {'full fine-tuning' if p.full else 'LoRA r' + str(p.lora_rank) + ' on ' + ','.join(p.lora_targets)}, "
+    what = "full fine-tuning" if p.full else f"LoRA r{p.lora_rank} on {','.join(p.lora_targets)}"
+    lines = [f"phift estimate: {config.name}, {what}, "
              f"{params.total / 1e6:,.1f} M parameters ({params.trainable / 1e6:,.2f} M trainable), engine {p.engine}"
              + (f" ZeRO-{p.zero.stage}" + (" (optimizer offloaded)" if p.zero.offload_optimizer else "")
                 if p.zero else "") + f", {p.world} GPU{'s' if p.world > 1 else ''}",
