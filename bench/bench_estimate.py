@@ -1,6 +1,8 @@
 """How close is `phift estimate` to the memory a run really takes? Predicted against measured, case by case.
 
     python bench/bench_estimate.py --out $OUT/estimate.md [--only REGEX] [--budget-s 560] [--steps 2]
+    # on the GPU machine: DeepSpeed from .whl/ (bash /work/shared/tools/gpu-wheels.sh, carry .whl), then
+    #   TORCH_CUDA_ARCH_LIST=9.0 python bench/bench_estimate.py --out $OUT/estimate.md   (about 9 minutes on an H200)
     python bench/bench_estimate.py --device cpu --tiny --out /tmp/estimate.md     # smoke test of the plumbing
     python bench/bench_estimate.py --list
 

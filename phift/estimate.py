@@ -770,6 +770,8 @@ def render(e: Estimate, config: PhiConfig, params: Params, suggestion, target: t
              f"GPU, per device: {_gib(e.gpu_total)} needed; {_gib(e.gpu_allocated)} allocated at the peak "
              f"({e.peak_phase})"]
     for name, b in e.gpu.items():
+        if b < MIB:
+            continue
         lines.append(f"  {name:58s} {_gib(b):>11s}")
     for name, b in e.overheads.items():
         lines.append(f"  {name + ' (not in max_memory_allocated)':58s} {_gib(b):>11s}")
@@ -784,6 +786,8 @@ def render(e: Estimate, config: PhiConfig, params: Params, suggestion, target: t
                   f"{k} {_gib(a.total(k))}" for k in POLICIES)]
     lines += ["", f"Host, per node: {_gib(e.host_total)} ({_gib(sum(e.pinned.values()))} pinned)"]
     for name, b in {**{k + " [pinned]": v for k, v in e.pinned.items()}, **e.pageable}.items():
+        if b < MIB:  # --json lists them all
+            continue
         lines.append(f"  {name:58s} {_gib(b):>11s}")
     lines.append(f"  model states (weights, gradients, fp32 masters, moments): GPU {_gib(e.model_states_gpu)}, host "
                  f"{_gib(e.model_states_host)}")
