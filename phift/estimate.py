@@ -385,12 +385,12 @@ def activations(c: PhiConfig, p: Plan) -> Activations:
 def head_transient(c: PhiConfig, p: Plan) -> int:
     """The most the chunked loss allocates beside what it keeps, within the forward (phift.model's
     _ChunkedLinearCrossEntropy, chunk by chunk: logits, their gradient, its casts, the weight-gradient product)."""
-    h, v, r, cd, w = c.hidden_size, c.vocab_size, p.weight, p.compute, p.weight
+    h, v, r, cd = c.hidden_size, c.vocab_size, p.weight, p.compute  # r: ln_f's output and lm_head's weight
     rows = p.batch * (p.seq - 1)
     k = min(rows, _chunk_rows(c))
     g_elem = cd if p.fused else 4
     cast = p.autocast  # autocast casts each operand that is not already its dtype, every call (no cache)
-    w_cast = v * h * cd if cast and w != cd else 0
+    w_cast = v * h * cd if cast and r != cd else 0
     inputs = p.tokens * h * r + rows * h * r  # ln_f's output and the selected rows, alive through the head
     logits = k * v * cd + (0 if p.fused else 2 * k * v * 4)  # the reference CE: an fp32 copy and its gradient
     g = k * v * g_elem + (k * v * r if g_elem != r else 0)  # g, and g.to(h.dtype)
