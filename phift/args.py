@@ -138,6 +138,8 @@ class TrainingArgs:
     eval_steps: int | None = arg(None, "default: save_steps (needs --val_size)")
     resume_from_checkpoint: str | None = arg(None, "a checkpoint directory, or 'latest' for output_dir's newest "
                                                    "complete checkpoint")
+    estimate: bool = arg(False, "print phift estimate's memory report first, and warn, naming the part that "
+                                "overflows, when the run will not fit this GPU")
     report_to: str = arg("none", "also log the scalars of trainer_log.jsonl to TensorBoard (output_dir/runs) or "
                                  "Weights & Biases (WANDB_MODE=offline works without a network)",
                          choices=("none", "tensorboard", "wandb"))

@@ -1,4 +1,4 @@
-"""`phift train | eval | chat | export | api`: the edge where flags come in and errors go out as one line.
+"""`phift train | eval | chat | export | api | estimate`: the edge where flags come in and errors go out as one line.
 
 Library code raises exceptions; here they become `phift <command>: error: <what is wrong>` and a non-zero exit
 (2 for a bad flag, 1 otherwise). PHIFT_DEBUG=1 shows the traceback instead.
@@ -84,7 +84,15 @@ def eval_main(argv):
     train_main(["--do_train", "False", *argv])
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "chat": chat_main, "export": export_main, "api": api_main}
+def estimate_main(argv):
+    """Will a run fit? `phift train`'s flags in, GPU and host memory out, before any weight is read."""
+    from .estimate import main
+
+    main(argv)
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "chat": chat_main, "export": export_main, "api": api_main,
+            "estimate": estimate_main}
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data, distributed, kernels, lora
+from . import data, distributed, estimate, kernels, lora
 from .args import Precision, RunConfig, check_runtime, decide_precision, parse_train_args
 from .config import PRESETS, PhiConfig
 from .engines import Engine, build_engine
@@ -178,6 +178,8 @@ def train(run: RunConfig) -> dict:
     rank, world, device = distributed.start(bool(t.deepspeed), t.ddp_timeout)
     precision = decide_precision(run, device)
     check_runtime(run, world, device, precision)
+    if t.estimate and rank == 0:
+        estimate.preflight(run, world, device)
     kernels.load(device)
     out = Path(t.output_dir)
     if t.resume_from_checkpoint is None and not t.overwrite_output_dir and any(out.glob("checkpoint-*")):

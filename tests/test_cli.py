@@ -80,7 +80,7 @@ def test_eval_reports_loss_and_perplexity(tiny_dir, tmp_path, capsys):
 def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["finetune"])
-    assert "usage: phift {train,eval,chat,export,api}" in capsys.readouterr().err
+    assert "usage: phift {train,eval,chat,export,api,estimate}" in capsys.readouterr().err
 
 
 @pytest.fixture

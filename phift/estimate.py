@@ -1,0 +1,902 @@
+"""Will a run fit? Its GPU and host memory, predicted from its flags before a byte is loaded (`phift estimate`).
+
+    phift estimate <phift train's flags | config.yaml> [--num_gpus N] [--num_nodes M] [--gpu T4] [--host_gib 12.7]
+                   [--json]
+    phift train ... --estimate True       the same report first, and a warning naming what overflows the GPU
+
+The model is built on the meta device: its parameters (LoRA adapters included) are counted exactly, and nothing is
+read but a checkpoint's config.json. The rest is arithmetic on the run's shapes, written from what phift's code
+and DeepSpeed's allocate:
+
+- model states: weights, gradients, AdamW's two moments, fp32 master weights, per engine (plain, phift's
+  --offload_optimizer cpu, DeepSpeed ZeRO-1/2/3 partitioned over --num_gpus × --num_nodes, optimizer offloaded);
+- activations: what autograd keeps for backward, tensor by tensor as each op of a block saves it (`block_saved`),
+  without recomputation, with full recomputation (only the block inputs) or with the mlp policy, plus what the
+  recomputation holds while one block's backward runs; the chunked loss head and its kept-gradient rule;
+- the step's worst moment: the end of the forward pass, the first block's backward, or the end of backward and
+  the optimizer step, whichever holds most (`Estimate.phases`);
+- what torch.cuda.max_memory_allocated does not count: the CUDA context and the caching allocator's slack;
+- host memory: the process, pinned buffers (rounded up to powers of two, as PyTorch's pinned allocator does) and
+  pageable optimizer state.
+
+Activation memory grows with sequence length: every sample is taken at --cutoff_len, every position labelled (the
+worst batch). Constants that are measured rather than derived are marked as such below; bench/bench_estimate.py
+measures the whole prediction on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .args import ConfigError, RunConfig, check, decide_precision
+from .config import PRESETS, PhiConfig
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+# What max_memory_allocated does not see, and the slack around it: guesses until bench/bench_estimate.py measures them.
+CUDA_CONTEXT = 512 * MIB  # the CUDA context and the libraries' module images, per process (CUDA 12+, lazy loading)
+NCCL_BUFFERS = 512 * MIB  # NCCL's communicator buffers, per process, when there are several
+ALLOCATOR_SLACK = 0.05  # the caching allocator's reserved-but-free blocks, a share of the peak allocated
+WORKSPACES = 32 * MIB  # cuBLAS/cuBLASLt workspaces (PyTorch's default ':4096:8' on Hopper), through the allocator
+HOST_PROCESS = int(2.5 * GIB)  # a training process: Python, torch, the CUDA runtime's resident pages, tokenizer, data
+HOST_DEEPSPEED = 512 * MIB  # DeepSpeed's import and its CPU Adam extension, per process
+
+# From the code: phift.model.LMHead.chunk_bytes, the fused LoRA op's padding (kernels/lora_op.cpp's kWidth and
+# padded_rank), DeepSpeed 0.19's zero_optimization defaults (deepspeed/runtime/zero/config.py).
+LORA_AUGMENT_COLUMNS = 64
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "contiguous_gradients": True,
+               "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
+               "stage3_param_persistence_threshold": 1e5}
+
+# The fit table: (name, GiB the card has, whether it has bf16); host memory of the seed's Colab runtimes.
+GPUS = (("T4", 15, False), ("L4", 22, True), ("A10", 24, True), ("A100-40", 40, True), ("A100-80", 80, True),
+        ("H100", 80, True), ("H200", 141, True))
+HOSTS = (("Colab", 12.7), ("Colab high-RAM", 51))
+POLICIES = ("none", "full", "mlp")
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class Params:
+    """The parameters of a model as the memory model needs them, counted on a meta-device build."""
+    tensors: tuple[tuple[int, bool, int], ...]  # (numel, trainable, ndim) of each parameter
+    largest_module: int  # DeepSpeed's "largest layer": the most parameters one module holds itself
+    lm_head: int  # the output projection's weight + bias
+    adapted: tuple[tuple[int, int], ...]  # (in, out) of each LoRA-adapted linear
+
+    @property
+    def total(self) -> int:
+        return sum(n for n, _, _ in self.tensors)
+
+    @property
+    def trainable(self) -> int:
+        return sum(n for n, t, _ in self.tensors if t)
+
+    @property
+    def largest_trainable(self) -> int:
+        return max((n for n, t, _ in self.tensors if t), default=0)
+
+    def groups(self) -> tuple[int, int]:
+        """Trainable numel in AdamW's two groups (phift.engines.param_groups): matrices, then the rest."""
+        return (sum(n for n, t, d in self.tensors if t and d >= 2), sum(n for n, t, d in self.tensors if t and d < 2))
+
+
+def count_parameters(config: PhiConfig, run: RunConfig) -> Params:
+    """Build the model as `phift train` would (LoRA injected as the flags say) on the meta device and count it."""
+    from . import lora
+    from .model import Phi
+
+    f = run.finetuning
+    with torch.device("meta"):
+        model = Phi(config)
+        if f.finetuning_type == "lora":
+            lora.inject(model, f.lora_target, r=f.lora_rank, alpha=f.lora_alpha, verbose=False)
+    adapted = tuple((m.in_features, m.out_features) for m in lora.lora_modules(model).values())
+    return Params(tensors=tuple((p.numel(), p.requires_grad, p.ndim) for p in model.parameters()),
+                  largest_module=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+                  lm_head=sum(p.numel() for p in model.lm_head.parameters()), adapted=adapted)
+
+
+def read_config(model_name_or_path: str) -> PhiConfig:
+    """A preset by name needs nothing; a checkpoint directory gives its config.json; a hub id, config.json alone."""
+    path = Path(model_name_or_path)
+    if model_name_or_path in PRESETS and not path.exists():
+        return PhiConfig.from_name(model_name_or_path)
+    if path.is_dir():
+        return PhiConfig.from_json(path / "config.json")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return PhiConfig.from_json(hf_hub_download(model_name_or_path, "config.json"))
+    except Exception as e:  # offline, a typo: say what else works
+        raise ValueError(f"{model_name_or_path}: cannot read its config.json ({type(e).__name__}: {e}); give a "
+                         f"checkpoint directory or a preset name ({', '.join(PRESETS)})") from e
+
+
+# ------------------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Zero:
+    """A DeepSpeed config's ZeRO settings, read after phift fills its "auto" values."""
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    pin_memory: bool
+    reduce_bucket: int
+    overlap_comm: bool
+    contiguous_gradients: bool
+    allgather_bucket: int
+    prefetch_bucket: int
+    max_live: int
+    persistence_threshold: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Zero:
+        z = cfg.get("zero_optimization", {})
+        stage = int(z.get("stage", 0))
+
+        def get(key):
+            return int(float(z.get(key, DS_DEFAULTS[key])))
+        off_opt, off_par = z.get("offload_optimizer") or {}, z.get("offload_param") or {}
+        offload_optimizer = off_opt.get("device", "none") not in ("none", None)
+        return cls(stage=stage, offload_optimizer=offload_optimizer,
+                   offload_param=off_par.get("device", "none") not in ("none", None),
+                   pin_memory=bool(off_opt.get("pin_memory", True)), reduce_bucket=get("reduce_bucket_size"),
+                   overlap_comm=bool(z.get("overlap_comm", stage == 3)),
+                   contiguous_gradients=bool(z.get("contiguous_gradients", True)),
+                   allgather_bucket=get("allgather_bucket_size"), prefetch_bucket=get("stage3_prefetch_bucket_size"),
+                   max_live=get("stage3_max_live_parameters"),
+                   persistence_threshold=get("stage3_param_persistence_threshold"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What decides a run's memory, from its flags as phift.train decides it (element sizes in bytes)."""
+    device: str  # "cuda", what the estimate is for; "cpu" runs the PyTorch reference ops (the tests' ground truth)
+    engine: str  # plain | offload | deepspeed
+    full: bool
+    batch: int
+    seq: int
+    accumulation: int
+    policy: str  # none | full | mlp
+    weight: int  # a base weight element (and the residual stream's: the embedding's output dtype)
+    compute: int  # what matmuls produce: autocast's dtype, else the model's
+    trainable: int  # a trainable parameter element, and its gradient's
+    autocast: bool
+    ln_fp32: bool  # LayerNorm works on an fp32 copy of a half input (CUDA autocast's policy, --upcast_layernorm)
+    master: bool  # fp32 master weights beside the trainable ones (MasterAdamW, DeepSpeed)
+    lora_targets: tuple[str, ...]
+    lora_rank: int
+    lora_dropout: float
+    packing: bool
+    gpus: int = 1  # per node
+    nodes: int = 1
+    zero: Zero | None = None
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def fused(self) -> bool:
+        """phift's CUDA ops (rotary over qkv, the LoRA linear, the CE gradient) run: half precision on a GPU."""
+        return self.device == "cuda" and self.compute == 2
+
+
+def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1, ds_config: dict | None = None,
+             hidden_size: int = 2048) -> Plan:
+    """The plan of `run` on `device`, its precision decided by phift.args.decide_precision. A DeepSpeed config is
+    read from --deepspeed (or given) and filled as phift's DeepSpeed engine fills it."""
+    m, d, f, t = run.model, run.data, run.finetuning, run.training
+    precision = decide_precision(run, torch.device(device))
+    full = f.finetuning_type == "full"
+    engine = "deepspeed" if t.deepspeed else "offload" if t.offload_optimizer == "cpu" else "plain"
+    weight = 4 if precision.upcast_trainable else precision.load.itemsize
+    zero = None
+    if engine == "deepspeed":
+        from .engines import OptimSpec
+        from .engines.deepspeed import fill_deepspeed_config
+
+        cfg = ds_config if ds_config is not None else json.loads(Path(t.deepspeed).read_text())
+        cfg = fill_deepspeed_config(cfg, OptimSpec.from_training(t, 1), t.per_device_train_batch_size,
+                                    precision.compute == torch.float16, precision.compute == torch.bfloat16,
+                                    gpus * nodes, hidden_size)
+        zero = Zero.from_config(cfg)
+    lora_targets = ()
+    if not full:
+        from .lora import resolve_targets
+
+        lora_targets = tuple(resolve_targets(f.lora_target)[0])
+    return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size, seq=d.cutoff_len,
+                accumulation=t.gradient_accumulation_steps,
+                policy="none" if m.disable_gradient_checkpointing else m.gradient_checkpointing_policy,
+                weight=weight, compute=precision.compute.itemsize if precision.compute else weight,
+                # DeepSpeed casts the whole module, adapters included, to its half dtype; phift keeps them fp32
+                trainable=weight if full or engine == "deepspeed" else 4,
+                autocast=precision.autocast is not None,
+                ln_fp32=weight < 4 and (f.upcast_layernorm or (device == "cuda" and precision.autocast is not None)),
+                master=engine != "plain" or precision.master_weights, lora_targets=lora_targets,
+                lora_rank=f.lora_rank, lora_dropout=f.lora_dropout, packing=d.packing, gpus=gpus, nodes=nodes,
+                zero=zero)
+
+
+# ---------------------------------------------------------------------------------------------------- activations
+def _padded_rank(rank: int) -> int:
+    return next((p for p in (8, 16, 32, 64) if p >= rank), rank)
+
+
+def block_saved(c: PhiConfig, p: Plan, policy: str, input_requires_grad: bool = True,
+                recomputing: bool = False) -> dict[str, int]:
+    """The tensors one block keeps for backward, by name (a storage shared by several ops is named once).
+
+    policy "full": only the block's input. recomputing: what the block's rerun in backward keeps (its out_proj and
+    fc2 then keep their inputs whatever trains: phift.recompute's lean linears). The CPU rows (device "cpu") are
+    PyTorch's reference ops, which the tests measure; the CUDA rows are phift's fused ops and SDPA's flash kernels.
+    """
+    n, h, inter, r, cd = p.tokens, c.hidden_size, c.intermediate_size, p.weight, p.compute
+    saved: dict[str, int] = {}
+    if policy == "full" and not recomputing:
+        return {"block input": r * n * h}
+    cuda = p.device == "cuda"
+    lora_fused = p.fused and p.weight == 2 and p.lora_rank <= 32
+    mask = 1 if cuda else None  # a dropout mask: bool on CUDA, a noise tensor of the input's dtype on the CPU
+
+    def linear(name, x_key, x_elem, fan_in, fan_out, x_rg, lean=False):
+        """What a linear (and its LoRA adapter) keeps; returns whether its output needs a gradient."""
+        adapted = name in p.lora_targets
+        if lean and recomputing and not adapted:  # phift.recompute._LinearForBackward: input and weight, always
+            saved[x_key] = n * fan_in * x_elem
+            return True
+        if p.full:  # the weight's gradient needs the input (autocast's cast copy of it)
+            key, elem = (f"{name} input (cast)", cd) if p.autocast and x_elem != cd else (x_key, x_elem)
+            saved[key] = n * fan_in * elem
+        if x_rg and p.autocast and p.weight != cd:  # the input's gradient needs the weight, cast
+            saved[f"{name} weight (cast)"] = fan_in * fan_out * cd
+        if adapted and lora_fused:  # x, s·u and the dropout's Philox seed (kernels/lora_op.cpp)
+            saved[x_key] = n * fan_in * x_elem
+            saved[f"{name} LoRA s·u"] = n * _padded_rank(p.lora_rank) * cd
+        elif adapted:  # phift.kernels.lora_linear_reference
+            rank, dropped = p.lora_rank, x_key
+            if p.lora_dropout > 0:
+                dropped = f"{name} LoRA dropout output"
+                if x_rg:
+                    saved[f"{name} LoRA dropout mask"] = n * fan_in * (mask or x_elem)
+            saved[dropped] = n * fan_in * x_elem
+            if x_elem != p.trainable:  # lora_A.to(x.dtype), lora_B.to(x.dtype): copies
+                if x_rg:
+                    saved[f"{name} LoRA A (cast)"] = rank * fan_in * x_elem
+                saved[f"{name} LoRA B (cast)"] = fan_out * rank * x_elem
+            saved[f"{name} LoRA u"] = n * rank * x_elem
+            saved[f"{name} LoRA scaling"] = 8  # `scaling * …` keeps the Python float as a 0-dim double
+        return x_rg or p.full or adapted
+
+    x_rg = input_requires_grad or recomputing
+    if x_rg or p.full:
+        if p.ln_fp32:
+            saved["layer-norm input (fp32 copy)"] = 4 * n * h
+        elif not recomputing:  # a recomputation reads the input its checkpoint kept
+            saved["block input"] = r * n * h
+        saved["layer-norm statistics"] = 2 * n * (4 if cuda or p.ln_fp32 else r)
+    h_rg = x_rg or p.full
+    qkv_rg = linear("Wqkv", "layer-norm output", r, h, 3 * h, h_rg)
+    if qkv_rg:
+        if p.fused:  # kernels.rotary_qkv: one [3, B, T, H, D] tensor; q, k, v are views of it
+            saved["q, k, v"] = 3 * n * h * cd
+        else:  # the reference rotary makes new q and k; v is a view of the whole Wqkv output
+            saved["q"] = saved["k"] = n * h * cd
+            saved["Wqkv output (v is a view of it)"] = 3 * n * h * cd
+        saved["attention output"] = n * h * cd
+        saved["attention logsumexp"] = 4 * p.batch * c.num_heads * p.seq
+        if p.packing:  # segment masks: memory-efficient attention keeps the additive bias it makes of the mask
+            saved["attention bias (packing)"] = p.batch * p.seq * p.seq * cd
+    # CUDA's attention output is [B, T, H, D] under its [B, H, T, D] view: out_proj reads it without a copy
+    out_rg = linear("out_proj", "attention output" if cuda else "out_proj input (copy)", cd, h, h, qkv_rg, lean=True)
+    if policy == "mlp" and not recomputing:
+        # inside the checkpoint nothing is kept; the checkpoint holds its input, fc2 may keep its output
+        f1_rg = h_rg or p.full or "fc1" in p.lora_targets
+        if f1_rg:
+            saved["layer-norm output"] = r * n * h
+        if "fc1" in p.lora_targets and not lora_fused:
+            saved["fc1 LoRA scaling"] = 8  # a Python float as a 0-dim double, kept outside the checkpoint
+    else:
+        f1_rg = linear("fc1", "layer-norm output", r, h, inter, h_rg)
+        if f1_rg:
+            saved["fc1 output (GELU input)"] = n * inter * cd
+    mlp_rg = linear("fc2", "GELU output", cd, inter, h, f1_rg, lean=True)
+    if c.resid_pdrop > 0:
+        for branch, rg in (("attention", out_rg), ("MLP", mlp_rg)):
+            if rg:
+                saved[f"{branch} dropout mask"] = n * h * (mask or cd)
+    return saved
+
+
+def head_saved(c: PhiConfig, p: Plan) -> dict[str, int]:
+    """What the forward keeps outside the blocks: rotary tables, ln_f, and the chunked loss's gradients
+    (phift.model._ChunkedLinearCrossEntropy: computed in the forward, kept for backward)."""
+    n, h, v, r = p.tokens, c.hidden_size, c.vocab_size, p.weight
+    rows = p.batch * (p.seq - 1)  # labelled positions: all of them, the worst case
+    saved = {"rotary cos, sin": 2 * 4 * n * c.rotary_dim, "last block output": r * n * h}
+    if p.ln_fp32:
+        saved["last block output"] = 4 * n * h
+    saved["ln_f statistics"] = 2 * n * (4 if p.device == "cuda" or p.ln_fp32 else r)
+    if c.embd_pdrop > 0:
+        saved["embedding dropout mask"] = n * h * (1 if p.device == "cuda" else r)
+    saved["label rows"] = 8 * rows
+    saved["loss: hidden-state gradient (fp32)"] = 4 * rows * h
+    if p.full:
+        g_elem = p.compute if p.fused else 4  # the fused CE kernel writes the gradient over half logits
+        chunk_rows = max(1, _chunk_rows(c))
+        if rows <= chunk_rows and rows * g_elem <= 4 * h:  # the kept-gradient rule for few rows
+            saved["loss: logits gradient (kept)"] = rows * v * g_elem
+            saved["loss: selected hidden states"] = rows * h * r
+            saved["loss: 1 / labelled rows"] = 4
+        else:
+            saved["loss: lm_head weight gradient (fp32)"] = 4 * v * h
+        saved["loss: lm_head bias gradient (fp32)"] = 4 * v
+    return saved
+
+
+def _chunk_rows(c: PhiConfig) -> int:
+    from .model import LMHead
+
+    return LMHead.chunk_bytes // (4 * c.vocab_size)
+
+
+@dataclass
+class Activations:
+    per_layer: dict[str, int]  # policy → bytes one block keeps
+    first_layer: dict[str, int]  # policy → bytes the first block keeps (under LoRA its input may need no gradient)
+    head: int
+    recompute_transient: dict[str, int]  # policy → what one block's recomputation holds while its backward runs
+    layers: int
+
+    def total(self, policy: str) -> int:
+        return self.first_layer[policy] + (self.layers - 1) * self.per_layer[policy] + self.head
+
+
+def activations(c: PhiConfig, p: Plan) -> Activations:
+    per_layer, first = {}, {}
+    # the first block's input is the embedding's: under LoRA it needs no gradient, unless a reentrant checkpoint
+    # made it need one (phift.recompute._input_requires_grad)
+    for policy in POLICIES:
+        per_layer[policy] = sum(block_saved(c, p, policy).values())
+        first[policy] = sum(block_saved(c, p, policy, input_requires_grad=p.full or policy == "full").values())
+    rerun = sum(block_saved(c, p, "none", recomputing=True).values())
+    n, inter = p.tokens, c.intermediate_size
+    return Activations(per_layer=per_layer, first_layer=first, head=sum(head_saved(c, p).values()),
+                       recompute_transient={"none": 0, "full": rerun, "mlp": 2 * n * inter * p.compute},
+                       layers=c.num_layers)
+
+
+def head_transient(c: PhiConfig, p: Plan) -> int:
+    """The most the chunked loss allocates beside what it keeps, within the forward (phift.model's
+    _ChunkedLinearCrossEntropy, chunk by chunk: logits, their gradient, its casts, the weight-gradient product)."""
+    h, v, r, cd = c.hidden_size, c.vocab_size, p.weight, p.compute  # r: ln_f's output and lm_head's weight
+    rows = p.batch * (p.seq - 1)
+    k = min(rows, _chunk_rows(c))
+    g_elem = cd if p.fused else 4
+    cast = p.autocast  # autocast casts each operand that is not already its dtype, every call (no cache)
+    w_cast = v * h * cd if cast and r != cd else 0
+    inputs = p.tokens * h * r + rows * h * r  # ln_f's output and the selected rows, alive through the head
+    logits = k * v * cd + (0 if p.fused else 2 * k * v * 4)  # the reference CE: an fp32 copy and its gradient
+    g = k * v * g_elem + (k * v * r if g_elem != r else 0)  # g, and g.to(h.dtype)
+    g_cast = k * v * cd if cast and r != cd else 0
+    steps = [w_cast + logits, g + g_cast + w_cast]
+    if p.full and not (rows <= k and rows * g_elem <= 4 * h):
+        product = v * h * cd + (v * h * 4 if rows > k else 0)  # after the first chunk, its fp32 copy is extra
+        steps.append(g + g_cast + product)
+    return inputs + max(steps)
+
+
+def block_backward(c: PhiConfig, p: Plan) -> tuple[int, int]:
+    """(gradients, attention workspace) one block's backward allocates at its worst: the residual gradients, the
+    MLP's [tokens, intermediate] gradients (and a trainable weight's half gradient before its fp32 cast), or
+    attention's dq, dk, dv with the flash kernel's fp32 dq accumulator."""
+    n, h, inter, r, cd = p.tokens, c.hidden_size, c.intermediate_size, p.weight, p.compute
+    residual = 2 * r * n * h
+    mlp = 2 * n * inter * cd + (inter * h * cd if p.full else 0)
+    attention = 4 * n * h * cd
+    workspace = 4 * n * h + 4 * p.batch * c.num_heads * p.seq
+    if mlp >= attention + workspace:
+        return residual + mlp, 0
+    return residual + attention, workspace
+
+
+# --------------------------------------------------------------------------------------------------- model states
+def pow2(nbytes: float) -> int:
+    """PyTorch's pinned-memory allocator hands out blocks rounded up to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(nbytes))) if nbytes > 0 else 0
+
+
+def deepspeed_reference(total: int, largest_layer: int, stage: int, gpus: int, nodes: int, offload_optimizer: bool,
+                        offload_param: bool = False, zero_init: bool = False,
+                        additional_buffer_factor: float = 1.5) -> tuple[int, int]:
+    """(host bytes per node, GPU bytes per GPU): DeepSpeed's own model-state estimate, the formulas of its
+    estimate_zero2_model_states_mem_needs (stage 1 and 2) and estimate_zero3_model_states_mem_needs (stage 3), for
+    the settings phift runs (no deepspeed.zero.Init: zero_init False)."""
+    total_gpus = gpus * nodes
+    if stage < 3:
+        if offload_optimizer:
+            return int(total * max(4 * total_gpus, 16) * additional_buffer_factor), int(2 * total)
+        return int(total * 4 * gpus * additional_buffer_factor), int(2 * total + int(18 * total / total_gpus))
+    gpus_factor = 1 / nodes
+    largest = 4 * largest_layer
+    if offload_optimizer and offload_param:
+        k = 18 * gpus_factor if zero_init else max(4 * gpus, 18 * gpus_factor)
+        return int(total * k * additional_buffer_factor), largest
+    if offload_optimizer:
+        k = 16 * gpus_factor if zero_init else max(4 * gpus, 16 * gpus_factor)
+        return int(total * k * additional_buffer_factor), largest + int(2 * total / total_gpus)
+    host = largest_layer * 4 * gpus if zero_init else total * 4 * gpus
+    return int(host * additional_buffer_factor), largest + int(18 * total / total_gpus)
+
+
+@dataclass
+class States:
+    """Model states and engine buffers, each a bytes-by-name dict: on the GPU (always live, from the first step on),
+    on the host per node (pinned, pageable); the GPU's gradients by the moment of the step they are live at."""
+    gpu: dict[str, int] = field(default_factory=dict)
+    pinned: dict[str, int] = field(default_factory=dict)
+    pageable: dict[str, int] = field(default_factory=dict)
+    grads_carried: int = 0  # live through the forward (accumulated micro-batches, engine buffers)
+    grads_head: int = 0  # the loss head's, at the start of backward
+    grads_all: int = 0  # at the end of backward
+    grads_embedding: int = 0  # the last to arrive
+    step: dict[str, int] = field(default_factory=dict)  # what the optimizer step adds on the GPU
+    model_states_gpu: int = 0  # weights + gradients + master weights + moments, DeepSpeed's sense of the word
+    model_states_host: int = 0
+
+
+def states(c: PhiConfig, params: Params, p: Plan) -> States:
+    s = States()
+    total, nt = params.total, params.trainable
+    lora = "" if p.full else "LoRA "
+    frozen = total - nt
+    if frozen:
+        s.gpu["weights (frozen base)"] = frozen * p.weight
+    grad_bytes = nt * p.trainable
+    wte = c.vocab_size * c.hidden_size
+    head = params.lm_head if p.full else 0
+    in_flight = 2 * params.largest_trainable * p.trainable  # one gradient being made, one leaving
+    if p.fused and p.weight == 2 and p.lora_rank <= 32:
+        s.gpu["fused LoRA [W | s·B] copies"] = sum(o * (i + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted)
+    if p.engine == "plain":
+        s.gpu[f"{lora}weights" if p.full else "LoRA adapters"] = nt * p.trainable
+        s.gpu[f"{lora}optimizer states (AdamW moments)"] = 8 * nt
+        if p.master:
+            s.gpu["fp32 master weights"] = 4 * nt
+        s.grads_all, s.grads_head = grad_bytes, head * p.trainable
+        s.grads_embedding = wte * p.trainable if p.full else 0
+        s.grads_carried = grad_bytes if p.accumulation > 1 else 0
+        s.model_states_gpu = frozen * p.weight + 2 * grad_bytes + 8 * nt + (4 * nt if p.master else 0)
+    elif p.engine == "offload":
+        s.gpu["weights"] = total * 2
+        s.grads_all = s.grads_head = in_flight
+        s.grads_carried = 2 * nt if p.accumulation > 1 else 0
+        # one pinned buffer each for weights and gradients per dtype group: the model is all fp16 or all bf16
+        s.pinned["half weights (offload)"] = pow2(2 * nt)
+        s.pinned["half gradients (offload)"] = pow2(2 * nt)
+        s.pageable["fp32 master weights"] = 4 * nt
+        s.pageable["optimizer states (AdamW moments)"] = 8 * nt
+        s.model_states_gpu, s.model_states_host = 2 * total, 16 * nt
+    else:
+        _deepspeed_states(c, params, p, s, in_flight, lora)
+    return s
+
+
+def _deepspeed_states(c: PhiConfig, params: Params, p: Plan, s: States, in_flight: int, lora: str) -> None:
+    z, total, nt = p.zero, params.total, params.trainable
+    g = p.world if z.stage > 0 else 1  # stage 0: DeepSpeed's fp16 optimizer, nothing partitioned
+    elem = p.trainable  # DeepSpeed's fp16/bf16 module (fp32 without either)
+    part = nt / g
+    if z.stage < 3:
+        s.gpu[f"{lora}weights" if p.full else "LoRA adapters"] = nt * elem
+        if z.contiguous_gradients:
+            s.gpu["DeepSpeed reduce bucket"] = z.reduce_bucket * (4 if z.stage == 1 else elem) * (
+                2 if z.overlap_comm else 1)
+        grads_gpu = 2 * nt if z.stage <= 1 else 0 if z.offload_optimizer else int(2 * part)
+        s.grads_carried = s.grads_all = grads_gpu
+    else:
+        persistent = sum(n for n, _, _ in params.tensors if n <= z.persistence_threshold)
+        s.gpu["weights (ZeRO-3 partition)"] = int(2 * total / g) if not z.offload_param else 0
+        if g > 1:
+            s.gpu["weights kept whole (persistence threshold)"] = int(2 * persistent * (1 - 1 / g))
+            s.gpu["gathered weights (prefetch bucket)"] = 2 * min(z.prefetch_bucket, total)
+        s.gpu["gathered module: weights + gradient (DeepSpeed's 4 × largest layer)"] = 4 * params.largest_module
+        s.gpu["DeepSpeed reduce bucket"] = z.reduce_bucket * elem
+        if "weights (frozen base)" in s.gpu:  # ZeRO-3 partitions every parameter, frozen ones too
+            del s.gpu["weights (frozen base)"]
+        grads_gpu = 0 if z.offload_optimizer else int(2 * part)
+        s.grads_carried = s.grads_all = grads_gpu
+    s.grads_head = s.grads_all
+    s.grads_all += in_flight
+    where = s.pinned if z.offload_optimizer and z.pin_memory else s.pageable
+    gpus_here = p.gpus  # the ranks that share this node's host memory
+    if z.offload_optimizer:
+        if z.stage < 3:
+            s.gpu["DeepSpeed gradient staging (largest parameter)"] = 2 * params.largest_trainable
+            for i, group in enumerate(params.groups()):
+                gp = math.ceil(group / g)
+                name = ("matrices", "biases, norms")[i]
+                round_ = pow2 if z.pin_memory else (lambda b: b)
+                where[f"fp32 master weights ({name})"] = gpus_here * round_(4 * gp)
+                where[f"fp32 gradients ({name})"] = gpus_here * round_(4 * gp)
+                where[f"half weights for the upload ({name})"] = gpus_here * round_(2 * gp)
+            where["gradient staging (largest parameter)"] = gpus_here * (
+                pow2(2 * params.largest_trainable) if z.pin_memory else 2 * params.largest_trainable)
+            if p.accumulation > 1:  # accumulated_grads_in_cpu: one buffer a parameter
+                where["accumulated gradients"] = gpus_here * sum(
+                    (pow2(2 * n) if z.pin_memory else 2 * n) / g for n, t, _ in params.tensors if t)
+        else:
+            where["fp32 gradients"] = gpus_here * (pow2(4 * part) if z.pin_memory else int(4 * part))
+            s.pageable["fp32 master weights"] = gpus_here * int(4 * part)
+            if z.offload_param:
+                where["half weights (offloaded)"] = gpus_here * (
+                    pow2(2 * total / g) if z.pin_memory else int(2 * total / g))
+        s.pageable["optimizer states (AdamW moments)"] = s.pageable.get("optimizer states (AdamW moments)", 0) \
+            + gpus_here * int(8 * part)
+        s.model_states_host = int(16 * nt / p.nodes) + (int(2 * total / p.nodes) if z.offload_param else 0)
+    else:
+        s.gpu["fp32 master weights"] = int(4 * part)
+        s.gpu[f"{lora}optimizer states (AdamW moments)"] = int(8 * part)
+        s.step["fp32 gradients (optimizer step)"] = int(4 * part)
+        s.step["flattened half gradients (optimizer step)"] = int(2 * part)
+    # DeepSpeed's sense of model states: its estimator's terms, for the parameters that train here
+    frozen = total - nt
+    if z.stage < 3:
+        weights = total * elem
+    else:
+        weights = 4 * params.largest_module + (0 if z.offload_param else int(2 * frozen / g))
+    partitioned = 0 if z.offload_param and z.offload_optimizer else 2 if z.offload_optimizer and z.stage == 3 \
+        else 0 if z.offload_optimizer else 18
+    s.model_states_gpu = weights + int(partitioned * nt / g)
+
+
+# ---------------------------------------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    """A run's memory. `gpu` holds the terms live at the step's worst moment (`peak_phase`): their sum is what
+    torch.cuda.max_memory_allocated would report. `overheads` is what the GPU needs beyond it."""
+    gpu: dict[str, int]
+    overheads: dict[str, int]
+    pinned: dict[str, int]
+    pageable: dict[str, int]
+    peak_phase: str
+    phases: dict[str, int]
+    activations: Activations
+    model_states_gpu: int
+    model_states_host: int
+    deepspeed: dict | None
+    plan: Plan
+    notes: list[str]
+
+    @property
+    def gpu_allocated(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def gpu_total(self) -> int:
+        return self.gpu_allocated + sum(self.overheads.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.pinned.values()) + sum(self.pageable.values())
+
+    def to_dict(self) -> dict:
+        a = self.activations
+        return {
+            "gpu_peak_allocated_bytes": self.gpu_allocated, "gpu_total_bytes": self.gpu_total,
+            "host_total_bytes": self.host_total, "host_pinned_bytes": sum(self.pinned.values()),
+            "peak_phase": self.peak_phase, "phases": self.phases, "gpu": self.gpu, "gpu_overheads": self.overheads,
+            "host_pinned": self.pinned, "host_pageable": self.pageable,
+            "activations_per_layer": a.per_layer, "activations_total": {k: a.total(k) for k in POLICIES},
+            "recompute_transient": a.recompute_transient, "model_states_gpu": self.model_states_gpu,
+            "model_states_host": self.model_states_host, "deepspeed_estimator": self.deepspeed,
+            "plan": dataclasses.asdict(self.plan), "notes": self.notes}
+
+
+def estimate(config: PhiConfig, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_config: dict | None = None,
+             device: str = "cuda", params: Params | None = None) -> Estimate:
+    """The memory of `run` on GPUs (device "cpu": the same arithmetic for the PyTorch reference ops)."""
+    params = params or count_parameters(config, run)
+    p = plan_for(run, device, gpus, nodes, ds_config, config.hidden_size)
+    act = activations(config, p)
+    s = states(config, params, p)
+    base = dict(s.gpu)
+    base["cuBLAS workspaces"] = WORKSPACES
+    base["batch (input ids, labels)"] = 2 * 8 * p.tokens
+    head = sum(head_saved(config, p).values())
+    saved = act.total(p.policy)
+    saved_name = f"activations ({'no recomputation' if p.policy == 'none' else p.policy + ' recomputation'})"
+    grads = "gradients" if p.full else "LoRA gradients"
+    bwd_grads, workspace = block_backward(config, p)
+    rerun = act.recompute_transient[p.policy]
+    phases_terms = {
+        "end of forward (loss head)": {grads: s.grads_carried, saved_name: saved,
+                                       "loss head (chunked logits)": head_transient(config, p)},
+        "backward, first block": {grads: max(s.grads_carried, s.grads_head), saved_name: saved - head,
+                                  "recomputation (one block)": rerun, "block backward gradients": bwd_grads,
+                                  "attention backward workspace": workspace},
+        "backward, last block": {grads: s.grads_all - s.grads_embedding, saved_name: act.first_layer[p.policy],
+                                 "recomputation (one block)": rerun, "block backward gradients": bwd_grads,
+                                 "attention backward workspace": workspace},
+        "optimizer step": {grads: s.grads_all, **s.step},
+    }
+    phases = {name: sum(base.values()) + sum(t.values()) for name, t in phases_terms.items()}
+    peak = max(phases, key=phases.get)
+    gpu = {k: v for k, v in {**base, **phases_terms[peak]}.items() if v}
+    allocated = sum(gpu.values())
+    overheads = {"CUDA context": CUDA_CONTEXT, "allocator slack": int(ALLOCATOR_SLACK * allocated)}
+    if p.world > 1:
+        overheads["NCCL buffers"] = NCCL_BUFFERS
+    processes = p.gpus if p.engine == "deepspeed" else 1
+    pageable = {"process (Python, torch, CUDA runtime)": processes * HOST_PROCESS}
+    if p.engine == "deepspeed":
+        pageable["DeepSpeed"] = processes * HOST_DEEPSPEED
+    pageable.update(s.pageable)
+    notes = [f"every sample at --cutoff_len {p.seq}: {p.batch} × {p.seq} tokens a micro-batch, every position "
+             "labelled (the worst batch)"]
+    if p.packing:
+        notes.append("--packing: each row's segment mask keeps an additive bias per block (memory-efficient "
+                     "attention), counted in")
+    if device == "cuda" and p.compute == 2:
+        notes.append("phift's CUDA kernels assumed built (rotary, LoRA, cross-entropy); without them the "
+                     "PyTorch fallbacks keep more")
+    ds = None
+    if p.engine == "deepspeed":
+        z = p.zero
+        host_ds, gpu_ds = deepspeed_reference(params.total, params.largest_module, z.stage, p.gpus, p.nodes,
+                                              z.offload_optimizer, z.offload_param)
+        ds = {"host_bytes": host_ds, "gpu_bytes": gpu_ds, "stage": z.stage, "offload_optimizer": z.offload_optimizer}
+    return Estimate(gpu=gpu, overheads=overheads, pinned=s.pinned, pageable=pageable, peak_phase=peak, phases=phases,
+                    activations=act, model_states_gpu=s.model_states_gpu, model_states_host=s.model_states_host,
+                    deepspeed=ds, plan=p, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------ fit, and what would fit
+def fits(e: Estimate, gpu_gib: float, host_gib: float) -> bool:
+    return e.gpu_total <= gpu_gib * GIB and e.host_total <= host_gib * GIB
+
+
+def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
+    """Changes that cut memory, cheapest first: (kind, the flags that say it, {group: fields}, DeepSpeed config or
+    None). A later change of a kind replaces an earlier one of the same kind."""
+    m, d, f, t = run.model, run.data, run.finetuning, run.training
+    if m.disable_gradient_checkpointing:
+        yield "recompute", "--disable_gradient_checkpointing False --gradient_checkpointing_policy mlp", \
+            {"model": dict(disable_gradient_checkpointing=False, gradient_checkpointing_policy="mlp")}, None
+    if m.disable_gradient_checkpointing or m.gradient_checkpointing_policy == "mlp":
+        yield "recompute", "--disable_gradient_checkpointing False --gradient_checkpointing_policy full", \
+            {"model": dict(disable_gradient_checkpointing=False, gradient_checkpointing_policy="full")}, None
+    if f.finetuning_type == "full" and t.deepspeed and ds_config is not None:
+        zero = ds_config.get("zero_optimization", {})
+        if (zero.get("offload_optimizer") or {}).get("device", "none") == "none":
+            cfg = json.loads(json.dumps(ds_config))
+            cfg.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            if cfg["zero_optimization"].get("stage", 0) == 0:
+                cfg["zero_optimization"]["stage"] = 2
+            yield "offload", f"zero_optimization.offload_optimizer.device cpu in {t.deepspeed}", {}, cfg
+    elif f.finetuning_type == "full" and t.offload_optimizer == "none":
+        half = {} if (t.fp16 or t.bf16 or t.pure_bf16) else {"bf16": True} if gpu_bf16 else {"fp16": True}
+        yield "offload", "--offload_optimizer cpu" + "".join(f" --{k} True" for k in half), \
+            {"training": dict(offload_optimizer="cpu", **half), "finetuning": dict(upcast_layernorm=False)}, None
+    batch, accum = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    while batch > 1:
+        batch, accum = batch // 2, accum * 2
+        yield "batch", f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {accum}", \
+            {"training": dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accum)}, None
+    for share in (3 / 4, 1 / 2, 1 / 4):
+        cutoff = int(d.cutoff_len * share) // 64 * 64
+        if 64 <= cutoff < d.cutoff_len:
+            yield "cutoff", f"--cutoff_len {cutoff} (longer samples are cut)", {"data": dict(cutoff_len=cutoff)}, None
+    if f.finetuning_type == "full":
+        yield "lora", "--finetuning_type lora", {"finetuning": dict(finetuning_type="lora"),
+                                                 "training": dict(offload_optimizer="none")}, None
+
+
+def suggest(config: PhiConfig, run: RunConfig, gpu: tuple[str, float, bool], host_gib: float, gpus: int = 1,
+            nodes: int = 1, ds_config: dict | None = None) -> tuple[str, Estimate] | None:
+    """The cheapest change that makes the run fit `gpu` and `host_gib`: recomputation, then optimizer offload, then
+    smaller micro-batches with more accumulation, a shorter cutoff, LoRA instead of full fine-tuning, each
+    re-estimated. A change that brought the run closer stays under the next ones; once one fits, the earlier ones it
+    does not need are dropped. None: nothing on the list fits."""
+    _, gpu_gib, gpu_bf16 = gpu
+    if ds_config is None and run.training.deepspeed:
+        ds_config = json.loads(Path(run.training.deepspeed).read_text())
+
+    def excess(e):
+        return max(0, e.gpu_total - gpu_gib * GIB) + max(0, e.host_total - host_gib * GIB)
+
+    def trial(changes):
+        """The estimate with these changes applied to the run, or None where phift would refuse the flags."""
+        candidate, cfg = run, ds_config
+        for _, _, groups, new_cfg in changes:
+            candidate = dataclasses.replace(candidate, **{
+                g: dataclasses.replace(getattr(candidate, g), **kw) for g, kw in groups.items()})
+            cfg = new_cfg if new_cfg is not None else cfg
+        try:
+            check(candidate)
+        except ConfigError:
+            return None
+        return estimate(config, candidate, gpus, nodes, cfg)
+
+    kept, best = [], estimate(config, run, gpus, nodes, ds_config)
+    for variant in _variants(run, ds_config, gpu_bf16):
+        changes = [c for c in kept if c[0] != variant[0]] + [variant]
+        e = trial(changes)
+        if e is None:
+            continue
+        if fits(e, gpu_gib, host_gib):
+            for c in changes[:-1]:  # drop what the last change made unnecessary
+                fewer = [x for x in changes if x is not c]
+                smaller = trial(fewer)
+                if smaller is not None and fits(smaller, gpu_gib, host_gib):
+                    changes, e = fewer, smaller
+            return "; ".join(text for _, text, _, _ in changes), e
+        if excess(e) < excess(best):
+            kept, best = changes, e
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ the report
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f} GiB"
+
+
+def render(e: Estimate, config: PhiConfig, params: Params, suggestion, target: tuple[str, float, float]) -> str:
+    p, a = e.plan, e.activations
+    what = "full fine-tuning" if p.full else f"LoRA r{p.lora_rank} on {','.join(p.lora_targets)}"
+    lines = [f"phift estimate: {config.name}, {what}, "
+             f"{params.total / 1e6:,.1f} M parameters ({params.trainable / 1e6:,.2f} M trainable), engine {p.engine}"
+             + (f" ZeRO-{p.zero.stage}" + (" (optimizer offloaded)" if p.zero.offload_optimizer else "")
+                if p.zero else "") + f", {p.world} GPU{'s' if p.world > 1 else ''}",
+             f"  micro-batch {p.batch} × {p.seq} tokens (every sample at the cutoff), accumulation {p.accumulation}, "
+             f"recomputation {p.policy}; element bytes: weights {p.weight}, matmuls {p.compute}, trainable "
+             f"{p.trainable}{', autocast' if p.autocast else ''}", "",
+             f"GPU, per device: {_gib(e.gpu_total)} needed; {_gib(e.gpu_allocated)} allocated at the peak "
+             f"({e.peak_phase})"]
+    for name, b in e.gpu.items():
+        if b < MIB:
+            continue
+        lines.append(f"  {name:58s} {_gib(b):>11s}")
+    for name, b in e.overheads.items():
+        lines.append(f"  {name + ' (not in max_memory_allocated)':58s} {_gib(b):>11s}")
+    lines.append("  the step's moments: " + ", ".join(f"{k} {_gib(v)}" for k, v in e.phases.items()))
+    lines += ["", f"Activations kept per block ({p.batch} × {p.seq} tokens): "
+              + ", ".join(f"{k} {_gib(v)}" for k, v in (("no recomputation", a.per_layer["none"]),
+                                                        ("full recomputation", a.per_layer["full"]),
+                                                        ("mlp policy", a.per_layer["mlp"])))
+              + f"; the recomputation holds {_gib(a.recompute_transient['full'])} (full) or "
+              f"{_gib(a.recompute_transient['mlp'])} (mlp) more while a block's backward runs",
+              f"  all {a.layers} blocks and the loss head: " + ", ".join(
+                  f"{k} {_gib(a.total(k))}" for k in POLICIES)]
+    lines += ["", f"Host, per node: {_gib(e.host_total)} ({_gib(sum(e.pinned.values()))} pinned)"]
+    for name, b in {**{k + " [pinned]": v for k, v in e.pinned.items()}, **e.pageable}.items():
+        if b < MIB:  # --json lists them all
+            continue
+        lines.append(f"  {name:58s} {_gib(b):>11s}")
+    lines.append(f"  model states (weights, gradients, fp32 masters, moments): GPU {_gib(e.model_states_gpu)}, host "
+                 f"{_gib(e.model_states_host)}")
+    if e.deepspeed:
+        lines.append(f"  DeepSpeed's own estimator (model states only, every parameter trained, its ×1.5 host buffer "
+                     f"factor): GPU {_gib(e.deepspeed['gpu_bytes'])}, host {_gib(e.deepspeed['host_bytes'])}")
+    lines += ["", "Fits?  " + "  ".join(f"{n} {g}: {'yes' if e.gpu_total <= g * GIB else 'no'}" for n, g, _ in GPUS),
+              "       " + "  ".join(f"{n} {g} GiB host: {'yes' if e.host_total <= g * GIB else 'no'}"
+                                   for n, g in HOSTS)]
+    name, gpu_gib, host_gib = target
+    if fits(e, gpu_gib, host_gib):
+        lines.append(f"It fits {name} ({gpu_gib} GiB) with {host_gib} GiB of host memory.")
+    elif suggestion:
+        text, s = suggestion
+        lines.append(f"To fit {name} ({gpu_gib} GiB) with {host_gib} GiB of host memory: {text} "
+                     f"(GPU {_gib(s.gpu_total)}, host {_gib(s.host_total)})")
+    else:
+        lines.append(f"Nothing on the list (recomputation, offload, micro-batch, cutoff, LoRA) fits {name} "
+                     f"({gpu_gib} GiB) with {host_gib} GiB of host memory.")
+    lines += [f"Note: {n}" for n in e.notes]
+    return "\n".join(lines)
+
+
+def _target(gpu: str | None, host_gib: float | None) -> tuple[tuple[str, float, bool], float]:
+    """The GPU and host to fit: as named, else this machine's, else the seed's free Colab (T4, 12.7 GiB)."""
+    cards = {n.lower(): (n, g, bf) for n, g, bf in GPUS}
+    if gpu:
+        try:
+            card = cards.get(gpu.lower()) or (f"{float(gpu):g} GiB GPU", float(gpu), True)
+        except ValueError:
+            raise ConfigError(f"--gpu {gpu!r}: a card of the table ({', '.join(n for n, _, _ in GPUS)}) or GiB") \
+                from None
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        card = (props.name, props.total_memory / GIB, torch.cuda.is_bf16_supported())
+    else:
+        card = cards["t4"]
+    if host_gib is None:
+        host_gib = _host_memory() / GIB if gpu is None and torch.cuda.is_available() else HOSTS[0][1]
+    return card, host_gib
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def main(argv) -> None:
+    """`phift estimate`: phift train's flags (or YAML file), and where to fit it."""
+    from .args import parse_train_args
+
+    extra = argparse.ArgumentParser(prog="phift estimate", add_help=False, allow_abbrev=False)
+    extra.add_argument("--num_gpus", type=int, default=1, help="GPUs per node (DeepSpeed's partitions)")
+    extra.add_argument("--num_nodes", type=int, default=1, help="nodes")
+    extra.add_argument("--gpu", default=None, help="the GPU to fit: a card of the table or GiB (default: this "
+                                                   "machine's, else a T4)")
+    extra.add_argument("--host_gib", type=float, default=None, help="host memory to fit (default: this machine's "
+                                                                    "with a GPU, else Colab's 12.7)")
+    extra.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    ours, rest = extra.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        extra.print_help()
+        print("\nand every flag of `phift train` (phift train --help), or its YAML file first")
+        return
+    if ours.num_gpus < 1 or ours.num_nodes < 1:
+        raise ConfigError("--num_gpus and --num_nodes must be positive")
+    run = parse_train_args(rest)
+    if ours.num_gpus * ours.num_nodes > 1 and not run.training.deepspeed:
+        raise ConfigError("multi-process runs go through DeepSpeed: add --deepspeed <config.json>")
+    config = read_config(run.model.model_name_or_path)
+    params = count_parameters(config, run)
+    e = estimate(config, run, ours.num_gpus, ours.num_nodes, params=params)
+    card, host_gib = _target(ours.gpu, ours.host_gib)
+    fit = fits(e, card[1], host_gib)
+    suggestion = None if fit else suggest(config, run, card, host_gib, ours.num_gpus, ours.num_nodes)
+    if ours.json:
+        out = e.to_dict()
+        out["fits"] = {"gpus": {n: e.gpu_total <= g * GIB for n, g, _ in GPUS},
+                       "hosts": {n: e.host_total <= g * GIB for n, g in HOSTS},
+                       "target": {"gpu": card[0], "gpu_gib": card[1], "host_gib": host_gib, "fits": fit}}
+        out["suggestion"] = None if suggestion is None else {
+            "change": suggestion[0], "gpu_total_bytes": suggestion[1].gpu_total,
+            "host_total_bytes": suggestion[1].host_total}
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(e, config, params, suggestion, (card[0], card[1], host_gib)))
+
+
+def preflight(run: RunConfig, world: int, device: torch.device) -> Estimate | None:
+    """`phift train --estimate True`: the report before training; a warning naming what overflows this GPU."""
+    if device.type != "cuda":
+        logger.warning("--estimate True: no CUDA GPU here; the estimate is for one (phift estimate shows it)")
+    config = read_config(run.model.model_name_or_path)
+    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    params = count_parameters(config, run)
+    e = estimate(config, run, gpus, max(1, world // gpus), params=params)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        card = (props.name, props.total_memory / GIB, torch.cuda.is_bf16_supported())
+    else:
+        card = next(g for g in GPUS if g[0] == "T4")
+    host_gib = _host_memory() / GIB
+    fit = fits(e, card[1], host_gib)
+    suggestion = None if fit else suggest(config, run, card, host_gib, gpus, max(1, world // gpus))
+    logger.info("%s", render(e, config, params, suggestion, (card[0], card[1], host_gib)))
+    if e.gpu_total > card[1] * GIB:
+        largest = max(e.gpu, key=e.gpu.get)
+        logger.warning("--estimate: this run needs %s on %s, which has %s; the largest part is %s (%s)",
+                       _gib(e.gpu_total), card[0], _gib(card[1] * GIB), largest, _gib(e.gpu[largest]))
+    if e.host_total > host_gib * GIB:
+        logger.warning("--estimate: this run needs %s of host memory, this machine has %s", _gib(e.host_total),
+                       _gib(host_gib * GIB))
+    return e

@@ -1,0 +1,376 @@
+"""phift.estimate: memory predicted from the flags. Activations against the bytes autograd really keeps on the CPU,
+model states against hand arithmetic and DeepSpeed's own estimator, the report's parts against its totals."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from phift import estimate as E
+from phift.args import decide_precision, parse_train_args
+from phift.cli import main as cli_main
+from phift.config import PhiConfig
+from phift.model import Phi
+from phift.train import prepare_model
+
+from conftest import ROOT, subprocess_env
+
+GIB = 1 << 30
+PHI_1_5 = 1_418_270_720  # parameters of phi-1_5: embedding, 24 blocks, ln_f, lm_head with its bias
+LORA_R8_WQKV = 24 * (8 * 2048 + 6144 * 8)  # A [8, 2048] and B [6144, 8] in each block
+
+
+def run_of(*flags, model="phi-1_5", **over):
+    argv = ["--model_name_or_path", model, "--dataset", "x", "--output_dir", "/tmp/unused", *flags]
+    for k, v in over.items():
+        argv += [f"--{k}", str(v)]
+    return parse_train_args(argv)
+
+
+def estimate_of(*flags, **over):
+    return E.estimate(E.read_config("phi-1_5"), run_of(*flags, **over))
+
+
+# ------------------------------------------------------------------------------------ activations: the CPU's truth
+def tiny(**over):
+    return PhiConfig.from_name("tiny", vocab_size=128, max_position_embeddings=256, **over)
+
+
+def cpu_model(config, run):
+    """The model as `phift train` prepares it on the CPU, except that checkpoints keep no RNG state (a host-side
+    5 KB a call, which the estimate, being about the GPU, leaves out)."""
+    import phift.train as train_mod
+    from phift import recompute as rc
+
+    precision = decide_precision(run, torch.device("cpu"))
+    torch.manual_seed(0)
+    original = train_mod.recompute
+    train_mod.recompute = lambda model, policy, reentrant, preserve_rng_state, lean: rc.recompute(
+        model, policy, reentrant, False, lean)
+    try:
+        return prepare_model(Phi(config).to(precision.load), run, precision).train(), precision
+    finally:
+        train_mod.recompute = original
+
+
+def live_after_forward(model, x, autocast: bool) -> int:
+    """Bytes the CPU allocator holds after a training forward that it did not hold before: everything autograd and
+    the checkpoints keep for backward (the 4-byte loss itself left out)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, labels=x)  # held: with it go the graph and all it keeps
+    del loss
+    return sum(e.self_cpu_memory_usage for e in prof.events()) - 4
+
+
+PRECISIONS = {
+    "full fp32": ["--finetuning_type", "full"],
+    "full bf16 autocast": ["--finetuning_type", "full", "--bf16", "True"],
+    "full pure bf16": ["--finetuning_type", "full", "--pure_bf16", "True"],
+    "lora fp32": [],
+    "lora bf16 autocast": ["--bf16", "True"],
+    "lora all targets, no dropout": ["--lora_target", "all", "--lora_dropout", "0"],
+    "lora all targets bf16": ["--bf16", "True", "--lora_target", "all"],
+    "lora bf16, fp32 layer norms": ["--bf16", "True", "--upcast_layernorm", "True"],
+}
+RECOMPUTE = {"none": ["--disable_gradient_checkpointing", "True"], "full": [],
+             "mlp": ["--gradient_checkpointing_policy", "mlp"]}
+
+
+@pytest.mark.parametrize("resid_pdrop", [0.0, 0.1])
+@pytest.mark.parametrize("policy", list(RECOMPUTE))
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_activations_are_the_bytes_autograd_keeps(precision, policy, resid_pdrop):
+    """The per-block inventory, summed over blocks and the loss head, is exactly what a CPU forward leaves allocated
+    for backward: without recomputation, with full recomputation and with the mlp policy, in fp32 and bf16."""
+    config = tiny(num_layers=3, resid_pdrop=resid_pdrop)
+    run = run_of(*PRECISIONS[precision], *RECOMPUTE[policy], model="tiny", per_device_train_batch_size=2,
+                 cutoff_len=16)
+    model, prec = cpu_model(config, run)
+    measured = live_after_forward(model, torch.randint(0, config.vocab_size, (2, 16)), prec.autocast is not None)
+    e = E.estimate(config, run, device="cpu")
+    assert e.activations.total(policy) == measured
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_a_recomputed_block_keeps_what_its_inventory_says(precision):
+    """While a checkpointed block's backward runs, its rerun keeps the tensors `block_saved(recomputing=True)` lists
+    (counted as they pass through saved-tensor hooks, which a Python scalar kept by `scaling * …` never does)."""
+    config = tiny(num_layers=1)
+    run = run_of(*PRECISIONS[precision], model="tiny", per_device_train_batch_size=2, cutoff_len=16)
+    model, prec = cpu_model(config, run)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept, alive, rerun = set(), [], {}
+
+    def forward_pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        alive.append(t)  # its address is not reused by a tensor of the backward
+        return t
+
+    def backward_pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params | kept:
+            rerun[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec.autocast is not None):
+        with torch.autograd.graph.saved_tensors_hooks(forward_pack, lambda t: t):
+            loss = model(x, labels=x)
+    with torch.autograd.graph.saved_tensors_hooks(backward_pack, lambda t: t):
+        loss.backward()
+    plan = E.plan_for(run, "cpu")
+    inventory = E.block_saved(config, plan, "none", recomputing=True)
+    assert sum(v for k, v in inventory.items() if not k.endswith("scaling")) == sum(rerun.values())
+    assert sum(inventory.values()) == E.activations(config, plan).recompute_transient["full"]
+
+
+def test_full_recomputation_keeps_only_each_block_input():
+    e = estimate_of("--finetuning_type", "full", "--pure_bf16", "True", per_device_train_batch_size=4,
+                    cutoff_len=2048)
+    assert e.activations.per_layer["full"] == 2 * 4 * 2048 * 2048  # bf16 [4, 2048, 2048]
+    assert e.activations.per_layer["full"] < e.activations.per_layer["mlp"] < e.activations.per_layer["none"]
+
+
+def test_the_loss_keeps_the_logits_gradient_for_few_rows_and_the_weight_gradient_for_many():
+    """phift.model's kept-gradient rule: one chunk of rows no larger than an fp32 weight gradient keeps g itself."""
+    few = E.head_saved(PhiConfig.from_name("phi-1_5"), E.plan_for(run_of("--finetuning_type", "full", "--bf16", "True",
+                                                                         per_device_train_batch_size=1)))
+    assert few["loss: logits gradient (kept)"] == 1023 * 51200 * 2 and "loss: lm_head weight gradient (fp32)" not in few
+    many = E.head_saved(PhiConfig.from_name("phi-1_5"), E.plan_for(run_of(
+        "--finetuning_type", "full", "--bf16", "True", per_device_train_batch_size=4, cutoff_len=2048)))
+    assert many["loss: lm_head weight gradient (fp32)"] == 4 * 51200 * 2048
+    assert "loss: logits gradient (kept)" not in many
+
+
+# ----------------------------------------------------------------------------------------- model states by hand
+def test_parameters_are_counted_on_the_meta_device_without_reading_weights():
+    params = E.count_parameters(PhiConfig.from_name("phi-1_5"), run_of())
+    assert params.total == PHI_1_5 + LORA_R8_WQKV and params.trainable == LORA_R8_WQKV
+    assert params.largest_module == 51200 * 2048 + 51200  # lm_head, DeepSpeed's "largest layer"
+
+
+def test_lora_fp16_keeps_half_weights_fp32_adapters_and_their_adamw_states():
+    e = estimate_of("--fp16", "True")
+    assert e.gpu["weights (frozen base)"] == 2 * PHI_1_5
+    assert e.gpu["LoRA adapters"] == 4 * LORA_R8_WQKV
+    assert e.gpu["LoRA optimizer states (AdamW moments)"] == 8 * LORA_R8_WQKV
+    assert e.gpu["fused LoRA [W | s·B] copies"] == 24 * 6144 * (2048 + 64) * 2  # kernels/lora_op.cpp's copy of W
+
+
+@pytest.mark.parametrize("flags, weights, grads, masters", [
+    (["--bf16", "True"], 4, 4, 0),  # fp32 weights under autocast: 4 + 4 + 8
+    (["--pure_bf16", "True"], 2, 2, 4),  # bf16 weights, fp32 masters in MasterAdamW: 2 + 2 + 4 + 8
+])
+def test_full_fine_tuning_keeps_16_bytes_a_parameter(flags, weights, grads, masters):
+    e = estimate_of("--finetuning_type", "full", *flags, per_device_train_batch_size=1)
+    assert e.model_states_gpu == 16 * PHI_1_5
+    assert e.peak_phase == "optimizer step"  # 1 × 1024 tokens: the activations are small beside the gradients
+    assert e.gpu["weights"] == weights * PHI_1_5 and e.gpu["gradients"] == grads * PHI_1_5
+    assert e.gpu["optimizer states (AdamW moments)"] == 8 * PHI_1_5
+    assert e.gpu.get("fp32 master weights", 0) == masters * PHI_1_5
+
+
+def test_phift_offload_keeps_half_weights_on_the_gpu_and_fp32_state_plus_pinned_buffers_on_the_host():
+    e = estimate_of("--finetuning_type", "full", "--fp16", "True", "--offload_optimizer", "cpu")
+    assert e.gpu["weights"] == 2 * PHI_1_5 and "optimizer states (AdamW moments)" not in e.gpu
+    assert e.pinned == {"half weights (offload)": 4 * GIB, "half gradients (offload)": 4 * GIB}  # 2.8 GB → 2^32
+    assert e.pageable["fp32 master weights"] == 4 * PHI_1_5
+    assert e.pageable["optimizer states (AdamW moments)"] == 8 * PHI_1_5
+    assert e.model_states_host == 16 * PHI_1_5
+
+
+def test_accumulated_gradients_stay_through_the_next_forward():
+    one = estimate_of("--finetuning_type", "full", "--pure_bf16", "True", per_device_train_batch_size=1)
+    two = estimate_of("--finetuning_type", "full", "--pure_bf16", "True", per_device_train_batch_size=1,
+                      gradient_accumulation_steps=2)
+    assert two.phases["end of forward (loss head)"] - one.phases["end of forward (loss head)"] == 2 * PHI_1_5
+
+
+@pytest.mark.parametrize("flags", [
+    ["--fp16", "True"], ["--bf16", "True", "--disable_gradient_checkpointing", "True"],
+    ["--finetuning_type", "full", "--bf16", "True", "--per_device_train_batch_size", "4", "--cutoff_len", "2048"],
+    ["--finetuning_type", "full", "--fp16", "True", "--deepspeed", str(ROOT / "examples" / "ds_config.json")],
+    ["--finetuning_type", "full", "--bf16", "True", "--offload_optimizer", "cpu"],
+])
+def test_the_breakdown_adds_up_to_the_totals(flags):
+    e = estimate_of(*flags)
+    assert sum(e.gpu.values()) == e.gpu_allocated == e.phases[e.peak_phase] == max(e.phases.values())
+    assert e.gpu_total == e.gpu_allocated + sum(e.overheads.values())
+    assert e.host_total == sum(e.pinned.values()) + sum(e.pageable.values())
+    assert e.overheads["allocator slack"] == int(E.ALLOCATOR_SLACK * e.gpu_allocated)
+
+
+def test_recipe_3_under_deepspeed_pins_power_of_two_buffers_per_group():
+    e = estimate_of("--finetuning_type", "full", "--fp16", "True", "--deepspeed",
+                    str(ROOT / "examples" / "ds_config.json"))
+    assert e.plan.zero.stage == 2 and e.plan.zero.offload_optimizer and e.plan.zero.reduce_bucket == 200_000_000
+    assert e.gpu["DeepSpeed reduce bucket"] == 2 * 200_000_000
+    assert e.pinned["fp32 master weights (matrices)"] == 8 * GIB  # 5.7 GB of fp32 matrices, rounded up
+    assert e.pinned["half weights for the upload (matrices)"] == 4 * GIB
+
+
+def test_deepspeeds_formula_gives_the_tutorials_32_gb_for_phi_1_5():
+    """The seed ran estimate_zero3_model_states_mem_needs_all_live on phi-1_5: ~32 GB of host memory with the
+    optimizer offloaded. The same formula, for the seed's ZeRO-2 recipe, reads the same."""
+    host, gpu = E.deepspeed_reference(PHI_1_5, 51200 * 2048 + 51200, 3, 1, 1, offload_optimizer=True)
+    assert round(host / GIB, 2) == 31.70
+    e = estimate_of("--finetuning_type", "full", "--fp16", "True", "--deepspeed",
+                    str(ROOT / "examples" / "ds_config.json"))
+    assert round(e.deepspeed["host_bytes"] / GIB, 2) == 31.70 and e.deepspeed["gpu_bytes"] == 2 * PHI_1_5
+
+
+# ------------------------------------------------------------------------------------------- fit and suggestions
+def test_a_run_that_overflows_gets_the_cheapest_change_that_fits():
+    run = run_of("--finetuning_type", "full", "--bf16", "True", "--disable_gradient_checkpointing", "True",
+                 per_device_train_batch_size=12)
+    config = PhiConfig.from_name("phi-1_5")
+    assert not E.fits(E.estimate(config, run), 40, 51)
+    text, fitted = E.suggest(config, run, ("A100-40", 40, True), 51)
+    assert text == "--disable_gradient_checkpointing False --gradient_checkpointing_policy mlp"
+    assert E.fits(fitted, 40, 51)
+    text, _ = E.suggest(config, run, ("T4", 15, False), 51)  # the recomputation alone is not enough, and stays
+    assert text == ("--disable_gradient_checkpointing False --gradient_checkpointing_policy full; "
+                    "--offload_optimizer cpu")
+
+
+def test_full_fine_tuning_of_phi_2_on_a_t4_is_offloaded_and_when_the_host_is_too_small_becomes_lora():
+    run = run_of("--finetuning_type", "full", "--fp16", "True", model="phi-2", per_device_train_batch_size=1)
+    config = PhiConfig.from_name("phi-2")
+    text, fitted = E.suggest(config, run, ("T4", 15, False), 51)
+    assert "--offload_optimizer cpu" in text and E.fits(fitted, 15, 51)
+    text, _ = E.suggest(config, run, ("T4", 15, False), 12.7)
+    assert text.endswith("--finetuning_type lora")
+
+
+# ------------------------------------------------------------------------------------------------- the command
+def test_estimate_prints_the_report_for_a_preset(capsys):
+    cli_main(["estimate", "--model_name_or_path", "phi-1_5", "--dataset", "x", "--output_dir", "/tmp/unused",
+              "--fp16", "True", "--gpu", "T4"])
+    out = capsys.readouterr().out
+    assert "GPU, per device:" in out and "Host, per node:" in out and "It fits T4" in out
+    assert re.search(r"T4 15: yes", out)
+
+
+def test_estimate_json_has_the_same_numbers(capsys):
+    argv = ["--model_name_or_path", "phi-1_5", "--dataset", "x", "--output_dir", "/tmp/unused", "--fp16", "True"]
+    cli_main(["estimate", *argv, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    e = E.estimate(PhiConfig.from_name("phi-1_5"), parse_train_args(argv))
+    assert out["gpu_peak_allocated_bytes"] == e.gpu_allocated and out["host_total_bytes"] == e.host_total
+    assert out["gpu"] == e.gpu and out["fits"]["gpus"]["T4"] is True
+
+
+def test_estimate_refuses_what_train_refuses(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["estimate", "--model_name_or_path", "phi-1_5", "--dataset", "x", "--output_dir", "/tmp/unused",
+                  "--fp16", "True", "--bf16", "True"])
+    assert exit_.value.code == 2
+    assert "phift estimate: error: --fp16 and --bf16 are exclusive" in capsys.readouterr().err
+
+
+def test_a_checkpoint_directory_gives_its_config_json_alone(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(PhiConfig.from_name("phi-2").to_hf_dict()))
+    config = E.read_config(str(tmp_path))  # no weights in the directory: none are read
+    assert (config.hidden_size, config.num_layers) == (2560, 32)
+
+
+def test_a_hub_id_fetches_config_json_alone(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo_id, filename, **kw):
+        asked.append((repo_id, filename))
+        path = tmp_path / filename
+        path.write_text(json.dumps(PhiConfig.from_name("phi-1_5").to_hf_dict()))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert E.read_config("microsoft/phi-1_5").num_layers == 24
+    assert asked == [("microsoft/phi-1_5", "config.json")]
+
+
+def test_train_with_estimate_reports_first(tmp_path, monkeypatch):
+    import phift.train as train_mod
+    from test_train import run_args
+
+    called = []
+    monkeypatch.setattr(train_mod.estimate, "preflight", lambda run, world, device: called.append((world, device)))
+    train_mod.train(run_args(tmp_path, estimate=True, max_steps=1))
+    assert called == [(1, torch.device("cpu"))]
+
+
+def test_preflight_warns_without_a_gpu_and_reports(caplog):
+    run = run_of("--fp16", "True", model="tiny")
+    with caplog.at_level("INFO", logger="phift.estimate"):
+        e = E.preflight(run, 1, torch.device("cpu"))
+    assert e.gpu_allocated > 0 and "GPU, per device" in caplog.text and "no CUDA GPU here" in caplog.text
+
+
+# --------------------------------------------------------------------------------------- integration: DeepSpeed
+def _deepspeed_lines(fn, model, capsys, **kw):
+    """The (host GB, GPU GB, options) rows DeepSpeed's *_all_live estimator prints."""
+    fn(model, **kw)
+    rows = re.findall(r"^\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.+)$", capsys.readouterr().out, re.M)
+    return {re.sub(r"\s|OffloadDeviceEnum\.", "", options): (float(host), float(gpu))
+            for host, gpu, options in rows}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("offload", [True, False])
+def test_model_states_equal_deepspeeds_own_estimate(tmp_path, capsys, stage, offload, gpus):
+    """phift's model states for a ZeRO-2/3 full fine-tune equal DeepSpeed's estimate_zero{2,3}_model_states_mem_needs
+    (its *_all_live functions on the same tiny phi): on the GPU exactly; on the host, phift's fp32 masters,
+    gradients and moments times DeepSpeed's 1.5 buffer factor (phift loads weights straight to the GPU, so with the
+    optimizer on the GPU it needs no host copy where DeepSpeed counts 4 bytes a parameter)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live, model_to_params
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    config = PhiConfig.from_name("tiny", vocab_size=50000, hidden_size=256, intermediate_size=1024)
+    model = Phi(config)  # 27 M parameters: DeepSpeed prints its estimate in GB to two decimals
+    total, largest = model_to_params(model)
+    cfg = {"zero_optimization": {"stage": stage}, "fp16": {"enabled": "auto"}}
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    run = run_of("--finetuning_type", "full", "--fp16", "True", "--deepspeed", str(path), model="tiny")
+    e = E.estimate(config, run, gpus=gpus, params=E.count_parameters(config, run))
+    assert E.count_parameters(config, run).total == total
+
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live as live
+        host, gpu = estimate_zero2_model_states_mem_needs(total, gpus, 1, cpu_offload=offload)
+        option = f"offload_optimizer={'cpu' if offload else 'none'}"
+    else:
+        live = estimate_zero3_model_states_mem_needs_all_live
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, cpu_offload=offload,
+                                                             cpu_offload_params=False, zero_init=False)
+        option = f"offload_param=none,offload_optimizer={'cpu' if offload else 'none'},zero_init=0"
+    assert (host, gpu) == (e.deepspeed["host_bytes"], e.deepspeed["gpu_bytes"])
+    assert e.model_states_gpu == gpu
+    if offload:
+        assert int(e.model_states_host * 1.5) == host
+    printed = _deepspeed_lines(live, model, capsys, num_gpus_per_node=gpus, num_nodes=1)
+    assert printed[option] == (round(host / GIB, 2), round(gpu / GIB, 2))
+
+
+@pytest.mark.integration
+def test_bench_estimate_runs_its_tiny_cases_on_the_cpu(tmp_path):
+    out = tmp_path / "estimate.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_estimate.py"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert all(r["predicted"]["allocated"] > 0 and r["measured"]["host_peak"] > 0 for r in rows)
+    assert "| tiny-full-bf16-2x64-offload |" in out.read_text()
