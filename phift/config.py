@@ -222,7 +222,8 @@ class Phi3Config:
             return 1.0
         if s.attention_factor is not None:
             return s.attention_factor
-        factor = s.factor if s.factor is not None else self.max_position_embeddings / self.original_max_position_embeddings
+        factor = s.factor if s.factor is not None else (self.max_position_embeddings
+                                                         / self.original_max_position_embeddings)
         if factor <= 1.0:
             return 1.0
         return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
@@ -239,9 +240,9 @@ class Phi3Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict, name: str = "") -> "Phi3Config":
-        """Accept transformers' Phi3Config (model_type "phi3") in the forms 4.x and 5.x write, with transformers' defaults
-        for missing fields. A field that would change the math in a way phift does not implement is an error naming
-        it, never silently dropped."""
+        """Accept transformers' Phi3Config (model_type "phi3") in the forms 4.x and 5.x write, with transformers'
+        defaults for missing fields. A field that would change the math in a way phift does not implement is an error
+        naming it, never silently dropped."""
         name = name or d.get("_name_or_path", "") or "phi3"
         if d.get("model_type", "phi3") != "phi3":
             raise ValueError(f"config.json has model_type {d['model_type']!r}; Phi3Config reads model_type 'phi3' "
@@ -283,7 +284,8 @@ class Phi3Config:
         return cls(name=name, vocab_size=d.get("vocab_size", 32064), hidden_size=hidden,
                    num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=kv_heads,
                    intermediate_size=d.get("intermediate_size", 8192), rotary_dim=int(hidden // heads * partial),
-                   rope_theta=theta, rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 4096),
+                   rope_theta=theta, rope_scaling=scaling,
+                   max_position_embeddings=d.get("max_position_embeddings", 4096),
                    original_max_position_embeddings=d.get("original_max_position_embeddings") or 4096,
                    sliding_window=d.get("sliding_window"), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
                    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),

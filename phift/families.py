@@ -72,7 +72,8 @@ def config_from_json(path):
     try:
         return config_from_hf_dict(d)
     except KeyError as e:
-        raise ValueError(f"{path}: no {e.args[0]!r}, which a {d.get('model_type') or 'phi'} config.json needs") from None
+        kind = d.get("model_type") or "phi"
+        raise ValueError(f"{path}: no {e.args[0]!r}, which a {kind} config.json needs") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 

@@ -1,4 +1,4 @@
-"""The Phi-3 network (Phi-3-mini 4k/128k, Phi-3.5-mini, Phi-4-mini: transformers' Phi3ForCausalLM), written from scratch.
+"""The Phi-3 network (Phi-3-mini 4k/128k, Phi-3.5-mini, Phi-4-mini: transformers' Phi3ForCausalLM), from scratch.
 
 embedding → N × [x + attn(norm(x)), then x + mlp(norm(x))] → RMSNorm → lm_head (tied to the embedding in Phi-4-mini)
 Attention has one fused qkv_proj (rows q;k;v, fewer key-value heads than query heads under grouped-query attention)
