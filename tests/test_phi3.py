@@ -333,11 +333,41 @@ def test_upcast_norms_keep_activations_in_half():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("preset", ["phi-3.5-mini", "phi-4-mini"])
-def test_presets_build_in_bf16_on_the_gpu_and_take_a_step(preset):
+def test_presets_build_in_bf16_on_the_gpu_and_take_a_lora_step(preset, phift_extension):
+    """Two of the preset's layers in bf16, recomputed, LoRA on the default target, past the original length: the
+    step a benchmark of it times (the fused ops where they apply)."""
+    from phift import lora
+
     config = families.preset(preset, num_layers=2)
     with torch.device("cuda"):
         model = families.build(config).to(torch.bfloat16)
-    x = torch.randint(0, config.vocab_size, (1, 64), device="cuda")
+    lora.inject(model, "Wqkv", verbose=False)
+    recompute(model.train())
+    x = torch.randint(0, config.vocab_size, (2, 4100), device="cuda")
     loss = model(x, labels=x)
     loss.backward()
-    assert torch.isfinite(loss) and model.wte.weight.grad is not None
+    assert torch.isfinite(loss) and all(m.lora_B.grad.abs().sum() > 0 for m in lora.lora_modules(model).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fused_rotary_op_takes_phi3_heads_with_longrope_and_declines_grouped_query(phift_extension,
+                                                                                       monkeypatch):
+    from phift import kernels
+
+    positions = torch.arange(5000, 5064, device="cuda").expand(2, 64)  # past 4096: long factors, scaled
+    cos4, sin4 = rope_cos_sin(positions, PRESETS["phi-4-mini"])
+    gqa = torch.randn(2, 64, (24 + 2 * 8) * 128, device="cuda", dtype=torch.bfloat16)
+    assert not kernels.rotary_fused_applies(gqa, cos4, sin4, 24, 8)
+    cos, sin = rope_cos_sin(positions, PRESETS["phi-3.5-mini"])  # 32 heads of 96, all of them rotated
+    qkv = torch.randn(2, 64, 3 * 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert kernels.rotary_fused_applies(qkv, cos, sin, 32, 32)
+    dout = [torch.randn(2, 32, 64, 96, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+    def run():
+        out = kernels.rotary_qkv(qkv, cos, sin, 32, 32)
+        return out, torch.autograd.grad(out, qkv, dout)[0]
+
+    fused, fused_grad = run()
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled("1"))
+    ref, ref_grad = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused, ref)) and torch.equal(fused_grad, ref_grad)
