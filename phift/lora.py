@@ -37,10 +37,10 @@ from .families import family_of
 logger = logging.getLogger(__name__)
 
 
-
 class LoraNames(NamedTuple):
     """A model family's LoRA vocabulary."""
-    targets: tuple[str, ...]  # the linears an adapter may wrap, in --lora_target all's order; the first is the default
+    targets: tuple[str, ...]  # the linears an adapter may wrap, in --lora_target all's order; the first is the
+    # fused q/k/v projection, which the default --lora_target (Wqkv) names
     aliases: dict[str, str]  # names users know (the HF-native checkpoint's, PEFT's, the other family's) → a target
     peft: dict[str, tuple[str, ...]]  # target → the HF-native module path(s) under model.layers.{i}; B splits into
     # one row block per path
@@ -77,6 +77,7 @@ def lora_names(model: nn.Module) -> LoraNames:
     """The LoRA vocabulary of the model's family (phi's for a module without a config)."""
     config = getattr(model, "config", None)
     return FAMILY_NAMES[family_of(config).name if config is not None else "phi"]
+
 
 # PEFT LoraConfig fields whose other values change the math or what is adapted → the value phift can honour
 # (for None, an empty list or dict is off as well)
@@ -302,9 +303,8 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str = "",
 
 def load_adapter(model: nn.Module, directory, trainable: bool = True) -> dict:
     """Inject (if needed) and load an adapter: phift's own, or a PEFT LoRA adapter of transformers' PhiForCausalLM
-    (Phi3ForCausalLM for a phi3 model),
-    mapped exactly (what cannot be is refused, naming the file and field). Wrong rank, shape or targets are errors
-    naming the key. Returns the adapter's config as written."""
+    (Phi3ForCausalLM for a phi3 model), mapped exactly (what cannot be is refused, naming the file and field). Wrong
+    rank, shape or targets are errors naming the key. Returns the adapter's config as written."""
     d = Path(directory)
     cfg_file, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if cfg_file.is_file() and not weights.is_file() and (d / "adapter_model.bin").is_file():

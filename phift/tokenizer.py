@@ -70,7 +70,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             for k, v in json.loads(f.read_text()).items():
                 if k in ("eos_token", "bos_token", "pad_token") and k not in special:
                     special[k] = v["content"] if isinstance(v, dict) else v
-                elif k == "add_bos_token":  # Phi-3's says false: templates then write no bos (data.encode_turns)
+                elif k == "add_bos_token":  # false: plain templates then write no bos (data.encode_turns)
                     add_bos = bool(v)
     tokenizer = Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
                           bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))

@@ -91,8 +91,8 @@ def key_map(layout: str, state_keys, num_layers: int) -> dict[str, tuple[str, ..
     return out
 
 
-def detect_layout(keys, layouts=("hf", "phi-msft", "mixformer-sequential")) -> str:
-    """Which of `layouts` (a family's) the checkpoint keys are in."""
+def detect_layout(keys, layouts) -> str:
+    """Which of `layouts` (a family's, phift.families) the checkpoint keys are in."""
     keys = set(keys)
     found = [name for name in layouts if LAYOUT_MARKERS[name] in keys]
     if len(found) != 1:
