@@ -281,6 +281,18 @@ def test_presets_have_the_published_parameter_counts_in_phift_and_transformers(n
     assert hf.model.rotary_emb.attention_scaling == pytest.approx(config.rope_attention_scaling)
 
 
+@pytest.mark.parametrize("name", ["phi-3-mini-4k", "phi-3-mini-128k", "phi-3.5-mini", "phi-4-mini"])
+def test_presets_round_trip_through_config_json_with_the_published_configs_other_fields(name):
+    """config.json as written by transformers 4.x with the fields the published configs carry besides (Phi-4-mini's
+    remote-code ones among them): the preset comes back."""
+    published = {**PRESETS[name].to_hf_dict(), "attention_bias": False, "embd_pdrop": 0.0, "torch_dtype": "bfloat16",
+                 "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config"}, "transformers_version": "4.45.0",
+                 **({"full_attn_mod": 1, "interpolate_factor": 1, "lm_head_bias": False, "mlp_bias": False}
+                    if name == "phi-4-mini" else {})}
+    assert Phi3Config.from_hf_dict(published, name=name) == PRESETS[name]
+    assert Phi3Config.from_hf_dict(transformers.Phi3Config(**published).to_dict(), name=name) == PRESETS[name]
+
+
 def test_presets_are_read_by_name_and_build_their_family():
     for name in ("tiny", "tiny-phi3", "tiny-phi4"):
         config = families.preset(name)
