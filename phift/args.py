@@ -35,13 +35,16 @@ def arg(default, help: str, choices=None, aliases=()):
 
 @dataclass
 class ModelArgs:
-    model_name_or_path: str = arg(REQUIRED, "checkpoint directory, hub repo id (e.g. microsoft/phi-1_5), or a preset "
-                                            "name for a random-init model (tiny, phi-1, phi-1_5, phi-2)")
+    model_name_or_path: str = arg(REQUIRED, "checkpoint directory, hub repo id (e.g. microsoft/phi-1_5, "
+                                            "microsoft/Phi-3.5-mini-instruct), or a preset name for a random-init "
+                                            "model (phift.config.PRESETS: tiny, phi-1_5, phi-3.5-mini, phi-4-mini, "
+                                            "...)")
     tokenizer_name_or_path: str | None = arg(None, "tokenizer directory for a preset (random-init) model; default: a "
                                                    "demo tokenizer trained on the dataset")
     checkpoint_dir: str | None = arg(None, "comma-separated LoRA adapter directories to start from, phift's or PEFT "
-                                           "adapters of transformers' PhiForCausalLM (see --resume_lora_training); "
-                                           "--adapter_name_or_path is the name later LLaMA-Factory versions use",
+                                           "adapters of transformers' PhiForCausalLM or Phi3ForCausalLM (see "
+                                           "--resume_lora_training); --adapter_name_or_path is the name later "
+                                           "LLaMA-Factory versions use",
                                      aliases=("--adapter_name_or_path",))
     flash_attn: bool = arg(False, "accepted for compatibility: attention always runs through PyTorch SDPA, which "
                                   "picks flash attention on GPUs that have it")
@@ -86,7 +89,8 @@ class FinetuningArgs:
     lora_rank: int = arg(8, "LoRA rank r")
     lora_alpha: float | None = arg(None, "LoRA alpha; default: 2 × lora_rank")
     lora_dropout: float = arg(0.1, "dropout on the adapters' input")
-    lora_target: str = arg("Wqkv", "Wqkv,out_proj,fc1,fc2 or all (q_proj/k_proj/v_proj → Wqkv, dense → out_proj)")
+    lora_target: str = arg("Wqkv", "Wqkv,out_proj,fc1,fc2 or all (q_proj/k_proj/v_proj → Wqkv, dense → out_proj); on "
+                                   "Phi-3 models qkv_proj,o_proj,gate_up_proj,down_proj, phi's names meaning those")
     use_rslora: bool = arg(False, "scale by alpha/sqrt(r) instead of alpha/r")
     resume_lora_training: bool = arg(True, "True: keep training the last adapter of --checkpoint_dir; False: merge "
                                            "them all into the base and train a new adapter")
@@ -157,7 +161,7 @@ class InferArgs:
     """What `phift chat` and `phift export` load."""
     model_name_or_path: str = arg(REQUIRED, "checkpoint directory or hub repo id")
     adapter_name_or_path: str | None = arg(None, "comma-separated LoRA adapter directories (phift's, or PEFT's for "
-                                                 "transformers' PhiForCausalLM), merged in order",
+                                                 "transformers' PhiForCausalLM or Phi3ForCausalLM), merged in order",
                                            aliases=("--checkpoint_dir",))
     template: str = arg("vanilla", "prompt template (phift.data.TEMPLATES)")
     dtype: str | None = arg(None, "default: bf16 for a bf16 checkpoint on a GPU that has it, else fp16 on a GPU and "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .data import encode_prompt
+from .data import encode_prompt, stop_token_ids
 from .generate import generate
 
 # LLaMA-Factory v0.3.3's generating defaults
@@ -104,8 +104,8 @@ def chat(model, tokenizer, template, max_new_tokens: int = MAX_NEW_TOKENS, tempe
 
         prompt = encode_prompt(template, tokenizer, query, history, system)
         try:
-            generate(model, [prompt], max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature,
-                     top_p, on_token=on_token)
+            generate(model, [prompt], max_new_tokens, stop_token_ids(template, tokenizer), tokenizer.pad_token_id,
+                     temperature, top_p, on_token=on_token)
         except _StopWord:
             pass
         output.write(stream.finish() + "\n")

@@ -71,6 +71,12 @@ class Template:
     first query; no sep, no {{idx}}.
     bos is prepended when the tokenizer has one and does not say `add_bos_token=False` (v0.3.3's rule); phi's fast
     tokenizer (CodeGenTokenizerFast) has no such attribute, so phi-1_5 runs got <|endoftext|> first.
+    The prefix is written only when there is a system text to fill its {{system}} (a prefix without one always).
+
+    Later LLaMA-Factory templates (the chat formats of Phi-3 and Phi-4) are written in the same fields: the prefix is
+    their format_system, the prompt their format_user, and `response` their format_assistant, the response's text
+    around {{response}} ending in the template's own end token (their replace_eos: the first stop word ends a turn, a
+    single token of the tokenizer), encoded as one text; no eos id is added. They write no bos (bos=False).
     """
     prefix: str = ""
     prompt: str = "{{query}}"
@@ -80,6 +86,8 @@ class Template:
     stop_words: tuple[str, ...] = ()
     efficient_eos: bool = False
     system_in_first_query: bool = False
+    response: str | None = None
+    bos: bool = True
 
 
 TEMPLATES: dict[str, Template] = {
@@ -126,8 +134,22 @@ TEMPLATES: dict[str, Template] = {
         sep="<|im_end|>\n", efficient_eos=True),
     # phift's own, not in v0.3.3. phi-1_5's QA format (its model card): the response follows "Output:" directly,
     # as a trailing space in the prompt would be a lone BPE token where pretraining text has the space inside the
-    # next word's token.
-    "phi": Template(prompt="Instruct: {{query}}\nOutput:", sep="\n", stop_words=("Instruct:",)),
+    # next word's token. (Named phi until the name went to Phi-3's chat format, LLaMA-Factory's phi.)
+    "phi_qa": Template(prompt="Instruct: {{query}}\nOutput:", sep="\n", stop_words=("Instruct:",)),
+    # Later LLaMA-Factory's templates of the same names, slot for slot: phi is Phi-3's and Phi-3.5's chat format,
+    # phi4 Phi-4's (14B, which is a phi3 model too)
+    "phi": Template(
+        prefix="<|system|>\n{{system}}<|end|>\n", prompt="<|user|>\n{{query}}<|end|>\n<|assistant|>\n",
+        response="{{response}}<|end|>\n", stop_words=("<|end|>",), bos=False),
+    "phi4": Template(
+        prefix="<|im_start|>system<|im_sep|>{{system}}<|im_end|>",
+        prompt="<|im_start|>user<|im_sep|>{{query}}<|im_end|><|im_start|>assistant<|im_sep|>",
+        response="{{response}}<|im_end|>", stop_words=("<|im_end|>",), bos=False),
+    # phift's: Phi-4-mini's chat format (its tokenizer_config.json's chat_template: no newlines, unlike Phi-3's), which
+    # LLaMA-Factory's phi4 is not; written as LLaMA-Factory writes the others
+    "phi4_mini": Template(
+        prefix="<|system|>{{system}}<|end|>", prompt="<|user|>{{query}}<|end|><|assistant|>",
+        response="{{response}}<|end|>", stop_words=("<|end|>",), bos=False),
     # Shaped like v0.3.3's qwen template, whose <|im_start|>/<|im_end|> are special tokens and whose responses end
     # with <|im_end|> alone; phi has no such tokens, so here they are plain text, responses end with eos like every
     # other template, and <|im_end|> is a stop word.
@@ -155,9 +177,11 @@ def encode_turns(template: Template, tokenizer, query: str, response: str, histo
     """(source_ids, target_ids) per turn, history first; targets end with eos unless efficient_eos.
 
     Pieces are tokenised apart, as v0.3.3 did."""
-    has_bos = tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
+    has_bos = template.bos and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
     bos = [tokenizer.bos_token_id] if has_bos else []
     eos = [] if template.efficient_eos else [tokenizer.eos_token_id]
+    if template.response is not None:
+        _check_end_token(template, tokenizer)
     sep = _ids(tokenizer, template.sep)
     system = system or template.system
     turns = [*(history if template.use_history and history else []), (query, response)]
@@ -169,14 +193,37 @@ def encode_turns(template: Template, tokenizer, query: str, response: str, histo
             source = bos + _ids(tokenizer, template.prompt.replace("{{query}}", q, 1))
         else:
             if i == 0:
-                prefix = _ids(tokenizer, template.prefix.replace("{{system}}", system, 1))
+                prefix = _ids(tokenizer, template.prefix.replace("{{system}}", system, 1)
+                              if system or "{{system}}" not in template.prefix else "")
                 head = bos + prefix + sep if prefix else bos
             else:
                 head = sep + bos
             prompt = template.prompt.replace("{{query}}", q, 1).replace("{{idx}}", str(i + 1), 1)
             source = head + _ids(tokenizer, prompt)
-        pairs.append((source, _ids(tokenizer, r) + eos))
+        if template.response is not None:
+            pairs.append((source, _ids(tokenizer, template.response.replace("{{response}}", r, 1))))
+        else:
+            pairs.append((source, _ids(tokenizer, r) + eos))
     return pairs
+
+
+def _check_end_token(template: Template, tokenizer) -> None:
+    end = template.stop_words[0]
+    if len(_ids(tokenizer, end)) != 1:
+        raise ValueError(f"this template ends each turn with {end}, a special token of the chat models it is made "
+                         f"for, but the tokenizer {getattr(tokenizer, 'source', '')} splits it into several: use the "
+                         "model's own tokenizer (phi-1/1.5/2's QA format is the template phi_qa)")
+
+
+def stop_token_ids(template: Template, tokenizer) -> list[int]:
+    """The ids that end generation: eos, and each stop word that is one token of the tokenizer (Phi-3's <|end|>),
+    as LLaMA-Factory's get_stop_token_ids. Stop words the tokenizer splits stay text, cut after decoding."""
+    ids = [tokenizer.eos_token_id]
+    for word in template.stop_words:
+        word_ids = _ids(tokenizer, word)
+        if len(word_ids) == 1 and word_ids[0] not in ids:
+            ids += word_ids
+    return ids
 
 
 def encode_prompt(template: Template, tokenizer, query: str, history=None, system: str | None = None) -> list[int]:

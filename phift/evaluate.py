@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .chat import cut_at_stop_words
-from .data import collate, encode_prompt
+from .data import collate, encode_prompt, stop_token_ids
 from .generate import generate
 from .model import IGNORE_INDEX
 
@@ -101,7 +101,7 @@ def generate_predictions(model, tokenizer, template, rows: list[dict], batch_siz
     with tqdm(total=len(rows), desc="predict", unit="row") as bar:
         for start in range(0, len(rows), batch_size):
             batch = order[start:start + batch_size]
-            new = generate(model, [prompts[i] for i in batch], max_new_tokens, tokenizer.eos_token_id,
+            new = generate(model, [prompts[i] for i in batch], max_new_tokens, stop_token_ids(template, tokenizer),
                            tokenizer.pad_token_id, temperature, top_p)
             for i, ids in zip(batch, new):
                 answers[i] = cut_at_stop_words(tokenizer.decode(ids), template.stop_words)

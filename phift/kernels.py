@@ -15,10 +15,12 @@ is stored: backward regenerates the mask from its Philox seed, and autograd keep
 The LM head's chunked loss calls `cross_entropy_grad_`; its fused op `phift::cross_entropy_grad_` reads a chunk's
 fp16/bf16 logits once and writes softmax − onehot over them, where PyTorch makes about eight passes over an fp32 copy.
 
-Attention calls `rotary_qkv` to split the Wqkv output into q, k, v and rotate q and k (`apply_rotary`). Eagerly that
-is about ten elementwise passes over q and k each way; the fused ops `phift::rotary_qkv_fused` and its backward
-(kernels/rotary_cuda.cu) read qkv once and write q, k, v once, and read dq, dk, dv once and write dqkv once, with
-the same fp32 operations, so that they give the same bits as the PyTorch math.
+Attention calls `rotary_qkv` to split the Wqkv (phi3: qkv_proj) output into q, k, v and rotate q and k
+(`apply_rotary`). Eagerly that is about ten elementwise passes over q and k each way; the fused ops
+`phift::rotary_qkv_fused` and its backward (kernels/rotary_cuda.cu) read qkv once and write q, k, v once, and read
+dq, dk, dv once and write dqkv once, with the same fp32 operations, so that they give the same bits as the PyTorch
+math. They take as many key-value heads as query heads (phi, Phi-3, Phi-3.5); grouped-query attention (Phi-4-mini)
+runs the PyTorch math. Partial rotary and LongRoPE's scaled cos and sin are only other inputs to either.
 
 Full fine-tuning with --pure_bf16 steps through `adamw_master_`: the fused op `phift::adamw_master_`
 (kernels/adamw_cuda.cu) updates fp32 master weights and moments from half gradients and writes the half weights in
@@ -102,13 +104,21 @@ def cross_entropy_fused_applies(logits, labels) -> bool:
             and kernels_enabled("ce"))
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int):
-    """q, k, v as [B, H, T, head_dim] from the Wqkv output qkv [B, T, 3·H·head_dim] (rows q;k;v), q and k rotated by
-    `apply_rotary` with cos, sin [B, T, rotary_dim] (fp32, from model.rotary_cos_sin)."""
-    if rotary_fused_applies(qkv, cos, sin, num_heads):
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+               num_kv_heads: int | None = None):
+    """q [B, H, T, head_dim] and k, v [B, H_kv, T, head_dim] from the fused projection's output qkv
+    [B, T, (H + 2·H_kv)·head_dim] (rows q;k;v; H_kv = num_kv_heads, default H), q and k rotated by `apply_rotary`
+    with cos, sin [B, T, rotary_dim] (fp32, from model.rotary_cos_sin or phi3.rope_cos_sin)."""
+    kv_heads = num_kv_heads or num_heads
+    if rotary_fused_applies(qkv, cos, sin, num_heads, kv_heads):
         return _FusedRotaryQKV.apply(qkv, cos, sin, num_heads)
     B, T, width = qkv.shape
-    q, k, v = qkv.view(B, T, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    head_dim = width // (num_heads + 2 * kv_heads)
+    if kv_heads == num_heads:
+        q, k, v = qkv.view(B, T, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:  # grouped-query attention: q, then the smaller k and v
+        q, k, v = (t.view(B, T, -1, head_dim).transpose(1, 2)
+                   for t in qkv.split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
@@ -122,9 +132,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
 
 
-def rotary_fused_applies(qkv, cos, sin, num_heads) -> bool:
-    """Whether `rotary_qkv` runs the fused CUDA ops for these arguments."""
-    return (qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.dim() == 3
+def rotary_fused_applies(qkv, cos, sin, num_heads, num_kv_heads: int | None = None) -> bool:
+    """Whether `rotary_qkv` runs the fused CUDA ops for these arguments. They split qkv into three equal parts, so
+    grouped-query attention (fewer key-value heads) runs the PyTorch math."""
+    return ((num_kv_heads or num_heads) == num_heads
+            and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.dim() == 3
             and qkv.shape[-1] % (3 * num_heads * 8) == 0  # the kernels move 8-element vectors, never across heads
             and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (*qkv.shape[:2], cos.shape[-1])
             and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= qkv.shape[-1] // (3 * num_heads)  # rotary_dim

@@ -8,6 +8,9 @@ PEFT adapters trained on transformers' PhiForCausalLM load as well (`load_adapte
 A and rank (as `export_peft` writes them) fuse back into one; others are stacked along the rank: A = [A_q; A_k; A_v],
 B block-diagonal, each block keeping its own PEFT scaling (a LoRALinear made of `parts`).
 
+Phi-3's fused projections (qkv_proj, gate_up_proj) are transformers' Phi3ForCausalLM's own modules, so its PEFT
+adapters map one to one. Each family's names are a row of FAMILY_NAMES.
+
 phift's adapter_config.json: `r`, `lora_alpha`, `lora_dropout`, `use_rslora`, `target_modules` (phift names) and
 `base_model_name_or_path`; modules whose adapter is anything but one of rank `r` and alpha `lora_alpha` over all
 rows are listed in `modules`: path → its parts in rank order, each {"r", "lora_alpha", "rows": [start, stop]}
@@ -29,20 +32,53 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import kernels
+from .families import family_of
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = ("Wqkv", "out_proj", "fc1", "fc2")
-# Names users know from the HF-native checkpoint (and PEFT configs) → phift's module.
-TARGET_ALIASES = {"q_proj": "Wqkv", "k_proj": "Wqkv", "v_proj": "Wqkv", "query_key_value": "Wqkv",
-                  "dense": "out_proj"}
-# phift module → the HF-native module path(s) under model.layers.{i}; B splits into one row block per path
-PEFT_NAMES = {"Wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "out_proj": ("self_attn.dense",), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}
-# HF-native module path → (phift module, its row block)
-PEFT_BLOCKS = {path: (leaf, j) for leaf, paths in PEFT_NAMES.items() for j, path in enumerate(paths)}
-PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(%s)\.lora_([AB])\.weight"
-                      % "|".join(map(re.escape, PEFT_BLOCKS)))
+
+class LoraNames(NamedTuple):
+    """A model family's LoRA vocabulary."""
+    targets: tuple[str, ...]  # the linears an adapter may wrap, in --lora_target all's order; the first is the
+    # fused q/k/v projection, which the default --lora_target (Wqkv) names
+    aliases: dict[str, str]  # names users know (the HF-native checkpoint's, PEFT's, the other family's) → a target
+    peft: dict[str, tuple[str, ...]]  # target → the HF-native module path(s) under model.layers.{i}; B splits into
+    # one row block per path
+
+    @property
+    def blocks(self) -> dict[str, tuple[str, int]]:
+        """HF-native module path → (phift module, its row block)."""
+        return {path: (leaf, j) for leaf, paths in self.peft.items() for j, path in enumerate(paths)}
+
+    def peft_key(self) -> re.Pattern:
+        return re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(%s)\.lora_([AB])\.weight"
+                          % "|".join(map(re.escape, self.blocks)))
+
+
+FAMILY_NAMES = {  # by phift.families name
+    "phi": LoraNames(
+        ("Wqkv", "out_proj", "fc1", "fc2"),
+        {"q_proj": "Wqkv", "k_proj": "Wqkv", "v_proj": "Wqkv", "query_key_value": "Wqkv", "dense": "out_proj",
+         "qkv_proj": "Wqkv", "o_proj": "out_proj"},
+        {"Wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "out_proj": ("self_attn.dense",),
+         "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}),
+    "phi3": LoraNames(
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        # phi's names too, so that a phi recipe's --lora_target (default Wqkv) means the same layers here
+        {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "query_key_value": "qkv_proj",
+         "Wqkv": "qkv_proj", "dense": "o_proj", "out_proj": "o_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj", "fc1": "gate_up_proj", "fc2": "down_proj"},
+        {"qkv_proj": ("self_attn.qkv_proj",), "o_proj": ("self_attn.o_proj",), "gate_up_proj": ("mlp.gate_up_proj",),
+         "down_proj": ("mlp.down_proj",)}),
+}
+
+
+def lora_names(model: nn.Module) -> LoraNames:
+    """The LoRA vocabulary of the model's family (phi's for a module without a config)."""
+    config = getattr(model, "config", None)
+    return FAMILY_NAMES[family_of(config).name if config is not None else "phi"]
+
+
 # PEFT LoraConfig fields whose other values change the math or what is adapted → the value phift can honour
 # (for None, an empty list or dict is off as well)
 PEFT_REQUIRED = {"bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "use_qalora": False,
@@ -135,17 +171,19 @@ class LoRALinear(nn.Linear):
         return super().extra_repr() + f", {adapters}, dropout={self.lora_dropout}"
 
 
-def resolve_targets(spec: str | list[str]) -> tuple[list[str], list[str]]:
-    """`--lora_target` → phift module names, plus notes on the aliases that were mapped."""
-    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
-    if names == ["all"]:
-        return list(LORA_TARGETS), []
+def resolve_targets(spec: str | list[str], names: LoraNames = FAMILY_NAMES["phi"]) -> tuple[list[str], list[str]]:
+    """`--lora_target` → the family's module names, plus notes on the aliases that were mapped."""
+    wanted = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if wanted == ["all"]:
+        return list(names.targets), []
+    fused = names.aliases.get("q_proj")  # q, k and v are one fused projection in every family
     targets, notes = [], []
-    for n in names:
-        if n in TARGET_ALIASES:
-            notes.append(f"lora_target {n} → {TARGET_ALIASES[n]} (phi's q/k/v are one fused Wqkv projection)"
-                         if TARGET_ALIASES[n] == "Wqkv" else f"lora_target {n} → {TARGET_ALIASES[n]}")
-            n = TARGET_ALIASES[n]
+    for n in wanted:
+        if n in names.aliases:
+            target = names.aliases[n]
+            notes.append(f"lora_target {n} → {target}" +
+                         (f" (q/k/v are one fused {target} projection)" if target == fused else ""))
+            n = target
         if n not in targets:
             targets.append(n)
     return targets, notes
@@ -158,14 +196,15 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
     unmatched = [t for t in targets if t not in leaf_names]
     if unmatched:
         raise ValueError(f"lora_target {','.join(unmatched)} matches no module; the linear modules are "
-                         f"{', '.join(leaf_names)} (aliases: {', '.join(TARGET_ALIASES)}; or 'all')")
+                         f"{', '.join(leaf_names)} (aliases: {', '.join(lora_names(model).aliases)}; or 'all')")
     return {name: m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets}
 
 
 def inject(model: nn.Module, targets: str | list[str] = "Wqkv", r: int = 8, alpha: float | None = None,
            dropout: float = 0.1, use_rslora: bool = False, verbose: bool = True) -> list[str]:
-    """Wrap every linear whose name is a target with a LoRALinear; freeze everything else. Returns the paths."""
-    wanted, notes = resolve_targets(targets)
+    """Wrap every linear whose name is a target (or an alias of one: the default Wqkv is qkv_proj on Phi-3) with a
+    LoRALinear; freeze everything else. Returns the paths."""
+    wanted, notes = resolve_targets(targets, lora_names(model))
     alpha = 2.0 * r if alpha is None else alpha
     paths = [name for name, m in target_linears(model, wanted).items() if not isinstance(m, LoRALinear)]
     _wrap(model, {name: (Part(r, alpha),) for name in paths}, dropout, use_rslora)
@@ -263,9 +302,9 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str = "",
 
 
 def load_adapter(model: nn.Module, directory, trainable: bool = True) -> dict:
-    """Inject (if needed) and load an adapter: phift's own, or a PEFT LoRA adapter of transformers' PhiForCausalLM,
-    mapped exactly (what cannot be is refused, naming the file and field). Wrong rank, shape or targets are errors
-    naming the key. Returns the adapter's config as written."""
+    """Inject (if needed) and load an adapter: phift's own, or a PEFT LoRA adapter of transformers' PhiForCausalLM
+    (Phi3ForCausalLM for a phi3 model), mapped exactly (what cannot be is refused, naming the file and field). Wrong
+    rank, shape or targets are errors naming the key. Returns the adapter's config as written."""
     d = Path(directory)
     cfg_file, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if cfg_file.is_file() and not weights.is_file() and (d / "adapter_model.bin").is_file():
@@ -325,7 +364,8 @@ def _peft_value(cfg: dict, pattern: str, field: str, module: str):
 
 def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
     """(parts by module, state, dropout, use_rslora) of a PEFT LoRA adapter trained on transformers'
-    PhiForCausalLM: q/k/v adapters with one A and rank fuse into one Wqkv adapter; others stack along the rank."""
+    PhiForCausalLM: q/k/v adapters with one A and rank fuse into one Wqkv adapter; others stack along the rank. On
+    Phi3ForCausalLM every PEFT module is phift's own."""
     if cfg["peft_type"] != "LORA":
         raise ValueError(f"{cfg_file}: peft_type {cfg['peft_type']!r}: phift loads LoRA adapters only")
     for field, honoured in PEFT_REQUIRED.items():
@@ -333,14 +373,16 @@ def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
         if not (value == honoured or (honoured is None and not value)):
             raise ValueError(f"{cfg_file}: {field} = {value!r} has no exact equivalent in phift's LoRA "
                              f"(phift needs {honoured!r})")
-    names = {path.rsplit(".", 1)[-1]: path for path in PEFT_BLOCKS}  # q_proj → self_attn.q_proj
+    family = lora_names(model)
+    peft_blocks, peft_key = family.blocks, family.peft_key()
+    names = {path.rsplit(".", 1)[-1]: path for path in peft_blocks}  # q_proj → self_attn.q_proj
     targets = cfg.get("target_modules")
     if isinstance(targets, str) or not targets or any(t not in names for t in targets):
         raise ValueError(f"{cfg_file}: target_modules {targets!r}: phift maps a list of the module names "
                          f"{', '.join(names)} (on every layer; not regular expressions or paths)")
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(weights)).items():
-        m = PEFT_KEY.fullmatch(key)
+        m = peft_key.fullmatch(key)
         if not m or m[2].rsplit(".", 1)[-1] not in targets:
             raise ValueError(f"{weights}: {key} is not the lora_A or lora_B weight of a target_modules entry "
                              f"({', '.join(targets)}) under base_model.model.model.layers.N")
@@ -351,13 +393,13 @@ def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
     for i in sorted({i for i, _ in linears}):
         for target in targets:
             hf = names[target]
-            leaf, j = PEFT_BLOCKS[hf]
+            leaf, j = peft_blocks[hf]
             prefix = f"base_model.model.model.layers.{i}.{hf}"
             pair = found.pop((i, hf), {})
             if set(pair) != {"A", "B"}:
                 raise ValueError(f"{weights}: no {prefix}.lora_{'B' if 'A' in pair else 'A'}.weight; phift maps "
                                  "adapters on every layer, not a selection of them")
-            (path, module), n = linears[(i, leaf)], len(PEFT_NAMES[leaf])
+            (path, module), n = linears[(i, leaf)], len(family.peft[leaf])
             r = _peft_value(cfg, "rank_pattern", "r", f"model.layers.{i}.{hf}")
             alpha = _peft_value(cfg, "alpha_pattern", "lora_alpha", f"model.layers.{i}.{hf}")
             size = module.out_features // n
@@ -375,7 +417,7 @@ def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
     parts, state = {}, {}
     for name, by_row in blocks.items():
         A, B, ps = zip(*(by_row[j] for j in sorted(by_row)))
-        if (len(ps) == len(PEFT_NAMES[name.rsplit(".", 1)[-1]]) and len({(p.r, p.alpha) for p in ps}) == 1
+        if (len(ps) == len(family.peft[name.rsplit(".", 1)[-1]]) and len({(p.r, p.alpha) for p in ps}) == 1
                 and all(torch.equal(a, A[0]) for a in A)):  # one adapter over all rows, as export_peft writes
             parts[name] = (Part(ps[0].r, ps[0].alpha),)
             state[f"{name}.lora_A"], state[f"{name}.lora_B"] = A[0], torch.cat(B)
@@ -391,9 +433,9 @@ def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
 
 
 def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters in PEFT's format for transformers' PhiForCausalLM (Wqkv → q_proj/k_proj/v_proj; ranks and
-    alphas that differ from the most common go to rank_pattern/alpha_pattern). The base defaults to where
-    `load_model` read the model from."""
+    """Write the adapters in PEFT's format for transformers' PhiForCausalLM (Wqkv → q_proj/k_proj/v_proj) or
+    Phi3ForCausalLM (the same modules); ranks and alphas that differ from the most common go to
+    rank_pattern/alpha_pattern. The base defaults to where `load_model` read the model from."""
     base = base_model_name_or_path or getattr(model, "name_or_path", None)
     if not base:
         raise ValueError("export_peft needs base_model_name_or_path: the model was not read by load_model (or "
@@ -402,9 +444,10 @@ def export_peft(model: nn.Module, directory, base_model_name_or_path: str | None
     if not mods:
         raise ValueError("the model has no LoRA adapters")
     entries: dict[str, tuple[torch.Tensor, torch.Tensor, Part]] = {}  # HF-native module → (A, B, part)
+    peft_names = lora_names(model).peft
     for name, m in mods.items():
         layer, leaf = name.split(".")[1], name.rsplit(".", 1)[-1]
-        paths = PEFT_NAMES[leaf]
+        paths = peft_names[leaf]
         size, start = m.out_features // len(paths), 0
         blocks = [(j * size, (j + 1) * size) for j in range(len(paths))]
         for p in m.parts:

@@ -26,13 +26,13 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, theta: float):
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: [layers, B, heads, max_len, head_dim].
+    """Preallocated keys/values for all layers: [layers, B, key-value heads, max_len, head_dim].
 
     A forward over fewer rows than B reads and writes the cache's first rows: a server keeps a pool of rows and
     runs each step on the rows in use."""
 
     def __init__(self, config: PhiConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions already written; the model advances it after each forward
@@ -46,12 +46,15 @@ class KVCache:
         return self.k[layer, :rows, :, :end], self.v[layer, :rows, :, :end]
 
 
-def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int) -> torch.Tensor:
+def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int,
+                         sliding_window: int | None = None) -> torch.Tensor:
     """Boolean [B, 1, q, k] mask from a per-token mask over all k positions.
 
     `attention_mask` holds 0 for padding and a segment index > 0 otherwise (a plain 0/1 padding mask is the
     one-segment case): a query sees earlier keys of its own segment only, so packed samples never attend to
     each other. Every query also sees itself, so padding rows get no all-masked softmax (NaN) in SDPA.
+    sliding_window: a query sees only keys less than that many columns back (itself and window - 1 before it), as
+    transformers' sliding_window_overlay counts them: in columns of the batch, padding included.
     """
     k_len = past_len + q_len
     dev = attention_mask.device
@@ -60,7 +63,22 @@ def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int
     seg_k = attention_mask[:, None, :]
     seg_q = attention_mask[:, past_len:, None]
     allowed = (k_pos <= q_pos) & (seg_k == seg_q) & (seg_k > 0)
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
     return (allowed | (k_pos == q_pos))[:, None]
+
+
+def attend(q, k, v, mask, dropout_p: float):
+    """softmax(q kᵀ / sqrt(head_dim)) v with PyTorch's SDPA; mask None is plain causal attention over the keys (a single
+    query sees them all). Fewer key-value heads than query heads: each serves a group of consecutive query heads."""
+    causal = mask is None and q.shape[2] > 1
+    gqa = k.shape[1] != q.shape[1]
+    if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=causal, enable_gqa=gqa).half()
+    # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                          enable_gqa=gqa)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -84,13 +102,7 @@ class Attention(nn.Module):
         q, k, v = rotary_qkv(self.Wqkv(x), cos, sin, self.num_heads)  # one fused pass on CUDA
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
-        p = self.dropout if self.training else 0.0
-        causal = mask is None and T > 1
-        if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p,
-                                               is_causal=causal).half()
-        else:  # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

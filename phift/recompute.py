@@ -24,8 +24,9 @@ POLICIES = ("full", "mlp")
 
 # Per block class: the linear layers whose outputs feed nothing but the residual sum, which backward does not read.
 # A block's recomputation skips their GEMMs (the lean recomputation: 38 % of a phi-1_5 block's recomputed FLOPs at
-# 2048 tokens), while their backward still reads what it needs (their input and weight).
-UNREAD_OUTPUTS = {"Block": ("attn.out_proj", "mlp.fc2")}
+# 2048 tokens), while their backward still reads what it needs (their input and weight). In a Phi-3 block the
+# attention's sum x + o_proj(...) is the MLP's RMSNorm input, which its backward reads: only down_proj qualifies.
+UNREAD_OUTPUTS = {"Block": ("attn.out_proj", "mlp.fc2"), "Phi3Block": ("mlp.down_proj",)}
 
 _run = threading.local()  # .recomputing: None outside a checkpointed block, else whether this run is its recomputation
 

@@ -2,6 +2,9 @@
 
 Phi (phi-1, phi-1_5, phi-2) uses GPT-2's byte-level BPE plus 38 whitespace tokens. `<|endoftext|>` (id 50256)
 is bos, eos and unk; there is no pad token, so pad = eos as every phi fine-tuning recipe does.
+Phi-3 and Phi-3.5 use LLaMA's sentencepiece vocabulary (bos <s>) plus added tokens <|endoftext|> (eos and pad),
+<|user|>, <|assistant|>, <|system|>, <|end|>, ...; Phi-4-mini a byte-level BPE of 200k tokens with the same chat tokens.
+Their tokenizer.json lists those as added tokens, so `encode` gives each one id wherever it appears in the text.
 """
 from __future__ import annotations
 
@@ -64,15 +67,20 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {p} (phift reads the fast-tokenizer file only)")
-    special = {}
+    special, add_bos = {}, None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = file.parent / name
         if f.is_file():
             for k, v in json.loads(f.read_text()).items():
                 if k in ("eos_token", "bos_token", "pad_token") and k not in special:
                     special[k] = v["content"] if isinstance(v, dict) else v
-    return Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
-                     bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))
+                elif k == "add_bos_token":  # false: plain templates then write no bos (data.encode_turns)
+                    add_bos = bool(v)
+    tokenizer = Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
+                          bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))
+    if add_bos is not None:
+        tokenizer.add_bos_token = add_bos
+    return tokenizer
 
 
 def train_demo_tokenizer(texts, vocab_size: int = 2048) -> Tokenizer:

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data, distributed, estimate, kernels, lora
+from . import data, distributed, estimate, families, kernels, lora
 from .args import Precision, RunConfig, check_runtime, decide_precision, parse_train_args
-from .config import PRESETS, PhiConfig
+from .config import PRESETS
 from .engines import Engine, build_engine
 from .evaluate import loss_sums
-from .model import LMHead, Phi
+from .model import LMHead
 from .neftune import add_neftune
 from .plot import plot_loss
 from .recompute import compile_blocks, recompute
@@ -38,7 +38,7 @@ def load_base(model_name_or_path: str, tokenizer_name_or_path: str | None, devic
     """(model, tokenizer, source dir). A preset name gives a random-init model and, unless the name is a real
     checkpoint, the demo tokenizer trained on the dataset's own text (the offline default)."""
     if model_name_or_path in PRESETS and not Path(model_name_or_path).exists():
-        config = PhiConfig.from_name(model_name_or_path)
+        config = families.preset(model_name_or_path)
         if tokenizer_name_or_path:
             tokenizer = load_tokenizer(tokenizer_name_or_path)
         else:
@@ -47,7 +47,7 @@ def load_base(model_name_or_path: str, tokenizer_name_or_path: str | None, devic
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, model {config.name} only "
                              f"{config.vocab_size}")
         with torch.device(device):  # initialise on the GPU: 1.4B parameters take seconds on a CPU
-            model = Phi(config).to(dtype=dtype)
+            model = families.build(config).to(dtype=dtype)
         return model, tokenizer, None
     d = resolve_checkpoint_dir(model_name_or_path)
     return load_model(d, dtype=dtype, device=device), load_tokenizer(d), d
@@ -75,7 +75,7 @@ def prepare_model(model, run: RunConfig, precision: Precision):
         model.float()  # full fine-tuning under autocast keeps fp32 master weights (else the optimizer keeps them)
     if f.upcast_layernorm:
         for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
                 module.float()
     if f.neft_alpha > 1e-6:
         add_neftune(model.wte, f.neft_alpha)

@@ -1,8 +1,9 @@
-"""Loading and saving phi weights (safetensors only: nothing is ever unpickled).
+"""Loading and saving phi and Phi-3 weights (safetensors only: nothing is ever unpickled).
 
-The three published phi key layouts are one table each: phift's module prefix → the checkpoint's prefix(es).
-Where the checkpoint splits what phift fuses (HF-native q_proj/k_proj/v_proj → Wqkv), the row lists the
-pieces in order and they are concatenated along dim 0 (rows q;k;v).
+Each published key layout is one table: phift's module prefix → the checkpoint's prefix(es). Where the checkpoint
+splits what phift fuses (HF-native phi's q_proj/k_proj/v_proj → Wqkv), the row lists the pieces in order and they are
+concatenated along dim 0 (rows q;k;v). Which layouts a model's family reads, and which it writes, phift.families says.
+Tied weights (Phi-4-mini's lm_head is its embedding) are one tensor: read and written under the first key only.
 """
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import PhiConfig
-from .model import Phi
+from . import families
 
 # "{i}": layer index; "{i1}": layer index + 1; "{last}": num_layers + 1 (MixFormerSequential's head).
 LAYOUTS: dict[str, list[tuple[str, str | tuple[str, ...]]]] = {
@@ -51,10 +51,21 @@ LAYOUTS: dict[str, list[tuple[str, str | tuple[str, ...]]]] = {
         ("ln_f", "layers.{last}.ln"),
         ("lm_head", "layers.{last}.linear"),
     ],
+    "phi3": [  # transformers' Phi3ForCausalLM (model_type "phi3"): its fused projections are phift's, one to one
+        ("wte", "model.embed_tokens"),
+        ("layers.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
+        ("layers.{i}.attn.qkv_proj", "model.layers.{i}.self_attn.qkv_proj"),
+        ("layers.{i}.attn.o_proj", "model.layers.{i}.self_attn.o_proj"),
+        ("layers.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),
+        ("layers.{i}.mlp.gate_up_proj", "model.layers.{i}.mlp.gate_up_proj"),
+        ("layers.{i}.mlp.down_proj", "model.layers.{i}.mlp.down_proj"),
+        ("norm", "model.norm"),
+        ("lm_head", "lm_head"),
+    ],
 }
-# A key each layout has and the others lack.
+# A key each layout has and the other layouts of its family lack.
 LAYOUT_MARKERS = {"hf": "model.embed_tokens.weight", "phi-msft": "transformer.embd.wte.weight",
-                  "mixformer-sequential": "layers.0.wte.weight"}
+                  "mixformer-sequential": "layers.0.wte.weight", "phi3": "model.embed_tokens.weight"}
 # Buffers some exporters wrote that carry no weights (rotary tables are recomputed).
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
@@ -80,14 +91,23 @@ def key_map(layout: str, state_keys, num_layers: int) -> dict[str, tuple[str, ..
     return out
 
 
-def detect_layout(keys) -> str:
+def detect_layout(keys, layouts) -> str:
+    """Which of `layouts` (a family's, phift.families) the checkpoint keys are in."""
     keys = set(keys)
-    found = [name for name, marker in LAYOUT_MARKERS.items() if marker in keys]
+    found = [name for name in layouts if LAYOUT_MARKERS[name] in keys]
     if len(found) != 1:
         sample = ", ".join(sorted(keys)[:6])
         raise WeightsError(f"cannot tell the checkpoint layout (markers found: {found or 'none'}); "
-                              f"expected one of {LAYOUT_MARKERS}; first keys: {sample}")
+                              f"expected one of {({n: LAYOUT_MARKERS[n] for n in layouts})}; first keys: {sample}")
     return found[0]
+
+
+def tied_keys(model) -> dict[str, str]:
+    """State-dict key → the earlier key of the same Parameter (tied embeddings: lm_head.weight → wte.weight)."""
+    first, tied = {}, {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        tied[key] = first.setdefault(id(tensor), key)
+    return {k: v for k, v in tied.items() if k != v}
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -127,13 +147,16 @@ def _weight_files(d: Path) -> dict[str, Path]:
     return out
 
 
-def load_state_dict(d: Path, model: Phi, dtype: torch.dtype, device="cpu"):
-    """Read the checkpoint in `d` into phift's keys, cast to dtype tensor by tensor (no full fp32 copy)."""
+def load_state_dict(d: Path, model, dtype: torch.dtype, device="cpu"):
+    """Read the checkpoint in `d` into phift's keys, cast to dtype tensor by tensor (no full fp32 copy). A tied key
+    gets its source's tensor; a checkpoint that stores it as well (under its own key) is not read there."""
     files = _weight_files(d)
-    layout = detect_layout(files)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    layout = detect_layout(files, families.family_of(model).layouts)
+    tied = tied_keys(model)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     mapping = key_map(layout, expected, model.config.num_layers)
-    used = {k for keys in mapping.values() for k in keys}
+    used = {k for keys in mapping.values() for k in keys} | {
+        k for keys in key_map(layout, tied, model.config.num_layers).values() for k in keys}
     unexpected = sorted(k for k in files if k not in used and not IGNORED_KEYS.search(k))
     missing = sorted(k for keys in mapping.values() for k in keys if k not in files)
     if missing or unexpected:
@@ -158,44 +181,53 @@ def load_state_dict(d: Path, model: Phi, dtype: torch.dtype, device="cpu"):
             state[ours] = t
     finally:
         handles.clear()
+    state.update({key: state[source] for key, source in tied.items()})
     return state, layout
 
 
-def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", revision=None) -> Phi:
-    """Build a Phi from a checkpoint directory or hub id, in `dtype` on `device`."""
+def load_model(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", revision=None):
+    """Build the model a checkpoint directory or hub id holds (phi or Phi-3, as its config.json says), in `dtype` on
+    `device`."""
     d = resolve_checkpoint_dir(name_or_path, revision)
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
         raise WeightsError(f"no config.json in {d}")
-    config = PhiConfig.from_json(cfg_file)
+    config = families.config_from_json(cfg_file)
     with torch.device("meta"):
-        model = Phi(config)
+        model = families.build(config)
+    tied = tied_keys(model)
     state, layout = load_state_dict(d, model, dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
+    for key, source in tied.items():  # assign gave each key a Parameter of its own: tie them again
+        module, _, name = key.rpartition(".")
+        setattr(model.get_submodule(module), name, model.get_parameter(source))
     model.checkpoint_layout = layout
     # where the base came from, for adapters that must name it (export_peft): a local directory absolute, else the id
     model.name_or_path = str(d.resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
     return model
 
 
-def to_hf_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """phift keys → HF-native keys (Wqkv split back into q/k/v). Keys of LoRA adapters are not weights: skipped."""
-    state = {k: v for k, v in state.items() if ".lora_" not in k}
+def to_hf_state_dict(state: dict[str, torch.Tensor], num_layers: int, layout: str = "hf",
+                     tied: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """phift keys → HF-native keys of `layout` (phi's Wqkv split back into q/k/v). Keys of LoRA adapters are not
+    weights, nor are the `tied` keys (stored once, under their source): skipped."""
+    state = {k: v for k, v in state.items() if ".lora_" not in k and k not in (tied or {})}
     out = {}
-    for ours, theirs in key_map("hf", state, num_layers).items():
+    for ours, theirs in key_map(layout, state, num_layers).items():
         pieces = state[ours].chunk(len(theirs), dim=0)
         out.update({k: p.contiguous() for k, p in zip(theirs, pieces)})
     return out
 
 
-def save_model(model: Phi, directory, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
+def save_model(model, directory, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
                state_dict: dict | None = None) -> Path:
-    """Save in the HF-native layout + config.json, loadable by transformers.AutoModelForCausalLM."""
+    """Save in the family's HF-native layout + config.json, loadable by transformers.AutoModelForCausalLM."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state_dict is None else state_dict
+    layout = families.family_of(model).layouts[0]
     hf = {k: (v.to(dtype) if dtype else v).detach().cpu() for k, v in
-          to_hf_state_dict(state, model.config.num_layers).items()}
+          to_hf_state_dict(state, model.config.num_layers, layout, tied_keys(model)).items()}
     shards, cur, size = [], {}, 0
     for k, v in hf.items():
         nbytes = v.numel() * v.element_size()

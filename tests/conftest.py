@@ -102,13 +102,14 @@ def phift_extension():
 @pytest.fixture
 def make_peft_adapter():
     """(base checkpoint dir, adapter dir, **LoraConfig fields) → the PEFT model, in eval mode, whose adapter was
-    saved there: transformers' PhiForCausalLM with B drawn at random (PEFT starts it at zero), as if trained."""
+    saved there: transformers' model of the checkpoint (PhiForCausalLM, Phi3ForCausalLM) with B drawn at random
+    (PEFT starts it at zero), as if trained."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
 
     def make(base_dir, adapter_dir, seed=0, **lora_config):
         torch.manual_seed(seed)
-        hf = transformers.PhiForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         model = peft.get_peft_model(hf, peft.LoraConfig(**lora_config))
         for name, p in model.named_parameters():
             if "lora_B" in name:

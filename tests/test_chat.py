@@ -101,7 +101,7 @@ def test_chinese_streams_whole_characters(scripted, tok):
 def test_a_stop_word_ends_the_answer_and_generation(scripted, tok):
     scripted["answers"] += ["Hi there\nInstruct: and more text after it"]
     out = io.StringIO()
-    chat(None, tok, get_template("phi"), input_stream=io.StringIO("hi\n"), output=out)
+    chat(None, tok, get_template("phi_qa"), input_stream=io.StringIO("hi\n"), output=out)
     assert out.getvalue() == "Hi there\n\n"
     assert scripted["streamed"][-1] == len("Hi there\nInstruct:")  # no token after the stop word was asked for
 

@@ -48,7 +48,8 @@ def char_ids(text):
 
 # ---------------------------------------------------------------------------------------------------- masking
 
-@pytest.mark.parametrize("name", TEMPLATES)
+# the chat formats of later LLaMA-Factory versions end a response with their own token (tests/test_phi3_data.py)
+@pytest.mark.parametrize("name", [n for n, t in TEMPLATES.items() if t.response is None])
 def test_prompt_is_masked_and_response_plus_eos_is_trained_for_every_template(name):
     template = get_template(name)
     row = {"prompt": "what is 2+2?", "response": "four", "history": []}
