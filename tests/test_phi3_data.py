@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
 from phift.config import PRESETS
 from phift.data import encode_prompt, encode_supervised, encode_turns, get_template, stop_token_ids
