@@ -25,7 +25,7 @@ from .model import LMHead, Phi
 from .neftune import add_neftune
 from .plot import plot_loss
 from .recompute import compile_blocks, recompute
-from .state import TrainableWeights, find_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .state import TrainableWeights, load_checkpoint, prepare_output_dir, save_checkpoint, set_seed
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 from .tracking import Tracker
 from .weights import load_for_inference, load_model, resolve_checkpoint_dir, save_model
@@ -180,10 +180,7 @@ def train(run: RunConfig) -> dict:
     check_runtime(run, world, device, precision)
     kernels.load(device)
     out = Path(t.output_dir)
-    if t.resume_from_checkpoint is None and not t.overwrite_output_dir and any(out.glob("checkpoint-*")):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume_from_checkpoint latest to continue, or "
-                              "--overwrite_output_dir True to start over")
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt = prepare_output_dir(out, t.resume_from_checkpoint, t.overwrite_output_dir)
 
     rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author)
     texts = [s for r in rows for s in (r.get("prompt", ""), r.get("query", ""), r.get("response", ""))]
@@ -213,7 +210,6 @@ def train(run: RunConfig) -> dict:
     model.train()
 
     progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps}
-    ckpt = find_checkpoint(t.resume_from_checkpoint, out)
     if ckpt is not None:
         progress.update(load_checkpoint(engine, weights, ckpt), total_steps=total_steps)
     log = RunLog(out, total_steps, progress["global_step"], ckpt is None, t.report_to, run_summary(run))
