@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from phift import state
 from phift import train as train_mod
+from phift.engines.plain import TorchEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import logged_steps, run_args, run_argv  # noqa: E402
@@ -18,6 +21,11 @@ from test_train import logged_steps, run_args, run_argv  # noqa: E402
 
 def checkpoints(out) -> list[str]:
     return sorted((p.name for p in Path(out).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+def finite(directory) -> bool:
+    weights = load_file(str(Path(directory) / "model.safetensors"))
+    return all(torch.isfinite(t).all() for t in weights.values())
 
 
 # ---------------------------------------------------------------------------------------------- the output dir
@@ -168,3 +176,41 @@ def test_resume_restores_a_complete_copy_left_by_a_crash_and_says_so(tmp_path, c
     with caplog.at_level(logging.INFO):
         assert train_mod.train(run_args(tmp_path, max_steps=4, resume_from_checkpoint="latest"))["global_step"] == 4
     assert "restored" in caplog.text and ".tmp-checkpoint-4" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ a diverging run
+def test_a_run_that_diverges_keeps_its_last_checkpoint_with_finite_weights(tmp_path, monkeypatch):
+    """Gradients go NaN after step 4: the updates are skipped, the run stops, and every checkpoint left (the last
+    two) holds finite weights, those of step 4."""
+    real_forward, calls = TorchEngine.forward, {"n": 0}
+
+    def forward(self, batch):
+        calls["n"] += 1
+        loss = real_forward(self, batch)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(TorchEngine, "forward", forward)
+    args = run_args(tmp_path, max_steps=12, save_steps=2, save_total_limit=2, per_device_train_batch_size=12,
+                    num_train_epochs=100)
+    with pytest.raises(train_mod.TrainingDiverged) as e:
+        train_mod.train(args)
+    out = tmp_path / "out"
+    latest = (out / "latest").read_text()
+    assert latest in str(e.value) and checkpoints(out)[-1] == latest
+    assert all(finite(out / c) for c in checkpoints(out))
+    assert not (out / "model.safetensors").exists()  # nor a final model
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    train_mod.train(run_args(tmp_path, max_steps=2, save_steps=1))
+    out = tmp_path / "out"
+    args = run_args(tmp_path, max_steps=2)
+    engine = train_mod.build_engine(
+        train_mod.Phi(train_mod.PhiConfig.from_name("tiny", vocab_size=128)), args,
+        train_mod.decide_precision(args, torch.device("cpu")), 2, torch.device("cpu"))
+    with torch.no_grad():
+        next(engine.module.parameters())[0] = float("inf")
+    weights = state.TrainableWeights(False, "tiny", None, None)
+    with pytest.raises(state.NonFiniteWeights, match="step 3"):
+        state.save_checkpoint(engine, weights, out, {"global_step": 3, "epoch": 0, "samples_in_epoch": 0})
+    assert (out / "latest").read_text() == "checkpoint-2" and not list(out.glob("*checkpoint-3"))
