@@ -26,7 +26,7 @@ from .neftune import add_neftune
 from .plot import plot_loss
 from .recompute import compile_blocks, recompute
 from .state import (TrainableWeights, check_finite, last_checkpoint_note, load_checkpoint, prepare_output_dir,
-                    save_checkpoint, set_seed)
+                    save_checkpoint, set_seed, write_atomic)
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 from .tracking import Tracker
 from .weights import load_for_inference, load_model, resolve_checkpoint_dir, save_model
@@ -143,14 +143,26 @@ def eval_loss(engine: Engine, examples, batch_size: int, pad_id, device) -> floa
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-class RunLog:
-    """trainer_log.jsonl (LLaMA-Factory's names), the experiment tracker and the progress bar; rank 0 writes."""
+def mean_over_ranks(x: torch.Tensor) -> float:
+    world = distributed.rank_and_world()[1]
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x.item()
 
-    def __init__(self, out: Path, total_steps: int, first_step: int, fresh: bool, report_to: str, config: dict):
+
+class RunLog:
+    """trainer_log.jsonl (LLaMA-Factory's names), the experiment tracker and the progress bar; rank 0 writes.
+    A resumed run first cuts the log back to its checkpoint's step: what the interrupted run logged after that is
+    logged again."""
+
+    def __init__(self, out: Path, total_steps: int, first_step: int, report_to: str, config: dict):
         self.main = distributed.is_main()
         self.file, self.history = out / "trainer_log.jsonl", []
-        if self.main and fresh and self.file.exists():
-            self.file.unlink()
+        if self.main and self.file.exists():
+            kept = [line for line in self.file.read_text().splitlines() if _logged_by(line, first_step)]
+            write_atomic(self.file, "".join(line + "\n" for line in kept))
         self.tracker = Tracker(report_to, out, config) if self.main else None
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.main, desc="train", dynamic_ncols=True)
 
@@ -170,6 +182,13 @@ class RunLog:
         self.bar.close()
         if self.tracker:
             self.tracker.close()
+
+
+def _logged_by(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["current_steps"] <= step
+    except ValueError:  # a line half written when the run was killed
+        return False
 
 
 MAX_SKIPPED_IN_A_ROW = 5  # steps skipped one after another for non-finite gradients that stop a run
@@ -261,12 +280,15 @@ def train(run: RunConfig) -> dict:
     progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps}
     if ckpt is not None:
         progress.update(load_checkpoint(engine, weights, ckpt), total_steps=total_steps)
-    log = RunLog(out, total_steps, progress["global_step"], ckpt is None, t.report_to, run_summary(run))
+    log = RunLog(out, total_steps, progress["global_step"], t.report_to, run_summary(run))
     logger.info("train samples %d, val %d, micro batch %d × accumulation %d × world %d, %d steps", len(train_set),
                 len(val_set), batch_size, accum, world, total_steps)
 
     skips = SkippedSteps(out, t.learning_rate)
-    start, t_log, loss_sum, loss_n, tokens = time.time(), time.time(), torch.zeros((), device=device), 0, 0
+    # the losses since the last logged step, summed: a checkpoint keeps the sum (its mean over ranks) and the count,
+    # so that the first loss a resumed run logs covers the steps the uninterrupted run's covered
+    loss_window, loss_n = progress.get("loss_window", (0.0, 0))
+    start, t_log, loss_sum, tokens = time.time(), time.time(), torch.tensor(loss_window, device=device), 0
     pad_id = tokenizer.pad_token_id
     epoch, skip = progress["epoch"], progress["samples_in_epoch"]
     try:  # the progress bar and the tracker close whatever ends the loop (the error then ends the output)
@@ -312,6 +334,7 @@ def train(run: RunConfig) -> dict:
                     logger.info("step %d: eval_loss %s", step, loss_val)
                     log.write({"current_steps": step, "eval_loss": loss_val})
                 if saving_now:
+                    progress["loss_window"] = (mean_over_ranks(loss_sum), loss_n)
                     save_checkpoint(engine, weights, out, progress, t.save_total_limit)
                 if step >= total_steps:
                     break
@@ -323,6 +346,7 @@ def train(run: RunConfig) -> dict:
 
     runtime = time.time() - start
     if t.save_strategy == "steps":
+        progress["loss_window"] = (mean_over_ranks(loss_sum), loss_n)
         save_checkpoint(engine, weights, out, progress, t.save_total_limit)
     state = engine.weights_state_dict()
     check_finite(engine, state, "the final model was not saved", out)

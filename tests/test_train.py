@@ -66,6 +66,12 @@ def losses(out_dir):
             if "loss" in e]
 
 
+def log_entries(out_dir) -> list[dict]:
+    """trainer_log.jsonl without its timings (tokens_per_second, elapsed_time): what a rerun must reproduce."""
+    log = map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
+    return [{k: v for k, v in e.items() if k not in ("tokens_per_second", "elapsed_time")} for e in log]
+
+
 def logged_steps(out_dir) -> dict[int, tuple[float, float]]:
     """step -> (loss, grad_norm); a step logged twice (before a crash and after the resume) keeps its last entry."""
     log = map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
@@ -182,27 +188,50 @@ def test_the_same_seed_gives_the_same_lora_run_on_a_loaded_checkpoint(tmp_path, 
     assert logged_steps(other.training.output_dir)[1] != runs[0][1]  # and another seed another run
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path, tiny_checkpoint):
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_log(tmp_path, tiny_checkpoint):
+    """The resumed run's trainer_log.jsonl is the uninterrupted one's, line for line: the killed run's lines past the
+    checkpoint are dropped, and the loss logged first after it (its window straddles the checkpoint, as logging
+    every 2 steps and saving every 3 makes it) covers the steps the uninterrupted run's did."""
     flags = dict(model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", lora_target="all",
-                 lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, learning_rate=3e-3)
+                 lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, logging_steps=2,
+                 learning_rate=3e-3)
     uninterrupted = run_args(tmp_path / "whole", **flags)
     train_mod.train(uninterrupted)
     killed = run_args(tmp_path / "killed", **flags)
     argv = [sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path / "killed", **flags)]
     proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    latest = Path(killed.training.output_dir) / "latest"
+    out = Path(killed.training.output_dir)
     deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+    # killed once a checkpoint exists and a step past it has been logged (that line must not survive the resume)
+    while proc.poll() is None and time.time() < deadline and not (
+            (out / "latest").exists() and last_logged_step(out) > int((out / "latest").read_text().split("-")[1])):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
-    at = int(latest.read_text().split("-")[1])
+    at = int((out / "latest").read_text().split("-")[1])
+    assert at < 40 and max(e["current_steps"] for e in log_entries(out)) > at
     resumed = run_args(tmp_path / "killed", **flags, resume_from_checkpoint="latest")
     train_mod.train(resumed)
-    after = {s: v for s, v in logged_steps(resumed.training.output_dir).items() if s > at}
-    assert at < 40 and after == {s: v for s, v in logged_steps(uninterrupted.training.output_dir).items() if s > at}
+    assert log_entries(out) == log_entries(uninterrupted.training.output_dir)
+
+
+def last_logged_step(out_dir) -> int:
+    try:
+        return max(json.loads(line)["current_steps"] for line in (out_dir / "trainer_log.jsonl").open())
+    except (FileNotFoundError, ValueError):  # no log yet, or a line half written
+        return 0
+
+
+def test_resuming_from_an_earlier_checkpoint_rewrites_the_log_from_there(tmp_path):
+    flags = dict(max_steps=12, save_steps=3, logging_steps=2)
+    args = run_args(tmp_path, **flags)
+    train_mod.train(args)
+    whole = log_entries(args.training.output_dir)
+    again = run_args(tmp_path, **flags, resume_from_checkpoint=str(Path(args.training.output_dir) / "checkpoint-3"))
+    train_mod.train(again)
+    assert log_entries(args.training.output_dir) == whole
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
