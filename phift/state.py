@@ -41,6 +41,11 @@ RUN_OUTPUT_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", ".old-checkpoint-*",
                        "training_*.png")
 
 
+# what the optimizer and its schedule were built from: a resumed run goes on with the checkpoint's values
+OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm",
+                   "lr_scheduler_type", "warmup_steps", "warmup_ratio")
+
+
 class NonFiniteWeights(RuntimeError):
     """The weights hold a NaN or an inf: nothing is saved."""
 
@@ -281,6 +286,30 @@ def find_checkpoint(resume_from: str | None, output_dir) -> Path | None:
     if not (d / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{d} is not a complete phift checkpoint (no trainer_state.json)")
     return d
+
+
+def optimizer_flags(training) -> dict:
+    """The OPTIMIZER_FLAGS of a phift.args.TrainingArgs, as a checkpoint keeps them."""
+    return {name: getattr(training, name) for name in OPTIMIZER_FLAGS}
+
+
+def keep_optimizer_flags(training, ckpt: Path, total_steps: int):
+    """Before the engine is built for a resume: the optimizer and its schedule go on as the checkpoint's run set them
+    (its optimizer state holds the learning rate and betas anyway, and a schedule half run under other flags would
+    continue neither run), so each flag given another value takes the checkpoint's, with a warning naming both. The
+    run's length is the flags' own: a longer or shorter run stretches the schedule, which is said too."""
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    for name, value in saved.get("optimizer", {}).items():
+        if getattr(training, name) != value:
+            if is_main():
+                logger.warning("--%s %s does not apply on resume: the checkpoint's run trained with %s, and its "
+                               "optimizer and schedule go on with that (start a new run to change it)", name,
+                               getattr(training, name), value)
+            setattr(training, name, value)
+    if saved.get("total_steps", total_steps) != total_steps and is_main():
+        logger.warning("resuming for %d steps in all where the checkpoint's run planned %d: the learning-rate "
+                       "schedule follows the new length from step %d", total_steps, saved["total_steps"],
+                       saved["global_step"])
 
 
 def load_checkpoint(engine, weights: TrainableWeights, ckpt: Path) -> dict:

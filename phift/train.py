@@ -25,8 +25,8 @@ from .model import LMHead, Phi
 from .neftune import add_neftune
 from .plot import plot_loss
 from .recompute import compile_blocks, recompute
-from .state import (TrainableWeights, check_finite, last_checkpoint_note, load_checkpoint, prepare_output_dir,
-                    save_checkpoint, set_seed, write_atomic)
+from .state import (TrainableWeights, check_finite, keep_optimizer_flags, last_checkpoint_note, load_checkpoint,
+                    optimizer_flags, prepare_output_dir, save_checkpoint, set_seed, write_atomic)
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 from .tracking import Tracker
 from .weights import load_for_inference, load_model, resolve_checkpoint_dir, save_model
@@ -274,10 +274,13 @@ def train(run: RunConfig) -> dict:
 
     steps_per_epoch = max(1, math.ceil(len(batches_of(0)) / accum))
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    if ckpt is not None:
+        keep_optimizer_flags(t, ckpt, total_steps)
     engine = build_engine(model, run, precision, total_steps, device)
     model.train()
 
-    progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps}
+    progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps,
+                "optimizer": optimizer_flags(t)}
     if ckpt is not None:
         progress.update(load_checkpoint(engine, weights, ckpt), total_steps=total_steps)
     log = RunLog(out, total_steps, progress["global_step"], t.report_to, run_summary(run))

@@ -214,3 +214,32 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     with pytest.raises(state.NonFiniteWeights, match="step 3"):
         state.save_checkpoint(engine, weights, out, {"global_step": 3, "epoch": 0, "samples_in_epoch": 0})
     assert (out / "latest").read_text() == "checkpoint-2" and not list(out.glob("*checkpoint-3"))
+
+
+# ------------------------------------------------------------------------ optimizer settings on resume
+@pytest.mark.parametrize("flag, new", [("learning_rate", 5e-3), ("lr_scheduler_type", "linear"),
+                                       ("warmup_steps", 2), ("adam_beta2", 0.99)])
+def test_a_changed_optimizer_flag_on_resume_is_named_and_the_checkpoints_value_holds(tmp_path, caplog, flag, new):
+    flags = dict(max_steps=6, save_steps=3, learning_rate=1e-3, lr_scheduler_type="cosine")
+    whole = run_args(tmp_path / "whole", **flags)
+    train_mod.train(whole)
+    ckpt = tmp_path / "whole" / "out" / "checkpoint-3"
+    resumed = run_args(tmp_path / "resumed", **{**flags, flag: new}, resume_from_checkpoint=str(ckpt))
+    with caplog.at_level(logging.WARNING):
+        train_mod.train(resumed)
+    warning = [r.getMessage() for r in caplog.records if f"--{flag}" in r.getMessage()]
+    assert len(warning) == 1 and str(new) in warning[0] and str(getattr(whole.training, flag)) in warning[0]
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(line) for line in
+                     (tmp_path / "whole" / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [(e["learning_rate"], e["loss"]) for e in log] == [(e["learning_rate"], e["loss"])
+                                                              for e in uninterrupted[3:]]
+
+
+def test_a_longer_run_on_resume_says_the_schedule_is_stretched(tmp_path, caplog):
+    train_mod.train(run_args(tmp_path / "a", max_steps=6, save_steps=3))
+    resumed = run_args(tmp_path / "b", max_steps=12, save_steps=3,
+                       resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
+    with caplog.at_level(logging.WARNING):
+        train_mod.train(resumed)
+    assert "12 steps" in caplog.text and "planned 6" in caplog.text
