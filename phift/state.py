@@ -2,7 +2,8 @@
 
     checkpoint-N/   the trainable weights (the LoRA adapter, or the whole model) and the tokenizer, as in the final
                     output; the engine's state (optimizer, schedule, loss scale); every generator's state per rank;
-                    trainer_state.json (step, epoch, samples consumed in it, world size)
+                    trainer_state.json (step, epoch, samples consumed in it, world size, the losses summed since
+                    the last logged step, the optimizer flags)
     latest          the name of the newest complete checkpoint
 
 A run starts in an empty output_dir, or with --overwrite_output_dir in one cleared of what an earlier run wrote
