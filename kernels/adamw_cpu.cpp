@@ -114,6 +114,7 @@ void adamw_master_cpu(at::TensorList weights, at::TensorList grads, at::TensorLi
     TORCH_CHECK(clip_coef->numel() == 1, "adamw_master_: clip_coef must hold one value");
     scale = clip_coef->item<float>();
   }
+  if (!std::isfinite(scale)) return;  // the gradients were not finite: the step is skipped
   for (size_t i = 0; i < n; ++i) {
     at::Tensor w = weights[i], g = grads[i], p = masters[i], m = exp_avgs[i], v = exp_avg_sqs[i];
     phift::check_adamw_tensor(w, g, p, m, v, at::kCPU);

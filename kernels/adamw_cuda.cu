@@ -3,7 +3,7 @@
 // moments, and writes the rounded weight back into the model. 28 bytes a parameter (bf16: read g 2, p/m/v 12;
 // write p/m/v 12, weight 2), where fp32 weights under autocast also cast every weight to half in each forward and
 // every half gradient to fp32. The math is torch's fused AdamW (adamw mode), gradient first multiplied by the
-// clipping coefficient (a device scalar: no host sync).
+// clipping coefficient (a device scalar: no host sync); a coefficient that is not finite skips the update.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kThreads) adamw_master_kernel(T* __restrict__ 
                                                                 float* __restrict__ v, int64_t n,
                                                                 const float* __restrict__ clip, Hyper h) {
   const float scale = clip ? *clip : 1.f;
+  if (!isfinite(scale)) return;  // the gradients were not finite: the step is skipped, every tensor stays as it was
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kPer;
   for (int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kPer; i < n; i += stride) {
     if (kVectorised && i + kPer <= n) {

@@ -106,7 +106,8 @@ class TrainingArgs:
     do_predict: bool = arg(False, "generate on the dataset and score BLEU-4 / ROUGE")
     predict_with_generate: bool = arg(False, "required with --do_predict, as in LLaMA-Factory")
     output_dir: str = arg(REQUIRED, "where the model, logs and checkpoints go")
-    overwrite_output_dir: bool = arg(False, "allow starting over in an output_dir that holds checkpoints")
+    overwrite_output_dir: bool = arg(False, "start over in a non-empty output_dir: what an earlier run wrote there "
+                                            "(checkpoints, logs, results, weights) is removed first")
     learning_rate: float = arg(5e-5, "peak learning rate of AdamW")
     num_train_epochs: float = arg(3.0, "passes over the training set")
     max_steps: int = arg(-1, "> 0 overrides num_train_epochs")

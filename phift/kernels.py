@@ -164,11 +164,14 @@ def adamw_master_(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr:
                   eps: float, weight_decay: float, steps: list[float]) -> None:
     """One AdamW step (torch's math, adamw mode) of fp32 master weights from fp16/bf16 gradients, each multiplied
     first by clip_coef (a 0-dim fp32 tensor on the weights' device, or None); the updated masters are written back,
-    rounded, into the half weights. steps[i] is tensor i's step count, this step included (bias correction)."""
+    rounded, into the half weights. steps[i] is tensor i's step count, this step included (bias correction).
+    A clip_coef that is not finite leaves every tensor as it was (the step is skipped)."""
     if adamw_fused_applies(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef):
         op = torch.ops.phift.adamw_master_ if weights[0].is_cuda else torch.ops.phift_cpu.adamw_master_
         op(weights, grads, masters, exp_avgs, exp_avg_sqs, clip_coef, lr, beta1, beta2, eps, weight_decay,
            [float(s) for s in steps])
+        return
+    if clip_coef is not None and not torch.isfinite(clip_coef):  # (the reference path reads it on the host)
         return
     for w, g, p, m, v, step in zip(weights, grads, masters, exp_avgs, exp_avg_sqs, steps, strict=True):
         g = g.float()

@@ -25,7 +25,10 @@ class MasterAdamW(torch.optim.Optimizer):
 
     The state of each parameter holds `master` (fp32), `exp_avg`, `exp_avg_sq` (fp32) and `step`, so that
     state_dict() / load_state_dict() resume exactly. step(clip_coef) scales every gradient by clip_coef first: a
-    0-dim fp32 tensor on the parameters' device, e.g. from `clip_coefficient`, which needs no host sync.
+    0-dim fp32 tensor on the parameters' device, e.g. from `clip_coefficient`, which needs no host sync. A clip_coef
+    that is not finite (the gradients were not) skips the step: weights, masters and moments stay as they were. On
+    a GPU the kernel decides that on the device, and the step count still advances (knowing the skip on the host
+    would cost the sync the coefficient avoids), so the bias correction of the next steps counts the skipped one.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -66,6 +69,8 @@ class MasterAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if clip_coef is not None and clip_coef.device.type == "cpu" and not torch.isfinite(clip_coef):
+            return loss  # non-finite gradients (see clip_coefficient), known here without a device sync: skipped
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -90,11 +95,13 @@ class MasterAdamW(torch.optim.Optimizer):
 
 def clip_coefficient(params, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(total gradient 2-norm in fp32, min(1, max_norm / (norm + 1e-6))), both 0-dim tensors on the gradients'
-    device; the gradients themselves are left as they are (MasterAdamW applies the coefficient as it reads them)."""
+    device; the gradients themselves are left as they are (MasterAdamW applies the coefficient as it reads them).
+    A norm that is not finite gives a NaN coefficient, which makes MasterAdamW skip the step."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         zero = torch.zeros(())
         return zero, torch.ones(())
     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
     total = torch.linalg.vector_norm(torch.stack(norms))
-    return total, (max_norm / (total + 1e-6)).clamp_(max=1.0)
+    coef = (max_norm / (total + 1e-6)).clamp_(max=1.0)
+    return total, coef.masked_fill_(~torch.isfinite(total), float("nan"))  # NaN: MasterAdamW skips the step

@@ -2,10 +2,16 @@
 
     checkpoint-N/   the trainable weights (the LoRA adapter, or the whole model) and the tokenizer, as in the final
                     output; the engine's state (optimizer, schedule, loss scale); every generator's state per rank;
-                    trainer_state.json (step, epoch, samples consumed in it, world size)
+                    trainer_state.json (step, epoch, samples consumed in it, world size, the losses summed since
+                    the last logged step, the optimizer flags)
     latest          the name of the newest complete checkpoint
 
-A checkpoint is written in a hidden directory and renamed into place, so a crash mid-save never breaks the last one.
+A run starts in an empty output_dir, or with --overwrite_output_dir in one cleared of what an earlier run wrote
+(`prepare_output_dir`): two runs never mix in one directory. A checkpoint is written in a hidden directory and renamed
+into place; one saved again (a resumed run saves the step it resumed from) is renamed aside first and removed last,
+so that whenever a crash strikes, `latest` names a complete checkpoint or a complete copy of it lies beside it, which
+the resume puts back. Rotation (--save_total_limit) never removes the checkpoint `latest` names, and weights that are
+not finite are never saved, so the last checkpoint with finite weights is never rotated away.
 Every random number generator a run draws from is seeded once at the start (`set_seed`) and restored on resume.
 """
 from __future__ import annotations
@@ -21,13 +27,28 @@ import numpy as np
 import torch
 
 from . import lora
-from .distributed import barrier, rank_and_world
+from .distributed import barrier, is_main, rank_and_world
 from .weights import load_state_dict, save_model
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
+# what a run (and evaluation after it) writes into output_dir: --overwrite_output_dir removes these, nothing else
+RUN_OUTPUTS = ("latest", "latest.tmp", "trainer_log.jsonl", "train_results.json", "all_results.json",
+               "predict_results.json", "generated_predictions.jsonl", "runs", "base_model", "config.json",
+               "model.safetensors.index.json", lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG, *TOKENIZER_FILES)
+RUN_OUTPUT_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", ".old-checkpoint-*", "model*.safetensors",
+                       "training_*.png")
+
+
+# what the optimizer and its schedule were built from: a resumed run goes on with the checkpoint's values
+OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm",
+                   "lr_scheduler_type", "warmup_steps", "warmup_ratio")
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights hold a NaN or an inf: nothing is saved."""
 
 
 def set_seed(seed: int):
@@ -97,54 +118,199 @@ class TrainableWeights:
             model.load_state_dict(load_state_dict(directory, model, p.dtype, p.device)[0])
 
 
+def prepare_output_dir(output_dir, resume_from: str | None, overwrite: bool) -> Path | None:
+    """Before a run writes anything (every rank calls it): a fresh run needs an empty output_dir, or
+    --overwrite_output_dir, which clears what an earlier run wrote there; a resumed run first puts back a checkpoint
+    that a crash left beside its place, and drops the copies of unfinished saves. Returns the checkpoint to resume
+    from, or None."""
+    out = Path(output_dir)
+    resuming = _resuming(resume_from)
+    if not resuming and not overwrite:
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if held:
+            raise FileExistsError(_occupied(out, held))
+    barrier()  # every rank has looked before rank 0 changes anything
+    if is_main():
+        if resuming:
+            try:
+                _restore(_named_checkpoint(resume_from, out))
+            except FileNotFoundError:
+                pass  # find_checkpoint says so below, on every rank
+            for leftover in (*out.glob(".tmp-checkpoint-*"), *out.glob(".old-checkpoint-*")):
+                _remove(leftover)
+        elif overwrite:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return find_checkpoint(resume_from, out)
+
+
+def _occupied(out: Path, held: list[str]) -> str:
+    shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+    ways = ("--overwrite_output_dir True to start over (what a previous run wrote there is removed first), or "
+            "another --output_dir")
+    if "latest" in held or any(n.startswith("checkpoint-") for n in held):
+        ways = "--resume_from_checkpoint latest to continue the run it holds, " + ways
+    return f"output_dir {out} is not empty ({shown}): pass {ways}"
+
+
+def _clear_run(out: Path):
+    doomed = {out / name for name in RUN_OUTPUTS} | {p for pattern in RUN_OUTPUT_PATTERNS for p in out.glob(pattern)}
+    removed = sorted(p.name for p in doomed if p.exists() or p.is_symlink())
+    for p in doomed:
+        if p.is_dir() and not p.is_symlink():
+            _remove(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    if removed:
+        logger.info("--overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), out)
+
+
 def save_checkpoint(engine, weights: TrainableWeights, output_dir: Path, progress: dict,
                     save_total_limit: int | None = None) -> Path:
-    """checkpoint-N/ written in a hidden temp dir, then renamed: a crash mid-save never leaves a broken one,
-    and `latest` names the newest complete checkpoint. Every rank calls it."""
+    """checkpoint-N/, written in a hidden temp dir and renamed into place; `latest` then names it. Every rank calls
+    it. Weights that are not finite are refused (NonFiniteWeights) before anything is written."""
     rank, world = rank_and_world()
-    out = Path(output_dir)
-    final, tmp = out / f"checkpoint-{progress['global_step']}", out / f".tmp-checkpoint-{progress['global_step']}"
+    out, step = Path(output_dir), progress["global_step"]
+    final = out / f"checkpoint-{step}"
+    tmp, aside = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
+    state = engine.weights_state_dict()
+    check_finite(engine, state, f"step {step}: no checkpoint was written", out)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    state = engine.weights_state_dict()
     engine.save(tmp)
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
     barrier()
     if rank == 0:
         weights.save(engine.module, tmp, state)
-        (tmp / "trainer_state.json").write_text(json.dumps({**progress, "world_size": world}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(out / "latest", final.name)
-        if save_total_limit:
-            for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-save_total_limit]:
-                shutil.rmtree(old)
+        # written last: a copy holding trainer_state.json is complete
+        write_atomic(tmp / "trainer_state.json", json.dumps({**progress, "world_size": world}, indent=2))
+        _commit(tmp, final, aside)
+        _rotate(out, save_total_limit)
     barrier()
     return final
 
 
-def _write_atomic(path: Path, text: str):
+def _commit(tmp: Path, final: Path, aside: Path):
+    """Put the complete copy `tmp` in place of `final` and point `latest` at it. A crash between any two lines
+    leaves `latest` naming a complete checkpoint (the old one, or the new), or, between the two renames, names one
+    whose complete copies lie at `tmp` (new) and `aside` (old), which `_restore` puts back."""
+    if final.exists():
+        _remove(aside)
+        _rename(final, aside)
+    _rename(tmp, final)
+    write_atomic(final.parent / "latest", final.name)
+    _remove(aside)
+
+
+def _restore(ckpt: Path):
+    """Put back a checkpoint that a crash between the renames of `_commit` left only as a complete copy beside it."""
+    if (ckpt / "trainer_state.json").is_file():
+        return
+    for copy in (ckpt.with_name(f".tmp-{ckpt.name}"), ckpt.with_name(f".old-{ckpt.name}")):  # the newer first
+        if (copy / "trainer_state.json").is_file():
+            _remove(ckpt)
+            _rename(copy, ckpt)
+            logger.warning("%s was missing (a crash cut its save short): restored it from the complete copy %s",
+                           ckpt, copy.name)
+            return
+
+
+def _rotate(out: Path, save_total_limit: int | None):
+    """Keep the newest save_total_limit checkpoints, and always the one `latest` names: it may sort below older
+    ones (a run resumed from an early checkpoint of a longer one)."""
+    if not save_total_limit:
+        return
+    latest = (out / "latest").read_text().strip()
+    found = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+    for old in found[:-save_total_limit]:
+        if old.name != latest:
+            doomed = old.with_name(f".old-{old.name}")
+            _rename(old, doomed)  # first: a crash mid-delete leaves no partial checkpoint-N
+            _remove(doomed)
+
+
+def check_finite(engine, state: dict | None, what: str, output_dir):
+    """Raise NonFiniteWeights unless every trainable weight is finite, on every rank alike (one pass over the
+    weights and one host sync: at a save, not at every step)."""
+    tensors = list(state.values()) if state is not None else engine.params
+    device = engine.params[0].device if engine.params else torch.device("cpu")
+    finite = torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all().float() if tensors \
+        else torch.ones((), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite.item():
+        raise NonFiniteWeights(f"{what}: the weights hold NaN or inf values; {last_checkpoint_note(output_dir)}")
+
+
+def last_checkpoint_note(output_dir) -> str:
+    pointer = Path(output_dir) / "latest"
+    if pointer.is_file():
+        return f"the last checkpoint, {Path(output_dir) / pointer.read_text().strip()}, holds finite weights"
+    return "no checkpoint was written before"
+
+
+def write_atomic(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    _rename(tmp, path)
 
 
-def find_checkpoint(resume_from: str | None, output_dir) -> Path | None:
-    """--resume_from_checkpoint: a checkpoint directory, or latest (True) for output_dir's newest complete one."""
-    if resume_from in (None, "", "False", "false"):
-        return None
+def _rename(src: Path, dst: Path):
+    os.replace(src, dst)
+
+
+def _remove(path: Path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _resuming(resume_from: str | None) -> bool:
+    return resume_from not in (None, "", "False", "false")
+
+
+def _named_checkpoint(resume_from: str, output_dir) -> Path:
     if resume_from in ("latest", "True", "true"):
         pointer = Path(output_dir) / "latest"
         if not pointer.is_file():
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return Path(output_dir) / pointer.read_text().strip()
-    d = Path(resume_from)
+    return Path(resume_from)
+
+
+def find_checkpoint(resume_from: str | None, output_dir) -> Path | None:
+    """--resume_from_checkpoint: a checkpoint directory, or latest (True) for output_dir's newest complete one."""
+    if not _resuming(resume_from):
+        return None
+    d = _named_checkpoint(resume_from, output_dir)
     if not (d / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{d} is not a complete phift checkpoint (no trainer_state.json)")
     return d
+
+
+def optimizer_flags(training) -> dict:
+    """The OPTIMIZER_FLAGS of a phift.args.TrainingArgs, as a checkpoint keeps them."""
+    return {name: getattr(training, name) for name in OPTIMIZER_FLAGS}
+
+
+def keep_optimizer_flags(training, ckpt: Path, total_steps: int):
+    """Before the engine is built for a resume: the optimizer and its schedule go on as the checkpoint's run set them
+    (its optimizer state holds the learning rate and betas anyway, and a schedule half run under other flags would
+    continue neither run), so each flag given another value takes the checkpoint's, with a warning naming both. The
+    run's length is the flags' own: a longer or shorter run stretches the schedule, which is said too."""
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    for name, value in saved.get("optimizer", {}).items():
+        if getattr(training, name) != value:
+            if is_main():
+                logger.warning("--%s %s does not apply on resume: the checkpoint's run trained with %s, and its "
+                               "optimizer and schedule go on with that (start a new run to change it)", name,
+                               getattr(training, name), value)
+            setattr(training, name, value)
+    if saved.get("total_steps", total_steps) != total_steps and is_main():
+        logger.warning("resuming for %d steps in all where the checkpoint's run planned %d: the learning-rate "
+                       "schedule follows the new length from step %d", total_steps, saved["total_steps"],
+                       saved["global_step"])
 
 
 def load_checkpoint(engine, weights: TrainableWeights, ckpt: Path) -> dict:

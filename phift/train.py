@@ -25,7 +25,8 @@ from .model import LMHead
 from .neftune import add_neftune
 from .plot import plot_loss
 from .recompute import compile_blocks, recompute
-from .state import TrainableWeights, find_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .state import (TrainableWeights, check_finite, keep_optimizer_flags, last_checkpoint_note, load_checkpoint,
+                    optimizer_flags, prepare_output_dir, save_checkpoint, set_seed, write_atomic)
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 from .tracking import Tracker
 from .weights import load_for_inference, load_model, resolve_checkpoint_dir, save_model
@@ -142,14 +143,26 @@ def eval_loss(engine: Engine, examples, batch_size: int, pad_id, device) -> floa
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-class RunLog:
-    """trainer_log.jsonl (LLaMA-Factory's names), the experiment tracker and the progress bar; rank 0 writes."""
+def mean_over_ranks(x: torch.Tensor) -> float:
+    world = distributed.rank_and_world()[1]
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x.item()
 
-    def __init__(self, out: Path, total_steps: int, first_step: int, fresh: bool, report_to: str, config: dict):
+
+class RunLog:
+    """trainer_log.jsonl (LLaMA-Factory's names), the experiment tracker and the progress bar; rank 0 writes.
+    A resumed run first cuts the log back to its checkpoint's step: what the interrupted run logged after that is
+    logged again."""
+
+    def __init__(self, out: Path, total_steps: int, first_step: int, report_to: str, config: dict):
         self.main = distributed.is_main()
         self.file, self.history = out / "trainer_log.jsonl", []
-        if self.main and fresh and self.file.exists():
-            self.file.unlink()
+        if self.main and self.file.exists():
+            kept = [line for line in self.file.read_text().splitlines() if _logged_by(line, first_step)]
+            write_atomic(self.file, "".join(line + "\n" for line in kept))
         self.tracker = Tracker(report_to, out, config) if self.main else None
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.main, desc="train", dynamic_ncols=True)
 
@@ -171,6 +184,61 @@ class RunLog:
             self.tracker.close()
 
 
+def _logged_by(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["current_steps"] <= step
+    except ValueError:  # a line half written when the run was killed
+        return False
+
+
+MAX_SKIPPED_IN_A_ROW = 5  # steps skipped one after another for non-finite gradients that stop a run
+
+
+class TrainingDiverged(RuntimeError):
+    """MAX_SKIPPED_IN_A_ROW optimizer steps in a row had gradients that were not finite."""
+
+
+class SkippedSteps:
+    """Steps whose update was skipped because the gradients were not finite: each is logged, and
+    MAX_SKIPPED_IN_A_ROW in a row stop the run (TrainingDiverged); the weights stay those of the last applied step.
+
+    The plain engine decides a skip on the device (see TorchEngine.update), so the flags are read here in batches: at
+    each logged step and save, and at least every MAX_SKIPPED_IN_A_ROW steps; one host sync a batch. An fp16
+    overflow while the loss scale is above 1 is the scale's own business (it halves); from 1 down it counts, as
+    DeepSpeed stops at its min_loss_scale of 1."""
+
+    def __init__(self, output_dir: Path, learning_rate: float):
+        self.out, self.learning_rate, self.pending, self.in_a_row = output_dir, learning_rate, [], []
+
+    def add(self, step: int, info: dict):
+        self.pending.append((step, info))
+
+    def due(self) -> bool:
+        return len(self.pending) >= MAX_SKIPPED_IN_A_ROW
+
+    def check(self):
+        flags = [info["skipped"] for _, info in self.pending]
+        if flags and all(isinstance(f, torch.Tensor) for f in flags):
+            flags = torch.stack(flags).tolist()
+        for (step, info), skipped in zip(self.pending, flags, strict=True):
+            scale = info["loss_scale"]
+            if not skipped:
+                self.in_a_row = []
+            elif scale is not None and scale > 1:
+                logger.info("step %d: fp16 overflow, update skipped (loss scale now %s)", step, scale)
+            else:
+                logger.warning("step %d: the gradients are not finite (grad_norm %s), update skipped", step,
+                               float(info["grad_norm"]))
+                self.in_a_row.append(step)
+                if len(self.in_a_row) == MAX_SKIPPED_IN_A_ROW:
+                    raise TrainingDiverged(
+                        f"steps {self.in_a_row[0]}-{step}: the gradients were not finite (NaN or inf) "
+                        f"{MAX_SKIPPED_IN_A_ROW} in a row, so their updates were skipped and training stopped; "
+                        f"{last_checkpoint_note(self.out)}. Lower --learning_rate (it is {self.learning_rate:g}) or "
+                        "look for a bad sample in the data")
+        self.pending = []
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 def train(run: RunConfig) -> dict:
     m, d, f, t = run.model, run.data, run.finetuning, run.training
@@ -182,10 +250,7 @@ def train(run: RunConfig) -> dict:
         estimate.preflight(run, world, device)
     kernels.load(device)
     out = Path(t.output_dir)
-    if t.resume_from_checkpoint is None and not t.overwrite_output_dir and any(out.glob("checkpoint-*")):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume_from_checkpoint latest to continue, or "
-                              "--overwrite_output_dir True to start over")
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt = prepare_output_dir(out, t.resume_from_checkpoint, t.overwrite_output_dir)
 
     rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author)
     texts = [s for r in rows for s in (r.get("prompt", ""), r.get("query", ""), r.get("response", ""))]
@@ -211,71 +276,85 @@ def train(run: RunConfig) -> dict:
 
     steps_per_epoch = max(1, math.ceil(len(batches_of(0)) / accum))
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    if ckpt is not None:
+        keep_optimizer_flags(t, ckpt, total_steps)
     engine = build_engine(model, run, precision, total_steps, device)
     model.train()
 
-    progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps}
-    ckpt = find_checkpoint(t.resume_from_checkpoint, out)
+    progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps,
+                "optimizer": optimizer_flags(t)}
     if ckpt is not None:
         progress.update(load_checkpoint(engine, weights, ckpt), total_steps=total_steps)
-    log = RunLog(out, total_steps, progress["global_step"], ckpt is None, t.report_to, run_summary(run))
+    log = RunLog(out, total_steps, progress["global_step"], t.report_to, run_summary(run))
     logger.info("train samples %d, val %d, micro batch %d × accumulation %d × world %d, %d steps", len(train_set),
                 len(val_set), batch_size, accum, world, total_steps)
 
-    start, t_log, loss_sum, loss_n, tokens = time.time(), time.time(), torch.zeros((), device=device), 0, 0
+    skips = SkippedSteps(out, t.learning_rate)
+    # the losses since the last logged step, summed: a checkpoint keeps the sum (its mean over ranks) and the count,
+    # so that the first loss a resumed run logs covers the steps the uninterrupted run's covered
+    loss_window, loss_n = progress.get("loss_window", (0.0, 0))
+    start, t_log, loss_sum, tokens = time.time(), time.time(), torch.tensor(loss_window, device=device), 0
     pad_id = tokenizer.pad_token_id
     epoch, skip = progress["epoch"], progress["samples_in_epoch"]
-    while progress["global_step"] < total_steps:
-        batches, consumed = batches_of(epoch, skip), skip
-        for i, micro in enumerate(batches):
-            batch = to_batch(micro, d.packing, pad_id, device)
-            n_samples, n_tokens = count(micro)
-            consumed += n_samples * world
-            boundary = (i + 1) % accum == 0 or i == len(batches) - 1
-            loss = engine.forward_backward(batch, boundary)  # forward, loss, backward
-            info = engine.step(boundary)  # at a boundary: clip, optimizer step, schedule, zero gradients
-            loss_sum += loss.detach().float()
-            loss_n, tokens = loss_n + 1, tokens + n_tokens
-            if info is None:
-                continue
-            step = progress["global_step"] = progress["global_step"] + 1
-            progress.update(epoch=epoch, samples_in_epoch=consumed)
-            if info["skipped"]:
-                logger.info("step %d: fp16 overflow, update skipped (loss scale now %s)", step, info["loss_scale"])
-            log.bar.update(1)
-            if step % t.logging_steps == 0 or step == total_steps:
-                if world > 1:  # the logged loss is the mean over all ranks' micro-batches
-                    torch.distributed.all_reduce(loss_sum)
-                    loss_sum /= world
-                entry = {"current_steps": step, "total_steps": total_steps,
-                         "loss": round((loss_sum / max(loss_n, 1)).item(), 4),
-                         "learning_rate": engine.lr(), "grad_norm": round(float(info["grad_norm"]), 4),
-                         "epoch": round(epoch + consumed / len(train_set), 2),
-                         "tokens_per_second": round(tokens * world / max(time.time() - t_log, 1e-9), 1),
-                         "percentage": round(100 * step / total_steps, 2),
-                         "elapsed_time": round(time.time() - start, 1)}
-                if device.type == "cuda":
-                    entry["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                log.write(entry)
-                loss_sum.zero_()
-                loss_n, tokens, t_log = 0, 0, time.time()
-            if val_set and t.eval_strategy == "steps" and step % t.eval_steps == 0:
-                loss_val = round(eval_loss(engine, val_set, t.per_device_eval_batch_size, pad_id, device), 4)
-                logger.info("step %d: eval_loss %s", step, loss_val)
-                log.write({"current_steps": step, "eval_loss": loss_val})
-            if t.save_strategy == "steps" and step % t.save_steps == 0 and step < total_steps:
-                save_checkpoint(engine, weights, out, progress, t.save_total_limit)
-            if step >= total_steps:
-                break
-        else:
-            epoch, skip = epoch + 1, 0
-            progress.update(epoch=epoch, samples_in_epoch=0)
-    log.close()
+    try:  # the progress bar and the tracker close whatever ends the loop (the error then ends the output)
+        while progress["global_step"] < total_steps:
+            batches, consumed = batches_of(epoch, skip), skip
+            for i, micro in enumerate(batches):
+                batch = to_batch(micro, d.packing, pad_id, device)
+                n_samples, n_tokens = count(micro)
+                consumed += n_samples * world
+                boundary = (i + 1) % accum == 0 or i == len(batches) - 1
+                loss = engine.forward_backward(batch, boundary)  # forward, loss, backward
+                info = engine.step(boundary)  # at a boundary: clip, optimizer step, schedule, zero gradients
+                loss_sum += loss.detach().float()
+                loss_n, tokens = loss_n + 1, tokens + n_tokens
+                if info is None:
+                    continue
+                step = progress["global_step"] = progress["global_step"] + 1
+                progress.update(epoch=epoch, samples_in_epoch=consumed)
+                log.bar.update(1)
+                logging_now = step % t.logging_steps == 0 or step == total_steps
+                saving_now = t.save_strategy == "steps" and step % t.save_steps == 0 and step < total_steps
+                skips.add(step, info)
+                if logging_now or saving_now or skips.due():
+                    skips.check()
+                if logging_now:
+                    if world > 1:  # the logged loss is the mean over all ranks' micro-batches
+                        torch.distributed.all_reduce(loss_sum)
+                        loss_sum /= world
+                    entry = {"current_steps": step, "total_steps": total_steps,
+                             "loss": round((loss_sum / max(loss_n, 1)).item(), 4),
+                             "learning_rate": engine.lr(), "grad_norm": round(float(info["grad_norm"]), 4),
+                             "epoch": round(epoch + consumed / len(train_set), 2),
+                             "tokens_per_second": round(tokens * world / max(time.time() - t_log, 1e-9), 1),
+                             "percentage": round(100 * step / total_steps, 2),
+                             "elapsed_time": round(time.time() - start, 1)}
+                    if device.type == "cuda":
+                        entry["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                    log.write(entry)
+                    loss_sum.zero_()
+                    loss_n, tokens, t_log = 0, 0, time.time()
+                if val_set and t.eval_strategy == "steps" and step % t.eval_steps == 0:
+                    loss_val = round(eval_loss(engine, val_set, t.per_device_eval_batch_size, pad_id, device), 4)
+                    logger.info("step %d: eval_loss %s", step, loss_val)
+                    log.write({"current_steps": step, "eval_loss": loss_val})
+                if saving_now:
+                    progress["loss_window"] = (mean_over_ranks(loss_sum), loss_n)
+                    save_checkpoint(engine, weights, out, progress, t.save_total_limit)
+                if step >= total_steps:
+                    break
+            else:
+                epoch, skip = epoch + 1, 0
+                progress.update(epoch=epoch, samples_in_epoch=0)
+    finally:
+        log.close()
 
     runtime = time.time() - start
     if t.save_strategy == "steps":
+        progress["loss_window"] = (mean_over_ranks(loss_sum), loss_n)
         save_checkpoint(engine, weights, out, progress, t.save_total_limit)
     state = engine.weights_state_dict()
+    check_finite(engine, state, "the final model was not saved", out)
     results = {"train_runtime": round(runtime, 2), "global_step": progress["global_step"],
                "train_loss": log.last_loss()}
     if val_set:

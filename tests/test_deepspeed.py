@@ -50,6 +50,21 @@ def test_zero_with_cpu_adam_matches_plain_adamw(tmp_path, stage):
         assert abs(a - b) <= 2e-3 * abs(a), (plain, deepspeed)
 
 
+def test_deepspeed_skips_non_finite_steps_and_the_run_stops_after_five(tmp_path):
+    cfg = tmp_path / "ds_z2.json"
+    cfg.write_text(json.dumps(ds_config(2)))
+    cmd = [sys.executable, "-m", "phift.cli", "train", "--model_name_or_path", "tiny", "--dataset", "self_cognition",
+           "--dataset_dir", str(ROOT / "data"), "--finetuning_type", "lora", "--lora_target", "all", "--lora_dropout",
+           "0", "--max_samples", "16", "--per_device_train_batch_size", "4", "--cutoff_len", "64", "--max_steps", "20",
+           "--learning_rate", "1e8", "--seed", "0", "--disable_gradient_checkpointing", "True", "--deepspeed",
+           str(cfg), "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=subprocess_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "the gradients were not finite (NaN or inf) 5 in a row" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
 def launch(tmp_path, name, world, *extra, stage=2):
     """`world` processes of one DeepSpeed run over gloo, as the deepspeed launcher would start them."""
     out = tmp_path / name
@@ -90,6 +105,8 @@ def test_two_ranks_follow_one_rank_write_once_and_resume_on_one(tmp_path, stage)
     assert "trainable params" in logs[0] and "trainable params" not in logs[1]
     resumed, _ = launch(tmp_path, "two", 1, "--resume_from_checkpoint", str(two / "checkpoint-4"), stage=stage)
     log = [e for e in map(json.loads, (resumed / "trainer_log.jsonl").read_text().splitlines()) if "loss" in e]
-    assert [e["current_steps"] for e in log[8:]] == [5, 6, 7, 8]  # appended after the 2-rank run's lines
-    for a, b in zip([e["loss"] for e in log[8:]], curve2[4:]):
+    # the 2-rank run's lines up to the checkpoint, then the resumed run's
+    assert [e["current_steps"] for e in log] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [e["loss"] for e in log[:4]] == curve2[:4]
+    for a, b in zip([e["loss"] for e in log[4:]], curve2[4:]):
         assert abs(a - b) <= 0.02 * a, (log, curve2)

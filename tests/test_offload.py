@@ -109,6 +109,21 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny_config, tmp_path
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_a_bf16_step_with_non_finite_gradients_is_skipped(tiny_config, tmp_path):
+    _, offload = engines(tiny_config, tmp_path)
+    offload.backward(offload.forward(batch(tiny_config, 0)), True)
+    offload.step(True)
+    weights = [p.detach().clone() for p in offload.module.parameters()]
+    masters = [s["master"].clone() for s in offload.optimizer.state.values()]
+    handle = offload.module.wte.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    offload.backward(offload.forward(batch(tiny_config, 1)), True)
+    handle.remove()
+    info = offload.step(True)
+    assert info["skipped"] and info["loss_scale"] is None and offload.scheduler.last_epoch == 1
+    assert all(torch.equal(a, p) for a, p in zip(weights, offload.module.parameters()))
+    assert all(torch.equal(a, s["master"]) for a, s in zip(masters, offload.optimizer.state.values()))
+
+
 def test_a_parameter_without_a_gradient_this_step_is_not_stepped(tiny_config, tmp_path):
     _, offload = engines(tiny_config, tmp_path)
     offload.backward(offload.forward(batch(tiny_config, 0)), True)

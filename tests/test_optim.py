@@ -103,6 +103,45 @@ def test_state_dict_round_trip_keeps_fp32_masters_and_continues_identically(path
     assert all(torch.equal(p, c) for p, c in zip(params, clones))
 
 
+def test_a_non_finite_gradient_norm_skips_the_step(path):
+    params = half_params()
+    opt = MasterAdamW(groups(params), **HYPER)
+    fill_grads(params, 0)
+    opt.step(clip_coef=clip_coefficient(params, 1.0)[1])
+    before = [p.detach().clone() for p in params], {k: {n: t.clone() for n, t in s.items()} for k, s in
+                                                      opt.state.items()}
+    for bad in (float("nan"), float("inf")):
+        fill_grads(params, 1)
+        params[1].grad[0] = bad
+        norm, coef = clip_coefficient(params, 1.0)
+        assert not torch.isfinite(norm) and torch.isnan(coef)
+        opt.step(clip_coef=coef)
+        assert all(torch.equal(a, p) for a, p in zip(before[0], params))
+        for p, saved in before[1].items():  # on the CPU the host knows it for free: not even the count moves
+            assert all(torch.equal(t, opt.state[p][n]) for n, t in saved.items())
+
+
+def step_with_coefficient(device, coef) -> bool:
+    """One adamw_master_ call over fresh tensors with clip_coef `coef`: did it leave every tensor as it was?"""
+    tensors = [[t.to(device) for t in (w.detach(), torch.randn(w.shape).to(w.dtype), w.detach().float(),
+                                       torch.zeros(w.shape), torch.ones(w.shape))] for w in half_params()]
+    before = [[t.clone() for t in ts] for ts in tensors]
+    kernels.adamw_master_(*map(list, zip(*tensors)), torch.tensor(coef, device=device), 1e-3, 0.9, 0.999, 1e-8, 0.1,
+                          [2.0] * len(tensors))
+    return all(torch.equal(a, b) for ts, bs in zip(tensors, before) for a, b in zip(ts, bs))
+
+
+@pytest.mark.parametrize("coef", [float("nan"), float("inf")])
+def test_the_update_leaves_every_tensor_as_it_was_for_a_non_finite_coefficient(path, coef):
+    assert step_with_coefficient("cpu", coef) and not step_with_coefficient("cpu", 0.5)
+
+
+@pytest.mark.parametrize("coef", [float("nan"), float("inf")])
+def test_the_fused_ops_leave_every_tensor_as_they_were_for_a_non_finite_coefficient(fused_device, coef, monkeypatch):
+    monkeypatch.setattr(kernels, "DISABLED", kernels.parse_disabled(""))
+    assert step_with_coefficient(fused_device, coef) and not step_with_coefficient(fused_device, 0.5)
+
+
 def test_refuses_fp32_parameters():
     with pytest.raises(ValueError, match="half-precision parameters; got torch.float32 for a parameter of shape"):
         MasterAdamW([torch.nn.Parameter(torch.zeros(2, 2))])

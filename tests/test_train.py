@@ -1,5 +1,7 @@
 """The training loop on the CPU: it learns, resumes exactly, survives a crash mid-save, parses the seed's flags."""
 import json
+import logging
+import math
 import re
 import shlex
 import signal
@@ -20,7 +22,7 @@ from phift.weights import save_model
 from phift.config import PhiConfig
 from phift.data import load_rows
 from phift.engines import OptimSpec, build_engine, lr_lambda
-from phift.engines.deepspeed import fill_deepspeed_config
+from phift.engines.deepspeed import fill_deepspeed_config, refuse_unskipped_non_finite_steps
 from phift.engines.plain import TorchEngine
 from phift.model import Phi
 from phift.state import TrainableWeights
@@ -62,6 +64,12 @@ def engine_for(model, run, device="cpu", total_steps=10):
 def losses(out_dir):
     return [e["loss"] for e in map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
             if "loss" in e]
+
+
+def log_entries(out_dir) -> list[dict]:
+    """trainer_log.jsonl without its timings (tokens_per_second, elapsed_time): what a rerun must reproduce."""
+    log = map(json.loads, (Path(out_dir) / "trainer_log.jsonl").read_text().splitlines())
+    return [{k: v for k, v in e.items() if k not in ("tokens_per_second", "elapsed_time")} for e in log]
 
 
 def logged_steps(out_dir) -> dict[int, tuple[float, float]]:
@@ -123,6 +131,17 @@ def test_deepspeed_auto_values_are_filled_from_flags(tmp_path):
     assert filled["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
+@pytest.mark.parametrize("change, message", [({"zero_optimization": {"stage": 0}}, "ZeRO stage 0 in fp32"),
+                                             ({"bf16": {"enabled": True, "check_grad_overflow": False}},
+                                              "check_grad_overflow false")])
+def test_deepspeed_configs_that_apply_non_finite_steps_are_refused(change, message):
+    cfg = fill_deepspeed_config({**json.loads((ROOT / "examples" / "ds_config.json").read_text()), **change},
+                                OptimSpec.from_training(run_args(Path("/nonexistent")).training, 10), micro_batch=4,
+                                fp16=False, bf16="bf16" in change, world_size=1, hidden_size=64)
+    with pytest.raises(ValueError, match=message):
+        refuse_unskipped_non_finite_steps(cfg)
+
+
 def test_tiny_model_learns_and_writes_log_plot_and_model(tmp_path):
     args = run_args(tmp_path, num_train_epochs=15, learning_rate=3e-3, plot_loss=True)
     train_mod.train(args)
@@ -169,27 +188,50 @@ def test_the_same_seed_gives_the_same_lora_run_on_a_loaded_checkpoint(tmp_path, 
     assert logged_steps(other.training.output_dir)[1] != runs[0][1]  # and another seed another run
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path, tiny_checkpoint):
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_log(tmp_path, tiny_checkpoint):
+    """The resumed run's trainer_log.jsonl is the uninterrupted one's, line for line: the killed run's lines past the
+    checkpoint are dropped, and the loss logged first after it (its window straddles the checkpoint, as logging
+    every 2 steps and saving every 3 makes it) covers the steps the uninterrupted run's did."""
     flags = dict(model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", lora_target="all",
-                 lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, learning_rate=3e-3)
+                 lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, logging_steps=2,
+                 learning_rate=3e-3)
     uninterrupted = run_args(tmp_path / "whole", **flags)
     train_mod.train(uninterrupted)
     killed = run_args(tmp_path / "killed", **flags)
     argv = [sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path / "killed", **flags)]
     proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    latest = Path(killed.training.output_dir) / "latest"
+    out = Path(killed.training.output_dir)
     deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+    # killed once a checkpoint exists and a step past it has been logged (that line must not survive the resume)
+    while proc.poll() is None and time.time() < deadline and not (
+            (out / "latest").exists() and last_logged_step(out) > int((out / "latest").read_text().split("-")[1])):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
-    at = int(latest.read_text().split("-")[1])
+    at = int((out / "latest").read_text().split("-")[1])
+    assert at < 40 and max(e["current_steps"] for e in log_entries(out)) > at
     resumed = run_args(tmp_path / "killed", **flags, resume_from_checkpoint="latest")
     train_mod.train(resumed)
-    after = {s: v for s, v in logged_steps(resumed.training.output_dir).items() if s > at}
-    assert at < 40 and after == {s: v for s, v in logged_steps(uninterrupted.training.output_dir).items() if s > at}
+    assert log_entries(out) == log_entries(uninterrupted.training.output_dir)
+
+
+def last_logged_step(out_dir) -> int:
+    try:
+        return max(json.loads(line)["current_steps"] for line in (out_dir / "trainer_log.jsonl").open())
+    except (FileNotFoundError, ValueError):  # no log yet, or a line half written
+        return 0
+
+
+def test_resuming_from_an_earlier_checkpoint_rewrites_the_log_from_there(tmp_path):
+    flags = dict(max_steps=12, save_steps=3, logging_steps=2)
+    args = run_args(tmp_path, **flags)
+    train_mod.train(args)
+    whole = log_entries(args.training.output_dir)
+    again = run_args(tmp_path, **flags, resume_from_checkpoint=str(Path(args.training.output_dir) / "checkpoint-3"))
+    train_mod.train(again)
+    assert log_entries(args.training.output_dir) == whole
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -340,3 +382,85 @@ def test_pure_bf16_refuses_what_it_cannot_honour(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_train_args(["--pure_bf16", "True", "--model_name_or_path", "tiny", "--dataset", "self_cognition",
                           "--output_dir", str(tmp_path), *bad])
+
+
+# ------------------------------------------------------------------------------------ non-finite gradients
+def poison_gradients(model):
+    """A NaN in one gradient of the next backward (as a diverging run's loss gives)."""
+    return model.wte.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+
+@pytest.mark.parametrize("flags", [{}, {"bf16": True}, {"pure_bf16": True}], ids=["fp32", "bf16", "pure_bf16"])
+def test_a_step_with_non_finite_gradients_leaves_weights_and_optimizer_as_they_were(tmp_path, tiny_config, flags):
+    args = run_args(tmp_path, **flags)
+    precision = decide_precision(args, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = train_mod.prepare_model(Phi(tiny_config).to(precision.load), args, precision)
+    engine = engine_for(model, args)
+    x = torch.randint(0, 128, (2, 8))
+    engine.backward(engine.forward({"input_ids": x, "labels": x}), boundary=True)
+    assert not engine.step(boundary=True)["skipped"]  # a clean step: the optimizer has state now
+    weights = [p.detach().clone() for p in model.parameters()]
+    moments = [{k: v.clone() for k, v in s.items() if k != "step"} for s in engine.optimizer.state.values()]
+    handle = poison_gradients(model)
+    engine.backward(engine.forward({"input_ids": x, "labels": x}), boundary=True)
+    info = engine.step(boundary=True)
+    handle.remove()
+    assert info["skipped"] and not torch.isfinite(torch.as_tensor(info["grad_norm"]))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    for saved, now in zip(moments, engine.optimizer.state.values()):
+        assert all(torch.equal(v, now[k]) for k, v in saved.items())
+    engine.backward(engine.forward({"input_ids": x, "labels": x}), boundary=True)
+    assert not engine.step(boundary=True)["skipped"]  # and the next clean step applies
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_the_plain_engine_decides_a_skip_without_waiting_for_the_device(tmp_path, tiny_config):
+    """The flag stays a device tensor, as grad_norm does: the loop reads them when it logs, not every step."""
+    model = Phi(tiny_config)
+    engine = engine_for(model, run_args(tmp_path))
+    x = torch.randint(0, 128, (2, 8))
+    engine.backward(engine.forward({"input_ids": x, "labels": x}), boundary=True)
+    info = engine.step(boundary=True)
+    assert isinstance(info["skipped"], torch.Tensor) and isinstance(info["grad_norm"], torch.Tensor)
+
+
+@pytest.mark.parametrize("flags", [{"learning_rate": 1e8}, {"learning_rate": 1e3},
+                                   {"learning_rate": 1e8, "pure_bf16": True},
+                                   {"learning_rate": 1e8, "bf16": True, "offload_optimizer": "cpu"}],
+                         ids=["lr1e8", "lr1e3", "pure_bf16", "offload"])
+def test_a_diverging_run_stops_after_five_skipped_steps_and_saves_nothing_that_is_not_finite(tmp_path, flags, caplog):
+    with caplog.at_level(logging.WARNING), pytest.raises(train_mod.TrainingDiverged) as e:
+        train_mod.train(run_args(tmp_path, max_steps=30, save_steps=2, **flags))
+    assert str(e.value).startswith("steps ") and "5 in a row" in str(e.value) and "--learning_rate" in str(e.value)
+    skipped = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    assert len(skipped) == 5
+    out = tmp_path / "out"
+    assert not (out / "model.safetensors").exists()
+    for ckpt in out.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_a_diverging_run_leaves_the_cli_with_one_line_and_exit_code_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path, learning_rate=1e8)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("phift train: error: steps 2-6: the gradients were not finite"), proc.stderr[-2000:]
+
+
+def test_fewer_than_five_skipped_steps_in_a_row_are_logged_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    real_forward, calls = TorchEngine.forward, {"n": 0}
+
+    def forward(self, batch):
+        calls["n"] += 1
+        loss = real_forward(self, batch)
+        return loss * float("nan") if calls["n"] in (3, 4, 5, 6, 8) else loss
+
+    monkeypatch.setattr(TorchEngine, "forward", forward)
+    args = run_args(tmp_path, max_steps=12, per_device_train_batch_size=12, num_train_epochs=100)
+    with caplog.at_level(logging.WARNING):
+        results = train_mod.train(args)
+    assert results["global_step"] == 12 and math.isfinite(results["train_loss"])
+    skipped = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    assert [int(m.split()[1].rstrip(":")) for m in skipped] == [3, 4, 5, 6, 8]

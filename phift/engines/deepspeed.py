@@ -69,6 +69,20 @@ def _walk(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
+def refuse_unskipped_non_finite_steps(config: dict):
+    """A step whose gradients are not finite must be skipped (phift's loop stops after a run of them). DeepSpeed's
+    ZeRO stages 1-3 and its fp16 and bf16 optimizers skip it; ZeRO stage 0 in fp32 hands the gradients to the
+    optimizer as they are, and bf16 with check_grad_overflow false applies them too."""
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    fp16, bf16 = config["fp16"]["enabled"], config["bf16"]["enabled"]
+    if stage == 0 and not (fp16 or bf16):
+        raise ValueError("DeepSpeed's ZeRO stage 0 in fp32 would apply a step whose gradients are not finite: use "
+                         "ZeRO stage 1, 2 or 3 in the DeepSpeed config, or --bf16 True")
+    if bf16 and config["bf16"].get("check_grad_overflow") is False:
+        raise ValueError("DeepSpeed config has bf16.check_grad_overflow false, which applies steps whose gradients "
+                         "are not finite: leave it true")
+
+
 class DeepSpeedEngine(Engine):
     """deepspeed.initialize with the trainable parameters only; DeepSpeed owns precision, clipping, accumulation."""
 
@@ -80,6 +94,7 @@ class DeepSpeedEngine(Engine):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.config = fill_deepspeed_config(config, spec, micro_batch, self.fp16,
                                             precision.compute == torch.bfloat16, world, model.config.hidden_size)
+        refuse_unskipped_non_finite_steps(self.config)
         schedule = lr_lambda(spec.schedule, spec.warmup_steps, spec.total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, spec.weight_decay), config=self.config,

@@ -119,8 +119,8 @@ class OffloadEngine(Engine):
         fresh, self.fresh = self.fresh, set()
         overflow = not math.isfinite(norm)
         self.loss_scale.update(overflow)
-        if overflow:  # fp16 only: nothing is applied, the schedule waits, the scale was halved
-            return {"grad_norm": norm, "skipped": True, "loss_scale": scale}
+        if overflow:  # nothing is applied and the schedule waits; in fp16 the scale was halved
+            return {"grad_norm": norm, "skipped": True, "loss_scale": scale if self.loss_scale.enabled else None}
         stale = {h: h.grad for p, h in self.host.items() if p not in fresh}
         for h in stale:  # a parameter that got no gradient this step is not stepped (as torch's optimizers do)
             h.grad = None

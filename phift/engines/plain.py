@@ -17,9 +17,8 @@ class TorchEngine(Engine):
         groups = param_groups(model, spec.weight_decay)
         if precision.master_weights and any(p.dtype != torch.float32 for p in self.params):
             self.optimizer = MasterAdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                                               fused=device.type == "cuda")
+        else:  # fused on the CPU too: only the fused AdamW takes the found_inf flag update() skips steps with
+            self.optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=True)
         self.scheduler = scheduler(self.optimizer, spec)
         # autocast's cache of cast weights is off: each weight is cast once a forward anyway (the recomputation runs
         # outside the forward's autocast region), and a CUDA graph must not replay casts cached by another capture
@@ -36,24 +35,31 @@ class TorchEngine(Engine):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def update(self):
+        """A step whose gradients are not finite is skipped. Without a loss scaler that is decided on the device, from
+        the clipping norm: the flag stays a device tensor, as grad_norm does, because reading either on the host
+        makes it wait for the backward to finish before it can queue the next step; the loop reads them when it
+        logs. The schedule advances over such a skip (it is not known here), not over an fp16 overflow."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        skipped = False
+        overflow = False
         if isinstance(self.optimizer, MasterAdamW):  # bf16: no loss scaler; clipped as the gradients are read
             grad_norm, coef = clip_coefficient(self.params, self.spec.clip)
-            self.optimizer.step(clip_coef=coef)
+            self.optimizer.step(clip_coef=coef)  # a non-finite norm makes coef NaN, which skips the update
+            skipped = ~torch.isfinite(grad_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.spec.clip)
             if self.scaler:
                 scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)  # skips the update when a gradient is inf/nan
                 self.scaler.update()
-                skipped = self.scaler.get_scale() < scale
+                skipped = overflow = self.scaler.get_scale() < scale
             else:
+                skipped = ~torch.isfinite(grad_norm)
+                self.optimizer.found_inf = skipped.float()  # leaves weights, moments and step count as they were
                 self.optimizer.step()
-        if not skipped:
+                del self.optimizer.found_inf
+        if not overflow:
             self.scheduler.step()
-        # grad_norm stays a device tensor: reading it waits for the GPU, so the loop does so only when it logs
         return {"grad_norm": grad_norm.detach(), "skipped": skipped,
                 "loss_scale": self.scaler.get_scale() if self.scaler else None}
 
