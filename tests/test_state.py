@@ -13,7 +13,11 @@ from safetensors.torch import load_file
 
 from phift import state
 from phift import train as train_mod
+from phift.args import decide_precision
+from phift.config import PhiConfig
+from phift.engines import build_engine
 from phift.engines.plain import TorchEngine
+from phift.model import Phi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import logged_steps, run_args, run_argv  # noqa: E402
@@ -205,9 +209,8 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     train_mod.train(run_args(tmp_path, max_steps=2, save_steps=1))
     out = tmp_path / "out"
     args = run_args(tmp_path, max_steps=2)
-    engine = train_mod.build_engine(
-        train_mod.Phi(train_mod.PhiConfig.from_name("tiny", vocab_size=128)), args,
-        train_mod.decide_precision(args, torch.device("cpu")), 2, torch.device("cpu"))
+    engine = build_engine(Phi(PhiConfig.from_name("tiny", vocab_size=128)), args,
+                          decide_precision(args, torch.device("cpu")), 2, torch.device("cpu"))
     with torch.no_grad():
         next(engine.module.parameters())[0] = float("inf")
     weights = state.TrainableWeights(False, "tiny", None, None)
