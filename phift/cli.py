@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, parse_args
+from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, check_domains, parse_args
 from .distributed import setup_logging
 
 
@@ -25,6 +25,7 @@ def _load(model_args: InferArgs):
 def chat_main(argv):
     """Talk to a model (+ adapters); `clear` resets the history, `exit` quits; piped stdin answers each line."""
     parsed = parse_args(argv, "phift chat", {"model": InferArgs, "generating": GeneratingArgs})
+    check_domains(parsed["generating"])
     from .chat import chat
     from .data import get_template
 

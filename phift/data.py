@@ -420,6 +420,8 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
                 max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
                 name: str | None = None, author: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train, val) examples {input_ids, labels}, shuffled with `seed`; val_size is a fraction (< 1) or a count."""
+    if not val_size >= 0:
+        raise ValueError(f"val_size must be non-negative, got {val_size}")
     template = get_template(template) if isinstance(template, str) else template
     rows = load_rows(dataset_names, dataset_dir, max_samples, name, author)
     examples = [encode_supervised(template, tokenizer, row, cutoff_len, train_on_prompt) for row in rows]
@@ -427,7 +429,7 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
         raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold no usable rows")
     random.Random(seed).shuffle(examples)
     n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(examples))
-    if val_size < 0 or n_val >= len(examples):
+    if n_val >= len(examples):
         raise ValueError(f"val_size {val_size} leaves no training examples out of {len(examples)}")
     return examples[n_val:], examples[:n_val]
 

@@ -150,6 +150,12 @@ def run_cli(*argv, **env):
       "--dataset_dir", str(ROOT / "data")], 1, "phift train: error: /no/such/dir is not a local directory"),
     (["export", "--model_name_or_path", "/no/such/dir", "--export_dir", "/tmp/x", "--peft"], 2,
      "phift export: error: --peft exports exactly one adapter"),
+    (["chat", "--model_name_or_path", "/no/such/dir", "--top_p", "0"], 2,
+     "phift chat: error: --top_p must be in (0, 1], got 0.0"),
+    (["train", "--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir", "/tmp/x",
+      "--learning_rate", "-1e-3"], 2, "phift train: error: --learning_rate must be positive, got -0.001"),
+    (["train", "--model_name_or_path", "tiny", "--no_such_flag", "1"], 2,
+     "phift train: error: unrecognized arguments: --no_such_flag 1"),
 ])
 def test_errors_leave_the_cli_as_one_line_and_an_exit_code(argv, code, message):
     proc = run_cli(*argv)

@@ -325,6 +325,12 @@ def test_val_size_is_a_fraction_or_a_count_and_the_split_follows_the_seed(tmp_pa
     assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] != get_dataset("d", d, TOK, "vanilla", seed=2)[0]
 
 
+def test_a_negative_val_size_is_refused_as_negative(tmp_path):
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": [{"instruction": "q", "output": "a"}] * 4})
+    with pytest.raises(ValueError, match=r"val_size must be non-negative, got -1"):
+        get_dataset("d", d, TOK, "vanilla", val_size=-1)
+
+
 def test_project_datasets_load_without_warnings(caplog):
     with caplog.at_level(logging.WARNING):
         rows = load_rows("self_cognition,law_sft_triplet_sample", DATA_DIR, name="小法", author="复旦")
