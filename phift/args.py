@@ -394,6 +394,10 @@ def check(run: RunConfig) -> None:
         if f.finetuning_type == "lora" and f.lora_dropout > 0:
             raise ConfigError("--cuda_graphs needs a step without random numbers, but LoRA dropout draws masks: pass "
                               "--lora_dropout 0")
+    if not (t.do_train or t.do_eval or t.do_predict or d.mcq_files):
+        raise ConfigError("nothing to evaluate with --do_train False (as `phift eval` runs): add --do_eval True (loss "
+                          "and perplexity), --do_predict True --predict_with_generate True (BLEU/ROUGE) or "
+                          "--mcq_files exam.csv (multiple-choice accuracy)")
     if t.do_predict and not t.predict_with_generate:
         raise ConfigError("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
     if f.finetuning_type == "full" and m.checkpoint_dir:

@@ -77,6 +77,16 @@ def test_eval_reports_loss_and_perplexity(tiny_dir, tmp_path, capsys):
     assert results["perplexity"] == pytest.approx(2.718281828 ** results["eval_loss"], rel=1e-6)
 
 
+def test_eval_with_nothing_to_evaluate_says_which_flag_to_add(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition", "--dataset_dir",
+              str(ROOT / "data"), "--output_dir", str(tmp_path / "ev")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "phift eval: error: nothing to evaluate" in err
+    assert all(flag in err for flag in ("--do_eval True", "--do_predict True", "--mcq_files"))
+
+
 def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["finetune"])
