@@ -5,6 +5,7 @@ Library code raises exceptions; here they become `phift <command>: error: <what 
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 
@@ -31,6 +32,8 @@ def chat_main(argv):
 
     template = get_template(parsed["model"].template)
     model, tokenizer = _load(parsed["model"])
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a stray byte that is not UTF-8 is a U+FFFD, not the chat's end
+        sys.stdin.reconfigure(errors="replace")
     g = parsed["generating"]
     chat(model, tokenizer, template, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
 
