@@ -221,9 +221,20 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
 
 # ---------------------------------------------------------------------------------------------------- datasets
 
+def read_utf8(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are an error naming the file, the line and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: byte {e.start} is not UTF-8 (0x{data[e.start:e.end].hex()}: {e.reason}); "
+                         "save the file as UTF-8") from None
+
+
 def _load_json(path: Path, what: str):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in {what}: {e.msg}") from None
 
@@ -268,7 +279,7 @@ def _read_records(path: Path, dataset: str) -> list:
     elif path.suffix == ".jsonl":
         records, where = [], []
         # split on "\n" only: str.splitlines would also break at U+2028 and friends, legal inside JSON strings
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))

@@ -377,6 +377,18 @@ def test_malformed_json_array_names_the_line_and_column(tmp_path):
         load_rows("d", d)
 
 
+@pytest.mark.parametrize("file_name, line", [("d.jsonl", 2), ("d.json", 8)])
+def test_bytes_that_are_not_utf8_are_an_error_naming_the_file_line_and_byte(tmp_path, file_name, line):
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "XX"}]
+    text = "\n".join(map(json.dumps, records)) if file_name.endswith("l") else json.dumps(records, indent=1)
+    data = text.encode().replace(b"XX", b"\xe4\xbd")  # half a character
+    d = dataset_dir(tmp_path, {"d": {"file_name": file_name}}, {})
+    (d / file_name).write_bytes(data)
+    where = f"{d / file_name}:{line}: byte {data.index(bytes([0xe4]))} is not UTF-8 (0xe4"
+    with pytest.raises(ValueError, match=re.escape(where)):
+        load_rows("d", d)
+
+
 def test_a_column_no_record_has_names_the_dataset_the_column_and_the_columns_there(tmp_path):
     records = [{"instruction": "q", "input": "", "answer": "a"}, {"instruction": "q", "answer": "a"}]
     d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
