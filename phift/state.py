@@ -10,6 +10,7 @@ Every random number generator a run draws from is seeded once at the start (`set
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from .weights import load_state_dict, save_model
 
 logger = logging.getLogger(__name__)
 
+DISK_FULL_BYTES = 16 << 20  # free space under which a failed write is taken for a full disk
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
 
@@ -108,13 +110,17 @@ def save_checkpoint(engine, weights: TrainableWeights, output_dir: Path, progres
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    state = engine.weights_state_dict()
-    engine.save(tmp)
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-    barrier()
+    try:
+        state = engine.weights_state_dict()
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+        barrier()
+        if rank == 0:
+            weights.save(engine.module, tmp, state)
+            (tmp / "trainer_state.json").write_text(json.dumps({**progress, "world_size": world}, indent=2))
+    except Exception as e:
+        raise _save_failed(e, tmp, final) from e
     if rank == 0:
-        weights.save(engine.module, tmp, state)
-        (tmp / "trainer_state.json").write_text(json.dumps({**progress, "world_size": world}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -124,6 +130,20 @@ def save_checkpoint(engine, weights: TrainableWeights, output_dir: Path, progres
                 shutil.rmtree(old)
     barrier()
     return final
+
+
+def _save_failed(error: Exception, tmp: Path, final: Path) -> RuntimeError:
+    """The partial checkpoint removed (a full disk stays full otherwise) and the error that says so. torch.save
+    reports a full disk as "enforce fail at inline_container.cc" without an errno: the free space left tells."""
+    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in (error, error.__cause__, error.__context__))
+    try:
+        full = full or shutil.disk_usage(tmp.parent).free < DISK_FULL_BYTES
+    except OSError:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    why = "disk full" if full else f"{type(error).__name__}: {error}"
+    return RuntimeError(f"writing checkpoint {final} failed ({why}); removed the partial checkpoint, the last complete "
+                        f"one stays (--resume_from_checkpoint latest)")
 
 
 def _write_atomic(path: Path, text: str):

@@ -1,7 +1,9 @@
 """The training loop on the CPU: it learns, resumes exactly, survives a crash mid-save, parses the seed's flags."""
+import errno
 import json
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +217,35 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(TrainableWeights, "save", real_save)
     resumed = run_args(tmp_path, save_steps=3, num_train_epochs=2, resume_from_checkpoint="latest")
     assert train_mod.train(resumed)["global_step"] == 6
+
+
+@pytest.mark.parametrize("failure, message", [
+    (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
+    # torch.save's own report of a full disk carries no errno: the free space tells
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), "disk full"),
+    (PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+])
+def test_a_failed_save_removes_the_partial_checkpoint_and_says_why(tmp_path, monkeypatch, failure, message):
+    args = run_args(tmp_path, save_steps=3, num_train_epochs=2)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # the first checkpoint's optimizer and generator states
+            return real_save(obj, f, *a, **kw)
+        Path(f).write_bytes(b"\0" * 4096)  # what a full disk leaves: part of the file
+        raise failure
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    if isinstance(failure, RuntimeError):
+        monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 0))
+    with pytest.raises(RuntimeError, match=re.escape(message)) as e:
+        train_mod.train(args)
+    out = Path(args.training.output_dir)
+    assert "checkpoint-6" in str(e.value) and "removed" in str(e.value)
+    assert not (out / ".tmp-checkpoint-6").exists() and not (out / "checkpoint-6").exists()
+    assert (out / "latest").read_text() == "checkpoint-3" and (out / "checkpoint-3" / "optimizer.pt").is_file()
 
 
 def test_output_dir_with_checkpoints_is_not_overwritten_silently(tmp_path):
