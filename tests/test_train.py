@@ -1,12 +1,14 @@
 """The training loop on the CPU: it learns, resumes exactly, survives a crash mid-save, parses the seed's flags."""
 import errno
 import json
+import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -246,6 +248,23 @@ def test_a_failed_save_removes_the_partial_checkpoint_and_says_why(tmp_path, mon
     assert "checkpoint-6" in str(e.value) and "removed" in str(e.value)
     assert not (out / ".tmp-checkpoint-6").exists() and not (out / "checkpoint-6").exists()
     assert (out / "latest").read_text() == "checkpoint-3" and (out / "checkpoint-3" / "optimizer.pt").is_file()
+
+
+@pytest.mark.parametrize("entry", [train_mod.train, train_mod.evaluate])
+def test_a_read_only_output_dir_is_an_error_before_the_model_loads(tmp_path, monkeypatch, entry):
+    args = run_args(tmp_path, output_dir=tmp_path / "ro", do_eval=True)
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.access(tmp_path / "ro", os.W_OK):  # root writes anyway: the write fails as it would for anyone else
+        def refuse(*a, **kw):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+
+    def loaded(*a, **kw):
+        raise AssertionError("the model was loaded before the output directory was checked")
+    monkeypatch.setattr(train_mod, "load_base", loaded)
+    monkeypatch.setattr(train_mod, "load_for_inference", loaded)
+    with pytest.raises(OSError, match=re.escape(f"--output_dir {tmp_path / 'ro'} is not writable (Permission denied)")):
+        entry(args)
 
 
 def test_output_dir_with_checkpoints_is_not_overwritten_silently(tmp_path):
