@@ -84,15 +84,24 @@ def main(argv=None):
         COMMANDS[command](rest)
     except ConfigError as e:
         _fail(command, str(e), 2)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        _fail(command, "interrupted", 130)
     except Exception as e:  # noqa: BLE001 - the edge: every failure leaves as one line
-        if os.environ.get("PHIFT_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         known = isinstance(e, (ValueError, OSError, ImportError, RuntimeError, KeyError))
         text = str(e) if known and str(e) else f"{type(e).__name__}: {e}"
         _fail(command, text + ("" if known else " (PHIFT_DEBUG=1 shows the traceback)"), 1)
 
 
+def _debug() -> bool:
+    return os.environ.get("PHIFT_DEBUG", "0") not in ("", "0")
+
+
 def _fail(command: str, message: str, code: int):
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a library's, on one line
     print(f"phift {command}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 

@@ -23,6 +23,7 @@ import torch
 
 from . import lora
 from .distributed import barrier, rank_and_world
+from .tensorfile import load_state
 from .weights import load_state_dict, save_model
 
 logger = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def load_checkpoint(engine, weights: TrainableWeights, ckpt: Path) -> dict:
     engine.load(ckpt, weights.restore)
     rng_file = ckpt / f"rng_state_{rank_and_world()[0]}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load_state(rng_file))
     logger.info("resumed from %s at step %d (epoch %d, %d samples into it)", ckpt, progress["global_step"],
                 progress["epoch"], progress["samples_in_epoch"])
     return progress

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import subprocess_env
 from phift import lora
 from phift.weights import load_model, save_model
+from phift import cli
 from phift.cli import main
 from phift.config import PhiConfig
 from phift.model import Phi
@@ -85,6 +86,15 @@ def test_eval_with_nothing_to_evaluate_says_which_flag_to_add(tiny_dir, tmp_path
     err = capsys.readouterr().err
     assert "phift eval: error: nothing to evaluate" in err
     assert all(flag in err for flag in ("--do_eval True", "--do_predict True", "--mcq_files"))
+
+
+def test_ctrl_c_leaves_as_one_line_without_a_traceback(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "chat", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["chat"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "phift chat: error: interrupted"
 
 
 def test_unknown_command_is_an_error(capsys):
@@ -178,3 +188,65 @@ def test_phift_debug_shows_the_traceback():
     proc = run_cli("train", "--model_name_or_path", "/no/such/dir", "--dataset", "self_cognition", "--output_dir",
                    "/tmp/x", "--dataset_dir", str(ROOT / "data"), PHIFT_DEBUG="1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def bad_utf8_dataset(tmp_path, tiny_dir):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl"}}))
+    (tmp_path / "data" / "d.jsonl").write_bytes(b'{"instruction": "a", "output": "\xff"}\n')
+    return ["train", "--model_name_or_path", str(tiny_dir), "--dataset", "d", "--dataset_dir", str(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out")], "d.jsonl:1: byte 32 is not UTF-8"
+
+
+def truncated_weights(tmp_path, tiny_dir):
+    data = (tiny_dir / "model.safetensors").read_bytes()
+    (tiny_dir / "model.safetensors").write_bytes(data[:len(data) // 3])
+    return ["chat", "--model_name_or_path", str(tiny_dir)], "model.safetensors is truncated or corrupt"
+
+
+def nan_weights(tmp_path, tiny_dir):
+    state = load_file(tiny_dir / "model.safetensors")
+    state["model.final_layernorm.weight"][0] = float("nan")
+    save_file(state, str(tiny_dir / "model.safetensors"))
+    return ["export", "--model_name_or_path", str(tiny_dir), "--export_dir", str(tmp_path / "x")], \
+        "model.final_layernorm.weight holds 1 value that is not finite"
+
+
+def output_dir_under_a_file(tmp_path, tiny_dir):
+    (tmp_path / "file").write_text("")
+    return ["train", "--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition", "--dataset_dir",
+            str(ROOT / "data"), "--output_dir", str(tmp_path / "file" / "out")], "is not writable (Not a directory)"
+
+
+def crafted_optimizer_state(tmp_path, tiny_dir):
+    flags = ["--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition", "--dataset_dir", str(ROOT / "data"),
+             "--max_samples", "8", "--cutoff_len", "32", "--per_device_train_batch_size", "4", "--max_steps", "2",
+             "--save_steps", "1", "--output_dir", str(tmp_path / "out")]
+    main(["train", *flags])
+    torch.save({"state": Payload(tmp_path / "payload-ran")}, tmp_path / "out" / "checkpoint-1" / "optimizer.pt")
+    return ["train", *flags, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-1")], "optimizer.pt"
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp_path, tiny_dir: (["train", "--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir",
+                                 str(tmp_path), "--num_train_epochs", "-1"], "--num_train_epochs must be positive"),
+    lambda tmp_path, tiny_dir: (["eval", "--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition",
+                                 "--output_dir", str(tmp_path)], "nothing to evaluate"),
+    bad_utf8_dataset, truncated_weights, nan_weights, output_dir_under_a_file, crafted_optimizer_state,
+], ids=["flag", "eval", "utf8", "truncated", "nan", "output_dir", "pickle"])
+def test_a_failure_leaves_the_cli_as_exactly_one_error_line(tiny_dir, tmp_path, make):
+    argv, cause = make(tmp_path, tiny_dir)
+    proc = run_cli(*argv)
+    prefix = f"phift {argv[0]}: error:"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+    assert proc.returncode in (1, 2) and len(errors) == 1, proc.stderr
+    assert cause in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "payload-ran").exists()

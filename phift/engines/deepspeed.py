@@ -12,13 +12,13 @@ import copy
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from ..tensorfile import refused
 from . import Engine, OptimSpec, lr_lambda, param_groups
 
 
@@ -76,10 +76,6 @@ def _walk(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file whose pickle names something beyond tensors and DeepSpeed's plain state types."""
-
-
 def _deepspeed_state_types() -> list:
     """The classes DeepSpeed's ZeRO checkpoints hold besides tensors and builtins: plain state, no code on load."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -101,11 +97,7 @@ def weights_only_loads():
         try:
             return real_load(f, *args, **kwargs)
         except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f"the global {found[1]}" if found else str(e).splitlines()[0]
-            raise UnsafeCheckpointError(f"{f}: refused: its pickle calls for {what}, which is not allowed (phift "
-                                        "reads DeepSpeed checkpoints with torch.load(weights_only=True): tensors and "
-                                        "DeepSpeed's state types only); was the checkpoint tampered with?") from None
+            raise refused(f, e) from None
 
     torch.load = load
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
