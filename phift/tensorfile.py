@@ -20,7 +20,7 @@ def open_safetensors(path: Path, device="cpu"):
     """safe_open, which reads the header and checks that the data it describes is all there."""
     try:
         return safe_open(str(path), framework="pt", device=str(device))
-    except (SafetensorError, OSError) as e:
+    except SafetensorError as e:
         raise WeightsError(f"{path} is truncated or corrupt ({e}); download or save it again") from None
 
 
