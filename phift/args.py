@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -254,8 +255,20 @@ def _fields(group: type):
     return [(f, _converter(hints[f.name])) for f in dataclasses.fields(group)]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line at the CLI) where it would print its usage and exit, and reads
+    `-1e-3` as a value: its own pattern takes only `-1` and `-.5` for negative numbers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
 def parser(prog: str = "phift train", groups=GROUPS, description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description or (
+    p = _Parser(prog=prog, allow_abbrev=False, description=description or (
         "Supervised fine-tuning of phi models with LLaMA-Factory's `--stage sft` flags. A YAML file of the same "
         "keys may come first (`phift train config.yaml --learning_rate 1e-4`); flags override it."))
     for name, group in groups.items():
@@ -299,7 +312,7 @@ def _yaml_values(path: Path, groups) -> dict:
 
 
 def parse_args(argv=None, prog: str = "phift train", groups=GROUPS) -> dict[str, object]:
-    """{group name: its dataclass} from flags, after an optional leading YAML file; argparse errors exit(2)."""
+    """{group name: its dataclass} from flags, after an optional leading YAML file; a bad flag is a ConfigError."""
     argv = list(argv) if argv is not None else None
     values = {}
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -322,9 +335,60 @@ def parse_train_args(argv=None) -> RunConfig:
 
 
 # ------------------------------------------------------------------------------------------------------ checks
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+# The values a numeric flag can take: (what the error says, the test). Written so that NaN fails every test.
+DOMAINS = {
+    "cutoff_len": ("positive", _positive),
+    "max_samples": ("positive", _positive),
+    "val_size": ("non-negative", _non_negative),
+    "lora_rank": ("positive", _positive),
+    "lora_alpha": ("positive", _positive),
+    "lora_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "neft_alpha": ("non-negative (0: off)", _non_negative),
+    "learning_rate": ("positive", _positive),
+    "num_train_epochs": ("positive", _positive),
+    "per_device_train_batch_size": ("positive", _positive),
+    "per_device_eval_batch_size": ("positive", _positive),
+    "gradient_accumulation_steps": ("positive", _positive),
+    "warmup_steps": ("non-negative", _non_negative),
+    "warmup_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "max_grad_norm": ("non-negative (0: no clipping)", _non_negative),
+    "weight_decay": ("non-negative", _non_negative),
+    "adam_beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "adam_epsilon": ("positive", _positive),
+    "seed": ("in [0, 2**32)", lambda v: 0 <= v < 2**32),  # numpy's seed range
+    "ddp_timeout": ("positive", _positive),
+    "logging_steps": ("positive", _positive),
+    "save_steps": ("positive", _positive),
+    "save_total_limit": ("positive", _positive),
+    "eval_steps": ("positive", _positive),
+    "max_new_tokens": ("positive", _positive),
+    "temperature": ("non-negative (0: greedy)", _non_negative),
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+}
+
+
+def check_domains(*groups) -> None:
+    """Each numeric flag of these argument groups within its DOMAINS entry (None, where allowed, passes)."""
+    for group in groups:
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            if f.name in DOMAINS and value is not None and not DOMAINS[f.name][1](value):
+                raise ConfigError(f"--{f.name} must be {DOMAINS[f.name][0]}, got {value}")
+
+
 def check(run: RunConfig) -> None:
     """Every rule that ties flags together; each error names the flags involved."""
     m, d, f, t = run.model, run.data, run.finetuning, run.training
+    check_domains(m, d, f, t, run.generating)
     if m.shift_attn:
         raise ConfigError("--shift_attn True (LongLoRA S²-attention) is LLaMA-only in LLaMA-Factory; phi has no such "
                           "path")
@@ -363,17 +427,15 @@ def check(run: RunConfig) -> None:
         if f.finetuning_type == "lora" and f.lora_dropout > 0:
             raise ConfigError("--cuda_graphs needs a step without random numbers, but LoRA dropout draws masks: pass "
                               "--lora_dropout 0")
+    if not (t.do_train or t.do_eval or t.do_predict or d.mcq_files):
+        raise ConfigError("nothing to evaluate with --do_train False (as `phift eval` runs): add --do_eval True (loss "
+                          "and perplexity), --do_predict True --predict_with_generate True (BLEU/ROUGE) or "
+                          "--mcq_files exam.csv (multiple-choice accuracy)")
     if t.do_predict and not t.predict_with_generate:
         raise ConfigError("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
     if f.finetuning_type == "full" and m.checkpoint_dir:
         raise ConfigError("--checkpoint_dir holds LoRA adapters; with --finetuning_type full point "
                           "--model_name_or_path at the checkpoint instead")
-    if not 0 <= f.lora_dropout < 1:
-        raise ConfigError(f"--lora_dropout must be in [0, 1), got {f.lora_dropout}")
-    for group, name in ((d, "cutoff_len"), (t, "per_device_train_batch_size"), (t, "gradient_accumulation_steps"),
-                        (t, "logging_steps"), (t, "save_steps"), (f, "lora_rank")):
-        if getattr(group, name) <= 0:
-            raise ConfigError(f"--{name} must be positive, got {getattr(group, name)}")
     for group, name in ((m, "trust_remote_code"), (d, "overwrite_cache"), (d, "preprocessing_num_workers")):
         if getattr(group, name):
             logger.info("--%s has no effect in phift (%s)", name,

@@ -1,14 +1,18 @@
 """`phift chat`: a REPL on a model, multi-turn, its answer printed token by token as it is generated.
 
 Typed at a terminal it shows prompts and a banner; with stdin piped it answers each line, prints nothing else,
-and ends at EOF. `clear` forgets the conversation, `exit` quits.
+and ends at EOF. `clear` forgets the conversation, `exit` quits. A conversation longer than the model's context
+loses its oldest turns, as in LLaMA-Factory; bytes that are not UTF-8 are read as U+FFFD.
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from .data import encode_prompt, stop_token_ids
 from .generate import generate
+
+logger = logging.getLogger(__name__)
 
 # LLaMA-Factory v0.3.3's generating defaults
 MAX_NEW_TOKENS, TEMPERATURE, TOP_P = 512, 0.95, 0.7
@@ -57,6 +61,31 @@ class TextStream:
         return new
 
 
+def fit_to_context(template, tokenizer, query: str, history: list, system: str | None, budget: int,
+                   positions: int) -> tuple[list[int], list]:
+    """(prompt ids of at most `budget` tokens, the history they keep): the oldest turns go first, as LLaMA-Factory
+    drops them; a query too long on its own keeps its last tokens, which hold the template's cue to answer."""
+    prompt = encode_prompt(template, tokenizer, query, history, system)
+    dropped = 0
+    while len(prompt) > budget and template.use_history and dropped < len(history):
+        dropped += 1
+        prompt = encode_prompt(template, tokenizer, query, history[dropped:], system)
+    if dropped:
+        logger.warning("the conversation outgrew the model's %d positions less %d for the answer: dropped the "
+                       "oldest %d turn%s", positions, positions - budget, dropped, "s" * (dropped > 1))
+    if len(prompt) > budget:
+        logger.warning("the message is %d tokens, more than the %d the model's %d positions leave for a prompt: "
+                       "kept its last %d tokens", len(prompt), budget, positions, budget)
+        prompt = prompt[-budget:]
+    return prompt, history[dropped:]
+
+
+def readable(line: str) -> str:
+    """Text the tokenizer takes: lone surrogates, which is how Python's surrogateescape keeps bytes that were not
+    UTF-8, become U+FFFD."""
+    return line.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 class _StopWord(Exception):
     """Raised from generate's on_token to end the answer at a stop word (generate stops at eos only)."""
 
@@ -69,6 +98,11 @@ def chat(model, tokenizer, template, max_new_tokens: int = MAX_NEW_TOKENS, tempe
     """
     input_stream = sys.stdin if input_stream is None else input_stream
     output = sys.stdout if output is None else output
+    positions = model.config.max_position_embeddings
+    budget = positions - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                         "positions")
     interactive = input_stream.isatty()
     history: list[list[str]] = []
     if interactive:
@@ -82,7 +116,7 @@ def chat(model, tokenizer, template, max_new_tokens: int = MAX_NEW_TOKENS, tempe
             if interactive:
                 output.write("\n")
             return
-        query = line.strip()
+        query = readable(line).strip()
         if query == "exit":
             return
         if query == "clear":
@@ -102,7 +136,7 @@ def chat(model, tokenizer, template, max_new_tokens: int = MAX_NEW_TOKENS, tempe
             if stream.stopped:
                 raise _StopWord
 
-        prompt = encode_prompt(template, tokenizer, query, history, system)
+        prompt, history = fit_to_context(template, tokenizer, query, history, system, budget, positions)
         try:
             generate(model, [prompt], max_new_tokens, stop_token_ids(template, tokenizer), tokenizer.pad_token_id,
                      temperature, top_p, on_token=on_token)

@@ -5,10 +5,11 @@ Library code raises exceptions; here they become `phift <command>: error: <what 
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 
-from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, ServeArgs, parse_args
+from .args import DTYPES, ConfigError, ExportArgs, GeneratingArgs, InferArgs, ServeArgs, check_domains, parse_args
 from .distributed import setup_logging
 
 
@@ -25,11 +26,14 @@ def _load(model_args: InferArgs):
 def chat_main(argv):
     """Talk to a model (+ adapters); `clear` resets the history, `exit` quits; piped stdin answers each line."""
     parsed = parse_args(argv, "phift chat", {"model": InferArgs, "generating": GeneratingArgs})
+    check_domains(parsed["generating"])
     from .chat import chat
     from .data import get_template
 
     template = get_template(parsed["model"].template)
     model, tokenizer = _load(parsed["model"])
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a stray byte that is not UTF-8 is a U+FFFD, not the chat's end
+        sys.stdin.reconfigure(errors="replace")
     g = parsed["generating"]
     chat(model, tokenizer, template, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
 
@@ -106,15 +110,24 @@ def main(argv=None):
         COMMANDS[command](rest)
     except ConfigError as e:
         _fail(command, str(e), 2)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        _fail(command, "interrupted", 130)
     except Exception as e:  # noqa: BLE001 - the edge: every failure leaves as one line
-        if os.environ.get("PHIFT_DEBUG", "0") not in ("", "0"):
+        if _debug():
             raise
         known = isinstance(e, (ValueError, OSError, ImportError, RuntimeError, KeyError))
         text = str(e) if known and str(e) else f"{type(e).__name__}: {e}"
         _fail(command, text + ("" if known else " (PHIFT_DEBUG=1 shows the traceback)"), 1)
 
 
+def _debug() -> bool:
+    return os.environ.get("PHIFT_DEBUG", "0") not in ("", "0")
+
+
 def _fail(command: str, message: str, code: int):
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a library's, on one line
     print(f"phift {command}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 

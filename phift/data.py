@@ -268,9 +268,20 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
 
 # ---------------------------------------------------------------------------------------------------- datasets
 
+def read_utf8(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are an error naming the file, the line and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: byte {e.start} is not UTF-8 (0x{data[e.start:e.end].hex()}: {e.reason}); "
+                         "save the file as UTF-8") from None
+
+
 def _load_json(path: Path, what: str):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in {what}: {e.msg}") from None
 
@@ -315,7 +326,7 @@ def _read_records(path: Path, dataset: str) -> list:
     elif path.suffix == ".jsonl":
         records, where = [], []
         # split on "\n" only: str.splitlines would also break at U+2028 and friends, legal inside JSON strings
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -467,6 +478,8 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
                 max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
                 name: str | None = None, author: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train, val) examples {input_ids, labels}, shuffled with `seed`; val_size is a fraction (< 1) or a count."""
+    if not val_size >= 0:
+        raise ValueError(f"val_size must be non-negative, got {val_size}")
     template = get_template(template) if isinstance(template, str) else template
     rows = load_rows(dataset_names, dataset_dir, max_samples, name, author)
     examples = [encode_supervised(template, tokenizer, row, cutoff_len, train_on_prompt) for row in rows]
@@ -474,7 +487,7 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
         raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold no usable rows")
     random.Random(seed).shuffle(examples)
     n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(examples))
-    if val_size < 0 or n_val >= len(examples):
+    if n_val >= len(examples):
         raise ValueError(f"val_size {val_size} leaves no training examples out of {len(examples)}")
     return examples[n_val:], examples[:n_val]
 

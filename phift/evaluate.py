@@ -10,6 +10,7 @@ BLEU/ROUGE need the optional extra `pip install 'phift[eval]'` (nltk, jieba, rou
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .chat import cut_at_stop_words
-from .data import collate, encode_prompt, stop_token_ids
+from .data import collate, encode_prompt, read_utf8, stop_token_ids
 from .generate import generate
 from .model import IGNORE_INDEX
 
@@ -189,7 +190,7 @@ def load_multiple_choice(csv_path) -> list[dict]:
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"no multiple-choice file {path}")
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_utf8(path).removeprefix("\ufeff"), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in MCQ_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -212,7 +213,7 @@ def load_few_shot(csv_path) -> list[dict]:
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"no few-shot file {path}")
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_utf8(path).removeprefix("\ufeff"), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("input", "output") if c not in (reader.fieldnames or [])]
         if missing:

@@ -29,10 +29,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import kernels
 from .families import family_of
+from .tensorfile import load_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def _read_phift(model, cfg_file: Path, cfg: dict, weights: Path):
     default = (Part(cfg["r"], cfg["lora_alpha"]),)
     parts = {name: tuple(Part(p["r"], p["lora_alpha"], tuple(p["rows"]) if "rows" in p else None)
                          for p in modules[name]) if name in modules else default for name in paths}
-    return parts, load_file(str(weights)), cfg["lora_dropout"], cfg.get("use_rslora", False)
+    return parts, load_safetensors(weights), cfg["lora_dropout"], cfg.get("use_rslora", False)
 
 
 def _peft_value(cfg: dict, pattern: str, field: str, module: str):
@@ -381,7 +382,7 @@ def _read_peft(model, cfg_file: Path, cfg: dict, weights: Path):
         raise ValueError(f"{cfg_file}: target_modules {targets!r}: phift maps a list of the module names "
                          f"{', '.join(names)} (on every layer; not regular expressions or paths)")
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(weights)).items():
+    for key, t in load_safetensors(weights).items():
         m = peft_key.fullmatch(key)
         if not m or m[2].rsplit(".", 1)[-1] not in targets:
             raise ValueError(f"{weights}: {key} is not the lora_A or lora_B weight of a target_modules entry "

@@ -16,6 +16,7 @@ Every random number generator a run draws from is seeded once at the start (`set
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,10 +29,12 @@ import torch
 
 from . import lora
 from .distributed import barrier, is_main, rank_and_world
+from .tensorfile import load_state
 from .weights import load_state_dict, save_model
 
 logger = logging.getLogger(__name__)
 
+DISK_FULL_BYTES = 16 << 20  # free space under which a failed write is taken for a full disk
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
 # what a run (and evaluation after it) writes into output_dir: --overwrite_output_dir removes these, nothing else
@@ -180,13 +183,17 @@ def save_checkpoint(engine, weights: TrainableWeights, output_dir: Path, progres
         _remove(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save(tmp)
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-    barrier()
+    try:
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+        barrier()
+        if rank == 0:
+            weights.save(engine.module, tmp, state)
+            # written last: a copy holding trainer_state.json is complete
+            write_atomic(tmp / "trainer_state.json", json.dumps({**progress, "world_size": world}, indent=2))
+    except Exception as e:
+        raise _save_failed(e, tmp, final) from e
     if rank == 0:
-        weights.save(engine.module, tmp, state)
-        # written last: a copy holding trainer_state.json is complete
-        write_atomic(tmp / "trainer_state.json", json.dumps({**progress, "world_size": world}, indent=2))
         _commit(tmp, final, aside)
         _rotate(out, save_total_limit)
     barrier()
@@ -250,6 +257,20 @@ def last_checkpoint_note(output_dir) -> str:
     if pointer.is_file():
         return f"the last checkpoint, {Path(output_dir) / pointer.read_text().strip()}, holds finite weights"
     return "no checkpoint was written before"
+
+
+def _save_failed(error: Exception, tmp: Path, final: Path) -> RuntimeError:
+    """The partial checkpoint removed (a full disk stays full otherwise) and the error that says so. torch.save
+    reports a full disk as "enforce fail at inline_container.cc" without an errno: the free space left tells."""
+    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in (error, error.__cause__, error.__context__))
+    try:
+        full = full or shutil.disk_usage(tmp.parent).free < DISK_FULL_BYTES
+    except OSError:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    why = "disk full" if full else f"{type(error).__name__}: {error}"
+    return RuntimeError(f"writing checkpoint {final} failed ({why}); removed the partial checkpoint, the last complete "
+                        f"one stays (--resume_from_checkpoint latest)")
 
 
 def write_atomic(path: Path, text: str):
@@ -319,7 +340,7 @@ def load_checkpoint(engine, weights: TrainableWeights, ckpt: Path) -> dict:
     engine.load(ckpt, weights.restore)
     rng_file = ckpt / f"rng_state_{rank_and_world()[0]}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load_state(rng_file))
     logger.info("resumed from %s at step %d (epoch %d, %d samples into it)", ckpt, progress["global_step"],
                 progress["epoch"], progress["samples_in_epoch"])
     return progress

@@ -12,10 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from tokenizers import Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 ENDOFTEXT = "<|endoftext|>"
+# The longest run without whitespace the demo tokenizer reads as one piece: BPE training is about quadratic in a
+# piece's length (one 200k-character run took minutes); longer runs are cut into pieces this long.
+DEMO_MAX_RUN = 64
 
 
 class Tokenizer:
@@ -90,7 +94,9 @@ def train_demo_tokenizer(texts, vocab_size: int = 2048) -> Tokenizer:
     trained with it is a toy and its weights mean nothing to a real phi checkpoint.
     """
     tok = _HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf"\S{{{DEMO_MAX_RUN}}}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

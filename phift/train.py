@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,17 @@ from .tracking import Tracker
 from .weights import load_for_inference, load_model, resolve_checkpoint_dir, save_model
 
 logger = logging.getLogger(__name__)
+
+
+def writable_output_dir(out: Path) -> None:
+    """Create --output_dir and write a file in it: a read-only directory fails now, not at the first checkpoint."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".phift-write-test-") as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as e:
+        raise OSError(f"--output_dir {out} is not writable ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------------------------------------- model, tokenizer
@@ -250,6 +262,7 @@ def train(run: RunConfig) -> dict:
         estimate.preflight(run, world, device)
     kernels.load(device)
     out = Path(t.output_dir)
+    writable_output_dir(out)
     ckpt = prepare_output_dir(out, t.resume_from_checkpoint, t.overwrite_output_dir)
 
     rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author)
@@ -376,6 +389,7 @@ def evaluate(run: RunConfig) -> dict:
     m, d, t, g = run.model, run.data, run.training, run.generating
     set_seed(t.seed)  # sampled predictions (--temperature > 0) follow --seed, as LLaMA-Factory's eval does
     out = Path(t.output_dir)
+    writable_output_dir(out)
     if t.do_train:
         trained_lora = (out / "adapter_config.json").is_file()
         base = out / "base_model" if (out / "base_model").is_dir() else m.model_name_or_path

@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import families
+from .tensorfile import WeightsError, get_tensor, open_safetensors
 
 # "{i}": layer index; "{i1}": layer index + 1; "{last}": num_layers + 1 (MixFormerSequential's head).
 LAYOUTS: dict[str, list[tuple[str, str | tuple[str, ...]]]] = {
@@ -68,10 +68,6 @@ LAYOUT_MARKERS = {"hf": "model.embed_tokens.weight", "phi-msft": "transformer.em
                   "mixformer-sequential": "layers.0.wte.weight", "phi3": "model.embed_tokens.weight"}
 # Buffers some exporters wrote that carry no weights (rotary tables are recomputed).
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
-
-
-class WeightsError(ValueError):
-    pass
 
 
 def key_map(layout: str, state_keys, num_layers: int) -> dict[str, tuple[str, ...]]:
@@ -142,7 +138,7 @@ def _weight_files(d: Path) -> dict[str, Path]:
         raise WeightsError(f"no *.safetensors weights in {d}{extra}")
     out = {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with open_safetensors(f) as sf:
             out.update({k: f for k in sf.keys()})
     return out
 
@@ -171,8 +167,8 @@ def load_state_dict(d: Path, model, dtype: torch.dtype, device="cpu"):
             for key in theirs:
                 f = files[key]
                 if f not in handles:
-                    handles[f] = safe_open(f, framework="pt", device=str(device))
-                parts.append(handles[f].get_tensor(key).to(dtype))
+                    handles[f] = open_safetensors(f, device)
+                parts.append(get_tensor(handles[f], key, f).to(dtype))
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             if t.shape != expected[ours]:
                 found = " + ".join(f"{k} {tuple(p.shape)}" for k, p in zip(theirs, parts))

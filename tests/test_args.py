@@ -140,3 +140,50 @@ def test_cross_field_rules_are_errors_naming_the_flags(flags, message):
 def test_the_precision_policy_is_decided_once_for_the_device(flags, device, expected):
     p = decide_precision(parse_train_args([*BASE, *flags]), torch.device(device))
     assert (p.compute, p.load, p.upcast_trainable, p.autocast, p.loss_scaling, p.master_weights) == expected
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_train_epochs", "-1"], "--num_train_epochs must be positive, got -1.0"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be positive, got 0.0"),
+    (["--warmup_ratio", "5"], "--warmup_ratio must be in [0, 1], got 5.0"),
+    (["--warmup_steps", "-2"], "--warmup_steps must be non-negative, got -2"),
+    (["--lora_alpha", "-16"], "--lora_alpha must be positive, got -16.0"),
+    (["--val_size", "-0.1"], "--val_size must be non-negative, got -0.1"),
+    (["--learning_rate", "-1e-3"], "--learning_rate must be positive, got -0.001"),
+    (["--learning_rate", "0"], "--learning_rate must be positive, got 0.0"),
+    (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be non-negative (0: no clipping), got -1.0"),
+    (["--weight_decay", "-0.01"], "--weight_decay must be non-negative, got -0.01"),
+    (["--adam_beta1", "1"], "--adam_beta1 must be in [0, 1), got 1.0"),
+    (["--adam_beta2", "-0.5"], "--adam_beta2 must be in [0, 1), got -0.5"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be positive, got 0.0"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be positive, got 0"),
+    (["--save_total_limit", "0"], "--save_total_limit must be positive, got 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive, got 0"),
+    (["--temperature", "-0.5"], "--temperature must be non-negative (0: greedy), got -0.5"),
+    (["--top_p", "0"], "--top_p must be in (0, 1], got 0.0"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1], got 1.5"),
+    (["--max_samples", "0"], "--max_samples must be positive, got 0"),
+    (["--eval_steps", "-5"], "--eval_steps must be positive, got -5"),
+    (["--lora_rank", "0"], "--lora_rank must be positive, got 0"),
+    (["--neft_alpha", "-1"], "--neft_alpha must be non-negative (0: off), got -1.0"),
+    (["--ddp_timeout", "0"], "--ddp_timeout must be positive, got 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+])
+def test_a_numeric_flag_outside_its_domain_is_an_error_naming_it(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_train_args([*BASE, *flags])
+
+
+def test_negative_numbers_are_read_as_values():
+    run = parse_train_args([*BASE, "--max_steps", "-1", "--learning_rate", "1e-3"])
+    assert run.training.max_steps == -1
+    with pytest.raises(ConfigError, match="must be positive"):  # not "expected one argument"
+        parse_train_args([*BASE, "--learning_rate", "-1E+2"])
+
+
+def test_a_bad_flag_is_a_config_error_not_an_exit():
+    with pytest.raises(ConfigError, match="unrecognized arguments: --no_such_flag"):
+        parse_train_args([*BASE, "--no_such_flag", "1"])
+    with pytest.raises(ConfigError, match="argument --cutoff_len: invalid int value: 'many'"):
+        parse_train_args([*BASE, "--cutoff_len", "many"])

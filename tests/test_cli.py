@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import subprocess_env
 from phift import lora
 from phift.weights import load_model, save_model
+from phift import cli
 from phift.cli import main
 from phift.config import PhiConfig
 from phift.model import Phi
@@ -75,6 +76,25 @@ def test_eval_reports_loss_and_perplexity(tiny_dir, tmp_path, capsys):
           "--do_eval", "True"])
     results = json.loads((tmp_path / "ev" / "all_results.json").read_text())
     assert results["perplexity"] == pytest.approx(2.718281828 ** results["eval_loss"], rel=1e-6)
+
+
+def test_eval_with_nothing_to_evaluate_says_which_flag_to_add(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition", "--dataset_dir",
+              str(ROOT / "data"), "--output_dir", str(tmp_path / "ev")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "phift eval: error: nothing to evaluate" in err
+    assert all(flag in err for flag in ("--do_eval True", "--do_predict True", "--mcq_files"))
+
+
+def test_ctrl_c_leaves_as_one_line_without_a_traceback(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(cli.COMMANDS, "chat", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["chat"])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "phift chat: error: interrupted"
 
 
 def test_unknown_command_is_an_error(capsys):
@@ -150,6 +170,12 @@ def run_cli(*argv, **env):
       "--dataset_dir", str(ROOT / "data")], 1, "phift train: error: /no/such/dir is not a local directory"),
     (["export", "--model_name_or_path", "/no/such/dir", "--export_dir", "/tmp/x", "--peft"], 2,
      "phift export: error: --peft exports exactly one adapter"),
+    (["chat", "--model_name_or_path", "/no/such/dir", "--top_p", "0"], 2,
+     "phift chat: error: --top_p must be in (0, 1], got 0.0"),
+    (["train", "--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir", "/tmp/x",
+      "--learning_rate", "-1e-3"], 2, "phift train: error: --learning_rate must be positive, got -0.001"),
+    (["train", "--model_name_or_path", "tiny", "--no_such_flag", "1"], 2,
+     "phift train: error: unrecognized arguments: --no_such_flag 1"),
 ])
 def test_errors_leave_the_cli_as_one_line_and_an_exit_code(argv, code, message):
     proc = run_cli(*argv)
@@ -162,3 +188,65 @@ def test_phift_debug_shows_the_traceback():
     proc = run_cli("train", "--model_name_or_path", "/no/such/dir", "--dataset", "self_cognition", "--output_dir",
                    "/tmp/x", "--dataset_dir", str(ROOT / "data"), PHIFT_DEBUG="1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def bad_utf8_dataset(tmp_path, tiny_dir):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl"}}))
+    (tmp_path / "data" / "d.jsonl").write_bytes(b'{"instruction": "a", "output": "\xff"}\n')
+    return ["train", "--model_name_or_path", str(tiny_dir), "--dataset", "d", "--dataset_dir", str(tmp_path / "data"),
+            "--output_dir", str(tmp_path / "out")], "d.jsonl:1: byte 32 is not UTF-8"
+
+
+def truncated_weights(tmp_path, tiny_dir):
+    data = (tiny_dir / "model.safetensors").read_bytes()
+    (tiny_dir / "model.safetensors").write_bytes(data[:len(data) // 3])
+    return ["chat", "--model_name_or_path", str(tiny_dir)], "model.safetensors is truncated or corrupt"
+
+
+def nan_weights(tmp_path, tiny_dir):
+    state = load_file(tiny_dir / "model.safetensors")
+    state["model.final_layernorm.weight"][0] = float("nan")
+    save_file(state, str(tiny_dir / "model.safetensors"))
+    return ["export", "--model_name_or_path", str(tiny_dir), "--export_dir", str(tmp_path / "x")], \
+        "model.final_layernorm.weight holds 1 value that is not finite"
+
+
+def output_dir_under_a_file(tmp_path, tiny_dir):
+    (tmp_path / "file").write_text("")
+    return ["train", "--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition", "--dataset_dir",
+            str(ROOT / "data"), "--output_dir", str(tmp_path / "file" / "out")], "is not writable (Not a directory)"
+
+
+def crafted_optimizer_state(tmp_path, tiny_dir):
+    flags = ["--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition", "--dataset_dir", str(ROOT / "data"),
+             "--max_samples", "8", "--cutoff_len", "32", "--per_device_train_batch_size", "4", "--max_steps", "2",
+             "--save_steps", "1", "--output_dir", str(tmp_path / "out")]
+    main(["train", *flags])
+    torch.save({"state": Payload(tmp_path / "payload-ran")}, tmp_path / "out" / "checkpoint-1" / "optimizer.pt")
+    return ["train", *flags, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-1")], "optimizer.pt"
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp_path, tiny_dir: (["train", "--model_name_or_path", "tiny", "--dataset", "self_cognition", "--output_dir",
+                                 str(tmp_path), "--num_train_epochs", "-1"], "--num_train_epochs must be positive"),
+    lambda tmp_path, tiny_dir: (["eval", "--model_name_or_path", str(tiny_dir), "--dataset", "self_cognition",
+                                 "--output_dir", str(tmp_path)], "nothing to evaluate"),
+    bad_utf8_dataset, truncated_weights, nan_weights, output_dir_under_a_file, crafted_optimizer_state,
+], ids=["flag", "eval", "utf8", "truncated", "nan", "output_dir", "pickle"])
+def test_a_failure_leaves_the_cli_as_exactly_one_error_line(tiny_dir, tmp_path, make):
+    argv, cause = make(tmp_path, tiny_dir)
+    proc = run_cli(*argv)
+    prefix = f"phift {argv[0]}: error:"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+    assert proc.returncode in (1, 2) and len(errors) == 1, proc.stderr
+    assert cause in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "payload-ran").exists()

@@ -326,6 +326,12 @@ def test_val_size_is_a_fraction_or_a_count_and_the_split_follows_the_seed(tmp_pa
     assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] != get_dataset("d", d, TOK, "vanilla", seed=2)[0]
 
 
+def test_a_negative_val_size_is_refused_as_negative(tmp_path):
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": [{"instruction": "q", "output": "a"}] * 4})
+    with pytest.raises(ValueError, match=r"val_size must be non-negative, got -1"):
+        get_dataset("d", d, TOK, "vanilla", val_size=-1)
+
+
 def test_project_datasets_load_without_warnings(caplog):
     with caplog.at_level(logging.WARNING):
         rows = load_rows("self_cognition,law_sft_triplet_sample", DATA_DIR, name="小法", author="复旦")
@@ -369,6 +375,18 @@ def test_malformed_json_array_names_the_line_and_column(tmp_path):
     text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n'
     d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": text})
     with pytest.raises(ValueError, match=r"d\.json:3:23: invalid JSON in dataset 'd'"):
+        load_rows("d", d)
+
+
+@pytest.mark.parametrize("file_name, line", [("d.jsonl", 2), ("d.json", 8)])
+def test_bytes_that_are_not_utf8_are_an_error_naming_the_file_line_and_byte(tmp_path, file_name, line):
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "XX"}]
+    text = "\n".join(map(json.dumps, records)) if file_name.endswith("l") else json.dumps(records, indent=1)
+    data = text.encode().replace(b"XX", b"\xe4\xbd")  # half a character
+    d = dataset_dir(tmp_path, {"d": {"file_name": file_name}}, {})
+    (d / file_name).write_bytes(data)
+    where = f"{d / file_name}:{line}: byte {data.index(bytes([0xe4]))} is not UTF-8 (0xe4"
+    with pytest.raises(ValueError, match=re.escape(where)):
         load_rows("d", d)
 
 

@@ -4,6 +4,7 @@ Each run is a subprocess: DeepSpeed initialises torch.distributed and picks its 
 The first run JIT-builds DeepSpeed's CPU ops (a minute or two), cached in TORCH_EXTENSIONS_DIR.
 """
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,59 @@ def test_two_ranks_follow_one_rank_write_once_and_resume_on_one(tmp_path, stage)
     assert [e["loss"] for e in log[:4]] == curve2[:4]
     for a, b in zip([e["loss"] for e in log[4:]], curve2[4:]):
         assert abs(a - b) <= 0.02 * a, (log, curve2)
+
+
+class Payload:
+    """Unpickled, it creates `marker`: what a crafted checkpoint would do with a real command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def train_ds(out, *extra):
+    cmd = [sys.executable, "-m", "phift.cli", "train", "--model_name_or_path", "tiny", "--dataset", "self_cognition",
+           "--dataset_dir", str(ROOT / "data"), "--lora_target", "all", "--lora_dropout", "0", "--max_samples", "16",
+           "--per_device_train_batch_size", "4", "--cutoff_len", "64", "--num_train_epochs", "2", "--seed", "0",
+           "--disable_gradient_checkpointing", "True", "--save_steps", "4", "--output_dir", str(out), *extra]
+    return subprocess.run(cmd, env=subprocess_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("stage, file, universal", [
+    (2, "mp_rank_00_model_states.pt", False),
+    (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt", False),
+    (3, "zero_pp_rank_0_mp_rank_00_optim_states.pt", False),
+    (2, "mp_rank_00_model_states.pt", True),  # another world size: ds_to_universal reads the files first
+    (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt", True),
+])
+def test_resume_never_runs_code_that_a_deepspeed_checkpoint_names(tmp_path, stage, file, universal):
+    import torch
+
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**ds_config(stage), "zero_optimization": {"stage": stage}}))
+    out = tmp_path / "run"
+    proc = train_ds(out, "--deepspeed", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoint-4"
+    if universal:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    proc = train_ds(out, "--deepspeed", str(cfg), "--resume_from_checkpoint", str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # DeepSpeed's own state loads with weights_only=True
+    assert (ckpt / "deepspeed_universal").is_dir() == universal
+    shutil.rmtree(ckpt / "deepspeed_universal", ignore_errors=True)
+
+    marker = tmp_path / "payload-ran"
+    target = ckpt / "deepspeed" / file
+    state = torch.load(target, weights_only=False)  # the test's own file: trusted
+    state["extra"] = Payload(marker)
+    torch.save(state, target)
+    proc = train_ds(out, "--deepspeed", str(cfg), "--resume_from_checkpoint", str(ckpt))
+    assert not marker.exists(), "the checkpoint's pickle ran code"
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("phift train: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert file in errors[0] and "not allowed" in errors[0], errors[0]

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import logging
+import re
 import shutil
 import sys
 from types import SimpleNamespace
@@ -300,4 +301,11 @@ def test_a_csv_without_the_exam_columns_names_the_file_and_columns(tmp_path):
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["input", "output", "A", "B", "C"], ["问题", "A", "甲", "乙", "丙"]])
     with pytest.raises(ValueError, match=r"exam\.csv: missing columns D, multichoice"):
+        load_multiple_choice(path)
+
+
+def test_a_csv_that_is_not_utf8_names_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "exam.csv"
+    path.write_bytes(b"input,output,A,B,C,D,multichoice\nq\xff,A,a,b,c,d,False\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}:2: byte 34 is not UTF-8"):
         load_multiple_choice(path)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from phift import lora
 from phift.weights import load_model, save_model
@@ -128,6 +129,22 @@ def test_adapter_save_load_round_trip(model, tmp_path, tiny_config):
     x = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_a_truncated_or_non_finite_adapter_is_an_error_naming_file_and_tensor(model, tmp_path, tiny_config):
+    lora.inject(model, "Wqkv", r=4, verbose=False)
+    lora.save_adapter(model, tmp_path)
+    weights = tmp_path / lora.ADAPTER_WEIGHTS
+    state = {k: v.clone() for k, v in load_file(weights).items()}  # not views of the file cut below
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=f"{weights} is truncated or corrupt"):
+        lora.load_adapter(Phi(tiny_config), tmp_path)
+    key = next(iter(state))
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=f"{weights}: {key} holds 1 value that is not finite"):
+        lora.load_adapter(Phi(tiny_config), tmp_path)
 
 
 def test_loading_an_adapter_of_another_rank_is_a_clear_error(model, tmp_path, tiny_config):

@@ -1,3 +1,5 @@
+import time
+
 from phift.tokenizer import load_tokenizer, train_demo_tokenizer
 
 
@@ -31,3 +33,18 @@ def test_demo_tokenizer_round_trips_and_saves(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     tok.save(tmp_path)
     assert load_tokenizer(tmp_path).encode(text) == tok.encode(text)
+
+
+def test_demo_tokenizer_trains_fast_on_a_long_run_without_spaces():
+    # BPE training is about quadratic in one pre-token's length: one 200k-character run took minutes
+    text = "".join(chr(0x4e00 + (i * 7919) % 500) for i in range(200_000))
+    start = time.perf_counter()
+    tok = train_demo_tokenizer([text, "hello there"], vocab_size=512)
+    assert time.perf_counter() - start < 10
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_demo_tokenizer_leaves_words_of_ordinary_length_whole():
+    texts = ["a quick brown fox jumps over the lazy dog", "internationalization"] * 50
+    tok = train_demo_tokenizer(texts, vocab_size=400)
+    assert len(tok.encode("internationalization")) == 1

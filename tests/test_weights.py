@@ -180,6 +180,26 @@ def test_wrong_shape_names_key_and_both_shapes(hf_dir, tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.9999, 0.001])
+def test_a_truncated_weights_file_is_named_as_truncated_or_corrupt(hf_dir, tmp_path, keep):
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:int(len(data) * keep)])
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(WeightsError, match=re.escape(f"{tmp_path / 'model.safetensors'} is truncated or corrupt")):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_an_error_naming_the_tensor(hf_dir, tmp_path, bad):
+    sd = load_file(hf_dir / "model.safetensors")
+    sd["model.layers.1.mlp.fc1.weight"][3, 5] = bad
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(WeightsError, match=r"model\.safetensors: model\.layers\.1\.mlp\.fc1\.weight holds 1 "
+                                           r"value that is not finite \(NaN or inf\)"):
+        load_model(tmp_path)
+
+
 def test_pickle_only_checkpoint_is_refused(tmp_path, hf_dir):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")

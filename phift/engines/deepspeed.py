@@ -1,17 +1,24 @@
 """DeepSpeed's engine behind phift's engine interface: ZeRO stages, DeepSpeed's fp16/bf16 modes and CPU Adam, as the
 seed's examples/ds_config.json asks; its "auto" values are filled from the flags as transformers' Trainer fills them.
+
+DeepSpeed 0.19 reads its checkpoints with torch.load(weights_only=False), which runs whatever code a crafted file's
+pickle names. phift reads them only inside `weights_only_loads`, where every torch.load takes tensors and DeepSpeed's
+few plain state types and refuses anything else, naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from ..tensorfile import refused
 from . import Engine, OptimSpec, lr_lambda, param_groups
 
 
@@ -83,6 +90,42 @@ def refuse_unskipped_non_finite_steps(config: dict):
                          "are not finite: leave it true")
 
 
+def _deepspeed_state_types() -> list:
+    """The classes DeepSpeed's ZeRO checkpoints hold besides tensors and builtins: plain state, no code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every torch.load is weights_only=True whatever its call says (DeepSpeed's say False), with DeepSpeed's
+    state types allowed; TORCH_FORCE_WEIGHTS_ONLY_LOAD holds the same for whatever bypasses torch.load's name, and
+    for the worker processes of a checkpoint conversion."""
+    real_load, forced = torch.load, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise refused(f, e) from None
+
+    torch.load = load
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_types()):
+            yield
+    finally:
+        torch.load = real_load
+        if forced is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced
+
+
 class DeepSpeedEngine(Engine):
     """deepspeed.initialize with the trainable parameters only; DeepSpeed owns precision, clipping, accumulation."""
 
@@ -149,14 +192,28 @@ class DeepSpeedEngine(Engine):
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint at call time
-        self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        with weights_only_loads():
+            self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
 def _to_universal(src: Path, dst: Path):
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
+    """DeepSpeed's ds_to_universal in a process of its own, its loads inside weights_only_loads."""
+    cmd = [sys.executable, "-c", "from phift.engines.deepspeed import _universal_main; _universal_main()",
+           "--input_folder", str(src), "--output_folder", str(dst), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no message")
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed: {last}")
+
+
+def _universal_main():
+    """The converting process: ds_to_universal's own main, its failure as its last line on stderr."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    try:
+        with weights_only_loads():
+            ds_to_universal.main(ds_to_universal.parse_arguments())
+    except Exception as e:  # noqa: BLE001 - a process's entry: the parent reports this line
+        sys.exit(f"{type(e).__name__}: {e}")

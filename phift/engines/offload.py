@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..optim import MasterAdamW
+from ..tensorfile import load_state
 from . import Engine, OptimSpec, param_groups, scheduler
 
 
@@ -151,7 +152,7 @@ class OffloadEngine(Engine):
 
     def load(self, directory: Path, restore):
         restore(self.module, directory)  # (the host weights need nothing: they are only ever the CPU step's output)
-        state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = load_state(directory / "optimizer.pt", map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_scale.load_state_dict(state["loss_scale"])

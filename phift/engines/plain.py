@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..optim import MasterAdamW, clip_coefficient
+from ..tensorfile import load_state
 from . import Engine, OptimSpec, param_groups, scheduler
 
 
@@ -77,7 +78,7 @@ class TorchEngine(Engine):
 
     def load(self, directory: Path, restore):
         restore(self.module, directory)
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = load_state(directory / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and "scaler" in state:
