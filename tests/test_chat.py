@@ -147,7 +147,7 @@ def test_the_oldest_turns_are_dropped_to_fit_the_context_and_it_says_so(scripted
 
 
 def test_a_message_too_long_alone_keeps_its_end_and_it_says_so(scripted, tok, caplog):
-    template = get_template("phi")
+    template = get_template("phi_qa")
     scripted["answers"] += ["ok"]
     with caplog.at_level(logging.WARNING):
         chat(positions(64), tok, template, max_new_tokens=16, input_stream=io.StringIO("x" * 45000 + "\n"),
@@ -160,7 +160,7 @@ def test_a_message_too_long_alone_keeps_its_end_and_it_says_so(scripted, tok, ca
 
 def test_max_new_tokens_that_fill_the_context_are_an_error(tok):
     with pytest.raises(ValueError, match="--max_new_tokens 64 leaves no room for a prompt"):
-        chat(positions(64), tok, get_template("phi"), max_new_tokens=64, input_stream=io.StringIO("hi\n"),
+        chat(positions(64), tok, get_template("phi_qa"), max_new_tokens=64, input_stream=io.StringIO("hi\n"),
              output=io.StringIO())
 
 
