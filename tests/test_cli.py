@@ -144,7 +144,7 @@ def test_chat_and_eval_take_a_peft_adapter(tiny_dir, peft_adapter, tmp_path, mon
 def test_export_merges_a_peft_adapter_into_the_logits_peft_gives(tiny_dir, peft_adapter, tmp_path):
     adapter, peft_model = peft_adapter
     main(["export", "--model_name_or_path", str(tiny_dir), "--adapter_name_or_path", str(adapter),
-          "--export_dir", str(tmp_path / "merged")])
+          "--export_dir", str(tmp_path / "merged"), "--dtype", "fp32"])  # fp32: a GPU machine's default is fp16
     x = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         assert (load_model(tmp_path / "merged").eval()(x) - peft_model(x).logits).abs().max() <= 1e-5
