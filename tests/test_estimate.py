@@ -301,7 +301,8 @@ def test_train_with_estimate_reports_first(tmp_path, monkeypatch):
     called = []
     monkeypatch.setattr(train_mod.estimate, "preflight", lambda run, world, device: called.append((world, device)))
     train_mod.train(run_args(tmp_path, estimate=True, max_steps=1))
-    assert called == [(1, torch.device("cpu"))]
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert called == [(1, device)]
 
 
 def test_preflight_warns_without_a_gpu_and_reports(caplog):
