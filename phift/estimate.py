@@ -448,13 +448,9 @@ def head_saved(c: Config, p: Plan) -> dict[str, int]:
             saved["loss: 1 / labelled rows"] = 4
         else:
             saved["loss: lm_head weight gradient (fp32)"] = 4 * v * h
-        if _head_bias(c):
+        if families.family_of(c).name == "phi":  # phi's lm_head has a bias, Phi-3's none
             saved["loss: lm_head bias gradient (fp32)"] = 4 * v
     return saved
-
-
-def _head_bias(c: Config) -> bool:
-    return families.family_of(c).name == "phi"  # phi's lm_head has a bias, Phi-3's none
 
 
 def _chunk_rows(c: Config) -> int:
