@@ -163,8 +163,9 @@ def sentencepiece_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], lis
     """(tokens, scores, token types) of a LLaMA-style sentencepiece BPE tokenizer (Phi-3's), `vocab_size` long.
 
     llama.cpp's `llama` tokenizer merges the adjacent pair whose concatenation scores highest; scoring each merged
-    token by minus its merge's rank makes it take the merges in tokenizer.json's order, as BPE does. Tokens no merge
-    makes (single characters, bytes, added tokens) are never such a concatenation; they score below every merge."""
+    token by minus its merge's rank makes it take the merges in tokenizer.json's order, as BPE does. The tokens no
+    merge makes (single characters, bytes) are never such a concatenation and score below every merge; added
+    tokens, which llama.cpp matches whole before it merges anything, score 0 as sentencepiece's control tokens do."""
     spec = tokenizer.to_json()
     model = spec["model"]
     by_id = {i: t for t, i in model["vocab"].items()}
