@@ -6,7 +6,8 @@
     python bench/bench_estimate.py --device cpu --tiny --out /tmp/estimate.md     # smoke test of the plumbing
     python bench/bench_estimate.py --list
 
-Each case is a set of `phift train` flags on a random-weight phi-1, phi-1_5 or phi-2 (a preset: no download). In a
+Each case is a set of `phift train` flags on a random-weight phi-1, phi-1_5, phi-2, Phi-3.5-mini or Phi-4-mini (a
+preset: no download). In a
 fresh subprocess the case is estimated (phift.estimate.estimate), then built as `phift train` builds it
 (phift.train.prepare_model, phift.engines.build_engine: the plain engine, phift's --offload_optimizer cpu, DeepSpeed
 ZeRO-2/3 with or without its CPU offload) and trained for a warm-up step and --steps measured optimizer steps on
@@ -106,12 +107,25 @@ CASES = [
        extra=("--lora_target", "all", "--lora_rank", "16")),
     _c("phi2-full-bf16-1x1024-offload", "phi-2", 1, 1024, finetuning="full", engine="offload"),
     _c("full-fp32-1x512", "phi-1_5", 1, 512, finetuning="full", precision="fp32"),
+    # the Phi-3 family: Phi-3.5-mini's sequential block; Phi-4-mini's grouped-query attention (the PyTorch rotary),
+    # tied embedding and 200,064-token vocabulary (the PyTorch cross-entropy)
+    _c("phi3.5-lora-bf16-1x2048", "phi-3.5-mini", 1, 2048),
+    _c("phi3.5-lora-bf16-1x2048-none", "phi-3.5-mini", 1, 2048, recompute="none"),
+    _c("phi3.5-full-pure-1x1024-offload", "phi-3.5-mini", 1, 1024, finetuning="full", precision="pure_bf16",
+       engine="offload"),
+    _c("phi4mini-lora-bf16-1x2048", "phi-4-mini", 1, 2048),
+    _c("phi4mini-lora-bf16-1x2048-none", "phi-4-mini", 1, 2048, recompute="none"),
+    _c("phi4mini-full-pure-1x1024-offload", "phi-4-mini", 1, 1024, finetuning="full", precision="pure_bf16",
+       engine="offload"),
 ]
 TINY = [
     _c("tiny-lora-fp32-2x64-none", "tiny", 2, 64, precision="fp32", recompute="none"),
     _c("tiny-full-pure-2x64", "tiny", 2, 64, finetuning="full", precision="pure_bf16"),
     _c("tiny-full-bf16-2x64-offload", "tiny", 2, 64, finetuning="full", engine="offload"),
     _c("tiny-full-fp32-2x64-zero2", "tiny", 2, 64, finetuning="full", precision="fp32", engine="zero2"),
+    _c("tiny-phi3-lora-bf16-2x64", "tiny-phi3", 2, 64),
+    _c("tiny-phi4-full-pure-2x64-offload", "tiny-phi4", 2, 64, finetuning="full", precision="pure_bf16",
+       engine="offload"),
 ]
 
 
@@ -142,10 +156,10 @@ def _rss() -> int:
 def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     import torch
 
-    from phift import distributed, estimate, kernels
+    from phift import distributed, estimate, families, kernels
     from phift.args import decide_precision, parse_train_args
     from phift.engines import build_engine
-    from phift.model import LMHead, Phi
+    from phift.model import LMHead
     from phift.train import prepare_model
 
     row = {"case": case.name, **{k: v for k, v in asdict(case).items() if k != "name"}}
@@ -165,7 +179,7 @@ def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     precision = decide_precision(run, device)
     kernels.load(device)
     with torch.device(device):
-        model = Phi(config).to(dtype=precision.load)
+        model = families.build(config).to(dtype=precision.load)
     model = prepare_model(model, run, precision)
     engine = build_engine(model, run, precision, steps + 1, device)
     model.train()

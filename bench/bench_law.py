@@ -166,7 +166,7 @@ def worker(spec: dict) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    vocab = min(VOCAB_USED, model_shape(spec["tiny"]).vocab_size)
+    vocab = min(c.vocab_used, model_shape(c.model, spec["tiny"]).vocab_size)
     samples = make_samples(spec["pairs"], spec["samples"], spec["cutoff"], vocab)
     pad_id = min(50256, vocab - 1)
     # phift.train's batching for every impl: the same seeded shuffle per epoch, batch 1, packed or not
@@ -500,12 +500,12 @@ def main(argv=None):
     epochs = a.epochs or (1 if a.tiny else RECIPE_EPOCHS)
     samples = a.samples or (16 if a.tiny else RECIPE_SAMPLES)
     pairs, source = load_pairs(a)
-    vocab = min(VOCAB_USED, model_shape(a.tiny).vocab_size)
+    vocab = min(VOCAB_USED["phi-1_5"], model_shape("phi-1_5", a.tiny).vocab_size)
     drawn = make_samples(pairs, samples, cutoff, vocab)
     stats = length_stats(pairs, drawn, cutoff)
     meta = {**harness.versions(a.device), "date": datetime.date.today().isoformat(), "tiny": a.tiny, "epochs": epochs,
             "samples": samples, "cutoff": cutoff, "mark_every": 2 if a.tiny else MARK_EVERY,
-            "model": f"{model_shape(a.tiny).name}-shaped model",
+            "model": f"{model_shape('phi-1_5', a.tiny).name}-shaped model",
             "lengths_source": source, "stats": stats, "data_checksum": checksum(drawn),
             "command": " ".join(["python", "bench/bench_law.py", *(argv if argv is not None else sys.argv[1:])])}
     print(f"{len(impls)} runs: {', '.join(impls)}; {epochs} epoch(s) of {samples} samples\nlengths: "

@@ -4,9 +4,10 @@
     python bench/bench_train.py --device cpu --tiny --out /tmp/train_bench.md    # smoke test of the harness
     python bench/record.py $OUT/train_bench.jsonl --name NAME                    # then into BENCHMARKS.md
 
-Every model is phi-1_5-shaped with random weights, trained on random tokens of a fixed length with every position
-labelled, under the same precision policy, optimizer (AdamW, lr 2e-4, clip 1.0) and batch. The cases, each a set of
-explicit fields (family, mode, precision, compile, graphs, engine, kernels, lean, shape), are bench/cases.py's
+Every model is phi-1_5-shaped (the phi3.5-* shapes: Phi-3.5-mini-shaped) with random weights, trained on random tokens
+of a fixed length with every position labelled, under the same precision policy, optimizer (AdamW, lr 2e-4, clip
+1.0) and batch. The cases, each a set of explicit fields (model, family, mode, precision, compile, graphs, engine,
+kernels, lean, shape), are bench/cases.py's
 CASES, in run order; an id reads `shape/impl`, the impl naming what is switched on:
   phift            phift.train.prepare_model + phift.engine.TorchEngine, as `phift train` runs them
   phift+compile    the same with --compile True (per-block torch.compile)

@@ -10,7 +10,12 @@ import re
 from dataclasses import dataclass
 
 LR, MAX_GRAD_NORM = 2e-4, 1.0
-VOCAB_USED = 50295  # tokens of the real phi-1_5 tokenizer; the embedding is padded to 51200
+# The models the cases train (random weights of a phift preset's shape) and the tokens of each one's real tokenizer,
+# which the random batches draw from (the embeddings are padded beyond them: phi-1_5 to 51200, Phi-3.5-mini to 32064);
+# the smoke test's tiny shape of each
+MODELS = ("phi-1_5", "phi-3.5-mini")
+VOCAB_USED = {"phi-1_5": 50295, "phi-3.5-mini": 32011}
+TINY = {"phi-1_5": "tiny", "phi-3.5-mini": "tiny-phi3"}
 T4_GIB = 15.0
 
 FAMILIES = ("phift", "hf", "litgpt", "seed")
@@ -44,10 +49,11 @@ class Case:
     recipe: bool = False  # the whole `phift train` command on the self-cognition data, not timed steps
     mem_cap_gib: float | None = None  # torch.cuda.set_per_process_memory_fraction (a T4-sized budget)
     quick: bool = True  # in --quick
+    model: str = "phi-1_5"  # the preset whose shape is trained (MODELS); its tiny shape in the smoke test
 
     def __post_init__(self):
         for name, allowed in (("family", FAMILIES), ("mode", MODES), ("precision", PRECISIONS),
-                              ("ckpt", CHECKPOINTING), ("engine", ENGINES)):
+                              ("ckpt", CHECKPOINTING), ("engine", ENGINES), ("model", MODELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
         if not set(self.kernels_off) <= set(KERNELS):
@@ -59,6 +65,8 @@ class Case:
                              "engine are phift's")
         if self.family != "phift" and (self.family == "seed") != (self.engine == "deepspeed"):
             raise ValueError("the seed's stack is HF under DeepSpeed; only it and phift run DeepSpeed")
+        if self.model != "phi-1_5" and (self.recipe or self.family == "seed"):
+            raise ValueError("the recipes and the seed's stack are phi-1_5's")
 
     @property
     def impl(self) -> str:
@@ -76,12 +84,17 @@ class Case:
         return f"{self.shape}/{self.impl}"
 
     @property
+    def vocab_used(self) -> int:
+        """The token ids a batch draws from: the real tokenizer's."""
+        return VOCAB_USED[self.model]
+
+    @property
     def half(self) -> str:
         """The half dtype the case trains in."""
         return "fp16" if self.precision == "fp16" else "bf16"
 
     def tiny(self) -> Case:
-        """The smoke test's version: short batches (the model is the 'tiny' preset)."""
+        """The smoke test's version: short batches (the model is its tiny preset: model_shape)."""
         return dataclasses.replace(self, batch=min(self.batch, 2), seq=min(self.seq, 64))
 
     def to_dict(self) -> dict:
@@ -92,10 +105,10 @@ class Case:
         return cls(**{**d, "kernels_off": tuple(d.get("kernels_off", ()))})
 
 
-def model_shape(tiny: bool):
-    """The model every case trains: phi-1_5's shape, or the 2-layer 'tiny' preset for smoke tests."""
-    from phift.config import PhiConfig
-    return PhiConfig.from_name("tiny" if tiny else "phi-1_5")
+def model_shape(model: str = "phi-1_5", tiny: bool = False):
+    """The config a case trains: its model's preset, or for smoke tests that preset's 2-layer tiny version."""
+    from phift import families
+    return families.preset(TINY[model] if tiny else model)
 
 
 SHAPES = {  # mode, batch × seq, precision, checkpointing
@@ -112,6 +125,17 @@ SHAPES = {  # mode, batch × seq, precision, checkpointing
     "t4-lora-1x2048-fp16": dict(mode="lora", batch=1, seq=2048, precision="fp16", ckpt="full", mem_cap_gib=T4_GIB),
     # `phift train` on the self-cognition data, as the README's first recipe runs it
     "self-cognition": dict(mode="lora", batch=6, seq=1024, precision="fp16", ckpt="full"),
+    # Phi-3.5-mini (3.8 B parameters, bf16), its LoRA on qkv_proj: without recomputation, and with it as phift's
+    # defaults give it (full, lean); full fine-tuning with phift's optimizer offload; a T4's budget. Every length
+    # stays within LongRoPE's original 4096, where its short factors apply
+    "phi3.5-lora-4x1024": dict(model="phi-3.5-mini", mode="lora", batch=4, seq=1024),
+    "phi3.5-lora-4x1024-ckpt": dict(model="phi-3.5-mini", mode="lora", batch=4, seq=1024, ckpt="full"),
+    "phi3.5-lora-1x2048": dict(model="phi-3.5-mini", mode="lora", batch=1, seq=2048),
+    "phi3.5-lora-1x2048-ckpt": dict(model="phi-3.5-mini", mode="lora", batch=1, seq=2048, ckpt="full"),
+    "phi3.5-full-1x2048-ckpt-offload": dict(model="phi-3.5-mini", mode="full", batch=1, seq=2048, ckpt="full",
+                                            engine="offload"),
+    "phi3.5-t4-lora-1x2048-fp16": dict(model="phi-3.5-mini", mode="lora", batch=1, seq=2048, precision="fp16",
+                                       ckpt="full", mem_cap_gib=T4_GIB),
 }
 RENAMED = {"issue5-self-cognition": "self-cognition"}  # shape names in result files written before the rename
 
@@ -166,6 +190,17 @@ CASES = [
     case("lora-6x1024-fp16", "hf", compile=True, quick=False),
     case("lora-6x1024-fp16", "phift", compile=True, quick=False),
     case("lora-6x1024-ckpt", "hf", compile=True, quick=False),
+    # Phi-3.5-mini: the peers without recomputation (as the phi-1_5 LoRA rows run them), phift both ways
+    case("phi3.5-lora-4x1024", "hf"), case("phi3.5-lora-4x1024", "hf", compile=True),
+    case("phi3.5-lora-4x1024", "litgpt", compile=True),
+    case("phi3.5-lora-4x1024", "phift"), case("phi3.5-lora-4x1024", "phift", compile=True),
+    case("phi3.5-lora-4x1024-ckpt", "phift"), case("phi3.5-lora-4x1024-ckpt", "phift", compile=True),
+    case("phi3.5-lora-1x2048", "hf"), case("phi3.5-lora-1x2048", "hf", compile=True),
+    case("phi3.5-lora-1x2048", "litgpt", compile=True),
+    case("phi3.5-lora-1x2048", "phift"), case("phi3.5-lora-1x2048", "phift", compile=True),
+    case("phi3.5-lora-1x2048-ckpt", "phift"), case("phi3.5-lora-1x2048-ckpt", "phift", compile=True),
+    case("phi3.5-t4-lora-1x2048-fp16", "phift"),
+    case("phi3.5-full-1x2048-ckpt-offload", "phift"),
 ]
 BY_ID = {c.id: c for c in CASES}
 

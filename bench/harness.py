@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cases import LR, MAX_GRAD_NORM, T4_GIB, VOCAB_USED, Case, case_of, model_shape
+from bench.cases import LR, MAX_GRAD_NORM, T4_GIB, Case, case_of, model_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,9 +49,16 @@ def flops_per_token(cfg, mode: str, seq: int) -> tuple[float, float]:
     """(FLOPs per trained token, N): 2N forward, 2N backward to activations, 2N more for weight gradients (full);
     attention 2·L·T·d forward (QKᵀ and AV, 4·T·d per token and layer, halved for the causal mask), ×3 with
     backward.
-    N = matmul parameters incl. lm_head; recompute under activation checkpointing is not counted."""
+    N = matmul parameters incl. lm_head (the weights of the model's linear layers, counted on a meta-device build);
+    recompute under activation checkpointing is not counted."""
+    import torch
+
+    from phift import families
+
+    with torch.device("meta"):
+        model = families.build(cfg)
     d, L = cfg.hidden_size, cfg.num_layers
-    n = L * (4 * d * d + 2 * d * cfg.intermediate_size) + d * cfg.vocab_size
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     attention = 3 * 2 * L * seq * d
     return (4 if mode == "lora" else 6) * n + attention, n
 
@@ -98,7 +105,7 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     step, info = build(c, spec, device)
-    vocab = min(VOCAB_USED, model_shape(spec["tiny"]).vocab_size)
+    vocab = min(c.vocab_used, model_shape(c.model, spec["tiny"]).vocab_size)
     batches = [random_batch(c, vocab, device) for _ in range(3)]  # fresh tokens every step
 
     def sync():
@@ -139,7 +146,7 @@ def worker(spec: dict) -> dict:
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"non-finite loss: {losses}")
     mean = sum(times) / len(times)
-    fpt, _ = flops_per_token(model_shape(spec["tiny"]), c.mode, c.seq)
+    fpt, _ = flops_per_token(model_shape(c.model, spec["tiny"]), c.mode, c.seq)
     return {"tokens_per_s": c.batch * c.seq / mean, "step_ms": 1e3 * mean,
             "step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
             "peak_gib": peak, "reserved_gib": reserved, "flops_per_token": fpt, "warmup_s": round(warm_s, 1),
@@ -308,10 +315,16 @@ class Harness:
 
 def est_gib(c: Case) -> float:
     """A rough peak (GiB) of a compiled run, for scheduling the concurrent pre-pass on an 80 GB card (from HF
-    compiled LoRA 6×1024 at 13 GiB); a wrong guess only costs an OOM in an untimed pre-pass."""
+    compiled LoRA 6×1024 on phi-1_5 at 13 GiB; other models scaled by their parameters and their hidden size ×
+    layers); a wrong guess only costs an OOM in an untimed pre-pass."""
+    from phift import families
+
+    shape, phi_1_5 = model_shape(c.model), model_shape()
+    scale = families.num_params(shape) / families.num_params(phi_1_5)
+    width = shape.hidden_size * shape.num_layers / (phi_1_5.hidden_size * phi_1_5.num_layers)
     tokens = c.batch * c.seq
-    base = 3.0 if c.mode == "lora" else 22.0
-    per_token = 0.4e-3 if c.ckpt != "off" else (1.7e-3 if c.family == "hf" else 1.4e-3)
+    base = (3.0 if c.mode == "lora" else 22.0) * scale
+    per_token = (0.4e-3 if c.ckpt != "off" else (1.7e-3 if c.family == "hf" else 1.4e-3)) * width
     return base + tokens * per_token + 2.0
 
 
@@ -429,6 +442,27 @@ def phift_eager(c: Case) -> bool:
     return phift_plain(c) and not (c.compile or c.graphs) and c.precision != "pure_bf16"
 
 
+PHI3_LORA_SHAPES = ("phi3.5-lora-4x1024", "phi3.5-lora-1x2048")  # each beside its "-ckpt" twin
+
+
+def phi3_question(rows, shape: str):
+    """Phi-3.5-mini's question at one batch × seq, from the rows of one run: (phift's fastest row, with
+    recomputation or without, among those that need no more memory than the best compiled peer; that peer's row;
+    the ratio of their tokens/s; whether the phift row stays within the peer's memory, None where unmeasured). Where
+    every phift row needs more memory than the peer: phift's fastest row, and False."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    peer = max((r for r in ok if r["config"] == shape and compiled_peer(case_of(r))),
+               key=lambda r: r["tokens_per_s"], default=None)
+    ours = [r for r in ok if r["config"] in (shape, shape + "-ckpt") and phift_plain(case_of(r))]
+    within = None
+    if peer is not None and peer["peak_gib"] is not None:
+        cheaper = [r for r in ours if r["peak_gib"] is not None and r["peak_gib"] <= peer["peak_gib"]]
+        within, ours = bool(cheaper), cheaper or ours
+    fast = max(ours, key=lambda r: r["tokens_per_s"], default=None)
+    ratio = fast["tokens_per_s"] / peer["tokens_per_s"] if fast and peer else None
+    return fast, peer, ratio, within
+
+
 def targets(rows, ceiling) -> list[str]:
     """The performance targets, each judged from this run's rows; 'not measured' where a row is missing."""
     out = []
@@ -491,8 +525,17 @@ def targets(rows, ceiling) -> list[str]:
          else (q >= 2 and ph["peak_gib"] <= sd["peak_gib"]))
     line("Law recipe end to end vs the seed's HF stack / HF compiled", "measured by bench/bench_law.py",
          "≥ 3× / ≥ 1.5×", None)
+    for shape in PHI3_LORA_SHAPES:
+        fast, peer, q, within = phi3_question(rows, shape)
+        line(f"Phi-3.5-mini LoRA {shape.rsplit('-', 1)[1].replace('x', '×')}: phift fastest (at no more memory) ÷ "
+             "best compiled peer",
+             f"{fmt(q, 2)}× ({fast['id'] if fast else '—'} vs {peer['impl'] if peer else '—'}), "
+             f"{fmt(fast and fast['peak_gib'], 1)} vs {fmt(peer and peer['peak_gib'], 1)} GiB", "≥ 1.2×, ≤",
+             None if q is None or within is None else (q >= 1.2 and within))
     for r, what in ((next((r for r in rows if r["config"] == "t4-lora-1x2048-fp16"), None),
                      "LoRA fp16 1×2048, no offload"),
+                    (next((r for r in rows if r["config"] == "phi3.5-t4-lora-1x2048-fp16"), None),
+                     "Phi-3.5-mini LoRA fp16 1×2048"),
                     (next((r for r in rows if r["config"] == "recipe3-full-1x1024-zero2"
                            and case_of(r).mem_cap_gib), None), "full fp16 1×1024, ZeRO-2 CPU offload")):
         status = r["status"] if r else "not run"
@@ -507,16 +550,17 @@ def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) ->
     table (when it has rows). meta: versions, date, command, tiny, warmup, steps."""
     rows = [r for r in results if not case_of(r).recipe]
     tf = ceiling.get("tflops")
-    shape = model_shape(meta["tiny"])
-    _, n = flops_per_token(shape, "lora", 1)
+    shapes = [model_shape(m, meta["tiny"]) for m in dict.fromkeys(case_of(r).model for r in rows) or ["phi-1_5"]]
+    counts = ", ".join(f"{flops_per_token(s, 'lora', 1)[1] / 1e9:.3f} B ({s.name})" for s in shapes)
     warmup, steps = meta["warmup"], meta["steps"]
     lines = [
         "## Training throughput" + (" — TINY SMOKE TEST, not a measurement" if meta["tiny"] else ""), "",
         f"{meta['device']} · torch {meta['torch']} (CUDA {meta['cuda']}) · transformers {meta['transformers']} · "
         f"peft {meta['peft']} · litgpt {meta['litgpt']} · deepspeed {meta['deepspeed']} · {meta['date']}", "",
-        f"Command: `{meta['command']}`. Random-weight {shape.name}-shaped models, random tokens, every position "
-        f"labelled; AdamW (fused on CUDA) lr {LR}, clipping {MAX_GRAD_NORM}; LoRA r 8 α 16 dropout 0.1 (phift on "
-        "Wqkv, PEFT on q/k/v_proj, litgpt on query/key/value), half base + fp32 adapters + autocast; full: fp32 "
+        f"Command: `{meta['command']}`. Random-weight {' and '.join(s.name for s in shapes)}-shaped models, random "
+        f"tokens, every position labelled; AdamW (fused on CUDA) lr {LR}, clipping {MAX_GRAD_NORM}; LoRA r 8 α 16 "
+        "dropout 0.1 (phift on Wqkv or Phi-3's qkv_proj, PEFT on q/k/v_proj or qkv_proj, litgpt on query/key/value), "
+        "half base + fp32 adapters + autocast; full: fp32 "
         f"master weights + autocast (\"(pure bf16)\": bf16 weights, fp32 masters in the optimizer), or DeepSpeed fp16 "
         f"(ZeRO-2, CPU Adam). {warmup} warm-up steps (+1 when "
         f"compiled; 2 under DeepSpeed), then {steps} steps ({max(2, steps // 2)} under DeepSpeed) timed "
@@ -527,7 +571,7 @@ def report(results: list[dict], meta: dict, ceiling: dict, footer: list[str]) ->
         "torch.cuda.max_memory_reserved over the timed steps.", "",
         f"MFU = tokens/s × FLOPs/token ÷ the bf16 matmul ceiling measured in this run "
         f"({fmt(tf, 0)} TFLOP/s, 8192³ torch.mm, median of 20). FLOPs/token = 4N (LoRA: no weight gradients) or "
-        f"6N (full), N = {n / 1e9:.3f} B matmul parameters incl. lm_head, plus attention 6·L·T·d (QKᵀ and AV: "
+        f"6N (full), N = {counts} matmul parameters incl. lm_head, plus attention 6·L·T·d (QKᵀ and AV: "
         "4·T·d per token and layer forward, halved for the causal mask, ×3 for forward + backward); recompute "
         "under activation checkpointing is not counted.", "",
         "| config | impl | tokens/s | step ms | peak GiB | MFU | × HF eager | × best compiled peer | notes |",

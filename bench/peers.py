@@ -1,8 +1,10 @@
 """The peers phift is measured against, each built from a case's fields into step(batch) → loss:
 
-    hf      transformers' PhiForCausalLM (+ PEFT LoRA on q_proj/k_proj/v_proj), a plain loop; case.compile: the whole
-            model under torch.compile, as the HF Trainer's --torch_compile does
-    litgpt  litgpt.lora.GPT (phi-1_5 preset, LoRA on query/key/value) with litgpt's chunked lm_head + loss
+    hf      transformers' PhiForCausalLM or Phi3ForCausalLM, from the config.json phift writes for the case's model
+            (+ PEFT LoRA on the attention's q/k/v: q_proj/k_proj/v_proj, Phi-3's fused qkv_proj), a plain loop;
+            case.compile: the whole model under torch.compile, as the HF Trainer's --torch_compile does
+    litgpt  litgpt.lora.GPT (its phi-1_5 or Phi-3.5-mini-instruct preset, LoRA on query/key/value) with litgpt's
+            chunked lm_head + loss
     seed    the seed's stack: HF (+ PEFT) under deepspeed.initialize with phift's filled ds_config (ZeRO-2, CPU Adam),
             activation checkpointing as LLaMA-Factory enables it (transformers' defaults)
 
@@ -15,15 +17,22 @@ from bench import phift_case
 from bench.cases import LR, MAX_GRAD_NORM, Case, model_shape
 
 
-def hf_model(spec: dict, device, dtype):
-    import torch
-    from transformers import PhiConfig as HFPhiConfig
-    from transformers import PhiForCausalLM
+# The attention's q/k/v in each transformers model (config.json's model_type), as PEFT names them
+PEFT_QKV = {"phi": ["q_proj", "k_proj", "v_proj"], "phi3": ["qkv_proj"]}
+# litgpt's preset of each model
+LITGPT_NAMES = {"phi-1_5": "phi-1_5", "phi-3.5-mini": "Phi-3.5-mini-instruct"}
 
-    hf_cfg = HFPhiConfig(**model_shape(spec["tiny"]).to_hf_dict())
+
+def hf_model(c: Case, spec: dict, device, dtype):
+    import torch
+    import transformers
+
+    d = model_shape(c.model, spec["tiny"]).to_hf_dict()
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
     hf_cfg.use_cache = False
     with torch.device(device):
-        model = PhiForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+        model = getattr(transformers, hf_cfg.architectures[0])._from_config(hf_cfg, attn_implementation="sdpa",
+                                                                            dtype=dtype)
     return model
 
 
@@ -31,7 +40,7 @@ def peft_lora(model):
     from peft import LoraConfig, get_peft_model
     # PEFT casts the adapters to fp32 on a half base (autocast_adapter_dtype), as LLaMA-Factory trains them
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",
-                                            target_modules=["q_proj", "k_proj", "v_proj"]))
+                                            target_modules=PEFT_QKV[model.config.model_type]))
 
 
 def plain_loop(params, c: Case, device, loss_fn):
@@ -66,7 +75,7 @@ def build_hf(c: Case, spec: dict, device):
     import torch
 
     half = torch.float16 if c.half == "fp16" else torch.bfloat16
-    model = hf_model(spec, device, half if c.mode == "lora" else torch.float32)
+    model = hf_model(c, spec, device, half if c.mode == "lora" else torch.float32)
     if c.ckpt != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if c.mode == "lora":
@@ -86,12 +95,12 @@ def build_litgpt(c: Case, spec: dict, device):
         raise ValueError("litgpt runs LoRA only here")
     over = dict(lora_r=8, lora_alpha=16, lora_dropout=0.1, lora_query=True, lora_key=True, lora_value=True)
     if spec["tiny"]:
-        s = model_shape(True)
-        over.update(n_layer=s.num_layers, n_embd=s.hidden_size, n_head=s.num_heads, n_query_groups=s.num_heads,
+        s = model_shape(c.model, True)
+        over.update(n_layer=s.num_layers, n_embd=s.hidden_size, n_head=s.num_heads, n_query_groups=s.num_kv_heads,
                     head_size=s.head_dim, intermediate_size=s.intermediate_size, vocab_size=s.vocab_size,
                     padded_vocab_size=s.vocab_size, block_size=s.max_position_embeddings,
                     rotary_percentage=s.rotary_dim / s.head_dim)
-    cfg = LitConfig.from_name("phi-1_5", **over)
+    cfg = LitConfig.from_name(LITGPT_NAMES[c.model], **over)
     half = torch.float16 if c.half == "fp16" else torch.bfloat16
     with torch.device(device):
         model = GPT(cfg)
@@ -118,7 +127,7 @@ def build_seed(c: Case, spec: dict, device):
     phift_case.init_deepspeed(device)
     import deepspeed
     half = torch.float16 if c.half == "fp16" and device.type == "cuda" else torch.bfloat16
-    model = hf_model(spec, device, half)
+    model = hf_model(c, spec, device, half)
     if c.ckpt != "off":
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()

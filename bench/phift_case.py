@@ -28,7 +28,8 @@ def train_argv(c: Case, spec: dict) -> list[str]:
     if c.engine == "offload" and spec.get("device") == "cpu":
         # fp16 needs CUDA (phift trains in fp32 without it), and the offload needs a half model
         half = ["--bf16", "True"]
-    argv = ["--model_name_or_path", "phi-1_5", "--dataset", "self_cognition", "--output_dir", spec["tmp"],
+    # Wqkv is phi's name of the attention's fused q/k/v, and an alias of Phi-3's qkv_proj
+    argv = ["--model_name_or_path", c.model, "--dataset", "self_cognition", "--output_dir", spec["tmp"],
             "--finetuning_type", c.mode, "--lora_target", "Wqkv", "--lora_rank", "8", "--lora_alpha", "16",
             "--lora_dropout", "0.1", "--per_device_train_batch_size", str(c.batch), "--cutoff_len", str(c.seq),
             "--learning_rate", str(LR), "--max_grad_norm", str(MAX_GRAD_NORM), "--lr_scheduler_type", "cosine",
@@ -78,10 +79,9 @@ def build(c: Case, spec: dict, device):
     """(step, info): step(batch) → loss is one optimizer step as `phift train` takes it."""
     import torch
 
-    from phift import kernels
+    from phift import families, kernels, lora
     from phift.args import decide_precision, parse_train_args
     from phift.engines import build_engine
-    from phift.model import Phi
     from phift.recompute import recompute
     from phift.train import prepare_model
 
@@ -92,8 +92,14 @@ def build(c: Case, spec: dict, device):
         init_deepspeed(device)
     precision = decide_precision(run, device)
     kernels.load(device)
-    with torch.device(device):  # phift.train.load_base builds on the CPU and moves: same weights, faster here
-        model = Phi(model_shape(spec["tiny"])).to(precision.load)
+    default = torch.get_default_dtype()
+    # built on the device in the dtype it trains in: Phi-3.5-mini's fp32 weights alone would overflow a T4's budget
+    torch.set_default_dtype(precision.load)
+    try:
+        with torch.device(device):
+            model = families.build(model_shape(c.model, spec["tiny"]))
+    finally:
+        torch.set_default_dtype(default)
     model = prepare_model(model, run, precision)
     if not c.lean:  # what prepare_model applies (eager), without the lean lever
         graphs = run.model.cuda_graphs
@@ -106,11 +112,11 @@ def build(c: Case, spec: dict, device):
         engine.step(True)
         return loss
 
-    wqkv = model.layers[0].attn.Wqkv
     fused = None
-    if c.mode == "lora":
-        x = torch.empty(1, 1, wqkv.in_features, device=device, dtype=wqkv.weight.dtype)
-        fused = bool(kernels.fused_applies(x, wqkv.weight, wqkv.bias, wqkv.lora_A, wqkv.lora_B))
+    if c.mode == "lora":  # the first adapted linear: the attention's q/k/v
+        qkv = next(iter(lora.lora_modules(model).values()))
+        x = torch.empty(1, 1, qkv.in_features, device=device, dtype=qkv.weight.dtype)
+        fused = bool(kernels.fused_applies(x, qkv.weight, qkv.bias, qkv.lora_A, qkv.lora_B))
     return step, {"fused_kernel": fused}
 
 

@@ -55,7 +55,7 @@ def main():
     spec = {"case": c.to_dict(), "device": "cuda", "tiny": False, "prepass": False,
             "warmup": a.warmup, "steps": a.steps, "total_steps": 1000, "tmp": "/tmp/phift_profile"}
     step, _ = harness.build(c, spec, device)
-    batch = harness.random_batch(c, cases.VOCAB_USED, device)
+    batch = harness.random_batch(c, c.vocab_used, device)
     for _ in range(a.warmup):
         step(batch)
     torch.cuda.synchronize()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bench_law  # noqa: E402
 from bench.cases import CASES, T4_GIB, Case, case_of  # noqa: E402
-from bench.harness import compiled_peer, fmt, hf_eager  # noqa: E402
+from bench.harness import PHI3_LORA_SHAPES, compiled_peer, fmt, hf_eager, phi3_question  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -116,20 +116,31 @@ def questions() -> list[tuple[str, str, callable, list[str]]]:
         ("LoRA fine-tuning: phift against the peers",
          f"LoRA r 8 on the attention's q/k/v, half base + fp32 adapters + autocast. {method} Peers: transformers + "
          "PEFT (`hf`), litgpt; `+compile` compiles the whole model (phift: each block).",
-         lambda c: c.mode == "lora" and c.engine == "plain" and plain(c) and not c.mem_cap_gib, ["hf", "peer"]),
+         lambda c: c.model == "phi-1_5" and c.mode == "lora" and c.engine == "plain" and plain(c)
+         and not c.mem_cap_gib, ["hf", "peer"]),
         ("Full fine-tuning: phift against the peers",
          f"fp32 master weights + autocast, or `(pure bf16)`: bf16 weights, fp32 masters in the optimizer; "
          f"`+graphs`: each step a replayed CUDA graph. {method}",
-         lambda c: c.mode == "full" and c.engine == "plain" and plain(c), ["hf", "peer"]),
+         lambda c: c.model == "phi-1_5" and c.mode == "full" and c.engine == "plain" and plain(c), ["hf", "peer"]),
         ("Recipe 3: full fine-tuning in fp16 with the optimizer on the CPU, against the seed's stack",
          "phi-1_5-shaped, 1×1024, checkpointing on. `phift+ds`: phift under DeepSpeed ZeRO-2 with CPU Adam "
          "(examples/ds_config.json); `phift+offload`: phift's own optimizer offload (`--offload_optimizer cpu`); "
          f"`seed`: transformers + DeepSpeed ZeRO-2 with CPU Adam, as the seed trained. {method}",
-         lambda c: c.mode == "full" and c.engine != "plain", ["seed"]),
+         lambda c: c.model == "phi-1_5" and c.mode == "full" and c.engine != "plain", ["seed"]),
         (f"A T4's budget: phift under a {T4_GIB:.0f} GiB cap",
          "torch.cuda.set_per_process_memory_fraction caps the process at a T4's 15 GiB: LoRA fp16 1×2048 without "
-         "offload, and full fine-tuning fp16 1×1024 under ZeRO-2 with CPU offload. The question is whether it runs.",
+         "offload (phi-1_5, and Phi-3.5-mini with recomputation), and full fine-tuning of phi-1_5 fp16 1×1024 under "
+         "ZeRO-2 with CPU offload. The question is whether it runs.",
          lambda c: c.mem_cap_gib is not None, []),
+        ("Phi-3.5-mini: phift against the peers",
+         "Random-weight Phi-3.5-mini (3.8 B parameters) on random tokens, bf16, every length within LongRoPE's "
+         "original 4096. LoRA r 8 on the attention's q/k/v (phift and PEFT on the fused qkv_proj, litgpt on "
+         "query/key/value), half base + fp32 adapters + autocast; the peers without recomputation, phift without "
+         "and with it (`-ckpt`: phift's default, the lean full recomputation); `+compile`: the whole model (phift: "
+         "each block). `phi3.5-full-1x2048-ckpt-offload`: full fine-tuning with phift's `--offload_optimizer cpu`. "
+         "× best compiled peer: against the fastest compiled peer at the same batch × seq, in the same run. The "
+         "question, below the table: phift's fastest at no more memory than that peer, ÷ the peer; goal ≥ 1.2×.",
+         lambda c: c.model == "phi-3.5-mini" and not c.mem_cap_gib, ["phi3"]),
         ("What each lever gives a phift step",
          "phift with one lever switched off: a fused CUDA op (`PHIFT_DISABLE_KERNELS`; `no fused kernel`: all of "
          "them), or the lean recomputation (`full recompute`: checkpointed blocks recompute out_proj and fc2 too). "
@@ -168,11 +179,15 @@ def comparison(what: str, row: dict, c: Case, run: Run) -> str:
         return ratio(same_run(run, c.shape, compiled_peer)) if c.family == "phift" else "—"
     if what == "seed":
         return ratio(same_run(run, c.shape, lambda o: o.family == "seed")) if c.family == "phift" else "—"
+    if what == "phi3":  # the peers run each batch × seq without recomputation only
+        peer = same_run(run, c.shape.removesuffix("-ckpt"), compiled_peer)
+        return ratio(peer) if c.family == "phift" and c.mode == "lora" else "—"
     base = replace(c, kernels_off=(), lean=True)  # the same case with the lever on
     return ratio(same_run(run, c.shape, lambda o: o.id == base.id), invert=True) + f" ({base.impl})"
 
 
-HEADINGS = {"hf": "× HF eager", "peer": "× best compiled peer", "seed": "× the seed's stack", "lever": "gain (against)"}
+HEADINGS = {"hf": "× HF eager", "peer": "× best compiled peer", "seed": "× the seed's stack", "lever": "gain (against)",
+            "phi3": "× best compiled peer"}
 
 
 def train_rows(rows: list[tuple[dict, Run]], want) -> list[tuple[dict, Run]]:
@@ -195,6 +210,26 @@ def train_table(rows: list[tuple[dict, Run]], compare: list[str]) -> list[str]:
             cells = [fmt(r["tokens_per_s"]), fmt(r["step_ms"], 1), peak(r), mfu(r, run),
                      *(comparison(w, r, c, run) for w in compare)]
         lines.append(f"| {c.shape} | {c.impl} | " + " | ".join(cells) + f" | {run.name} | {run.device} |")
+    return lines
+
+
+def phi3_answer(rows: list[tuple[dict, Run]]) -> list[str]:
+    """Phi-3.5-mini's question at each batch × seq, from the latest run that measured phift and a compiled peer
+    there (harness.phi3_question)."""
+    lines = ["", "| batch × seq | phift fastest at no more memory | peak GiB | best compiled peer | peak GiB | × "
+                 "| goal | run |", "| --- | --- | ---: | --- | ---: | ---: | --- | --- |"]
+    for shape in PHI3_LORA_SHAPES:
+        for run in sorted({id(run): run for _, run in rows}.values(), key=lambda r: -r.sequence):
+            fast, peer, q, within = phi3_question(run.rows, shape)
+            if q is None:
+                continue
+            met = "—" if within is None else "**met**" if q >= 1.2 and within else "**missed**"
+            lines.append(f"| {shape.rsplit('-', 1)[1].replace('x', ' × ')} | {fast['id']} | {fmt(fast['peak_gib'], 2)} "
+                         f"| {peer['impl']} | {fmt(peer['peak_gib'], 2)} | {q:.2f} | ≥ 1.2× at ≤ memory: {met} | "
+                         f"{run.name} |")
+            break
+        else:
+            lines.append(f"| {shape.rsplit('-', 1)[1].replace('x', ' × ')} | not measured | — | — | — | — | — | — |")
     return lines
 
 
@@ -284,6 +319,8 @@ def page(runs: list[Run]) -> str:
     asked = questions()
     for title, text, want, compare in asked[:4]:
         section(title, text, train_rows(train, want), lambda rows, compare=compare: train_table(rows, compare))
+    title, text, want, compare = asked[4]
+    section(title, text, train_rows(train, want), lambda rows: [*train_table(rows, compare), *phi3_answer(rows)])
     section("The law LoRA recipe end to end",
             "Wall time of `examples/law_lora_zero2.sh`'s training (LoRA r 8 on Wqkv, fp16, batch 1, cutoff 1792, 5 "
             "epochs of 1000 samples) on a random-weight phi-1_5, on synthetic samples whose lengths follow the "
@@ -295,7 +332,7 @@ def page(runs: list[Run]) -> str:
             "cutoff 1024, batch 6, fp16, 20 steps, checkpointing on), plain and with examples/ds_config.json. Step "
             "time and tokens/s from trainer_log.jsonl after the first logging interval.",
             train_rows(train, lambda c: c.recipe), recipe_table)
-    title, text, want, compare = asked[4]
+    title, text, want, compare = asked[5]
     section(title, text, train_rows(train, want), lambda rows: train_table(rows, compare))
     section("The fused LoRA linear: forward + backward",
             "`bench/bench_lora_kernel.py`: the fused op against the frozen base linear (forward + input gradient) and "

@@ -4,14 +4,15 @@
                    [--json]
     phift train ... --estimate True       the same report first, and a warning naming what overflows the GPU
 
-The model is built on the meta device: its parameters (LoRA adapters included) are counted exactly, and nothing is
-read but a checkpoint's config.json. The rest is arithmetic on the run's shapes, written from what phift's code
-and DeepSpeed's allocate:
+The model, of either family (phi or Phi-3: phift.families), is built on the meta device: its parameters (LoRA
+adapters included, a tied embedding once) are counted exactly, and nothing is read but a checkpoint's config.json.
+The rest is arithmetic on the run's shapes, written from what phift's code and DeepSpeed's allocate:
 
 - model states: weights, gradients, AdamW's two moments, fp32 master weights, per engine (plain, phift's
   --offload_optimizer cpu, DeepSpeed ZeRO-1/2/3 partitioned over --num_gpus × --num_nodes, optimizer offloaded);
-- activations: what autograd keeps for backward, tensor by tensor as each op of a block saves it (`block_saved`),
-  without recomputation, with full recomputation (only the block inputs) or with the mlp policy, plus what the
+- activations: what autograd keeps for backward, tensor by tensor as each op of a block saves it (`block_saved`:
+  phi's parallel block, Phi-3's sequential one with its RMSNorms, grouped-query attention and SwiGLU), without
+  recomputation, with full recomputation (only the block inputs) or with the mlp policy, plus what the
   recomputation holds while one block's backward runs; the chunked loss head and its kept-gradient rule;
 - the step's worst moment: the end of the forward pass, the first block's backward, or the end of backward and
   the optimizer step, whichever holds most (`Estimate.phases`);
@@ -36,8 +37,10 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .args import ConfigError, RunConfig, check, decide_precision
-from .config import PRESETS, PhiConfig
+from .config import PRESETS, Phi3Config, PhiConfig
+from .kernels import MAX_KERNEL_VOCAB
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ GPUS = (("T4", 15, False), ("L4", 22, True), ("A10", 24, True), ("A100-40", 40, 
         ("H100", 80, True), ("H200", 141, True))
 HOSTS = (("Colab", 12.7), ("Colab high-RAM", 51))
 POLICIES = ("none", "full", "mlp")
+Config = PhiConfig | Phi3Config  # a model of either family (phift.families)
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -92,14 +96,14 @@ class Params:
         return (sum(n for n, t, d in self.tensors if t and d >= 2), sum(n for n, t, d in self.tensors if t and d < 2))
 
 
-def count_parameters(config: PhiConfig, run: RunConfig) -> Params:
-    """Build the model as `phift train` would (LoRA injected as the flags say) on the meta device and count it."""
+def count_parameters(config: Config, run: RunConfig) -> Params:
+    """Build the model as `phift train` would (LoRA injected as the flags say) on the meta device and count it: a
+    tied embedding is one parameter, counted once."""
     from . import lora
-    from .model import Phi
 
     f = run.finetuning
     with torch.device("meta"):
-        model = Phi(config)
+        model = families.build(config)
         if f.finetuning_type == "lora":
             lora.inject(model, f.lora_target, r=f.lora_rank, alpha=f.lora_alpha, verbose=False)
     adapted = tuple((m.in_features, m.out_features) for m in lora.lora_modules(model).values())
@@ -108,17 +112,18 @@ def count_parameters(config: PhiConfig, run: RunConfig) -> Params:
                   lm_head=sum(p.numel() for p in model.lm_head.parameters()), adapted=adapted)
 
 
-def read_config(model_name_or_path: str) -> PhiConfig:
-    """A preset by name needs nothing; a checkpoint directory gives its config.json; a hub id, config.json alone."""
+def read_config(model_name_or_path: str) -> Config:
+    """A preset by name needs nothing; a checkpoint directory gives its config.json; a hub id, config.json alone.
+    Either family: config.json's model_type says which (phift.families)."""
     path = Path(model_name_or_path)
     if model_name_or_path in PRESETS and not path.exists():
-        return PhiConfig.from_name(model_name_or_path)
+        return families.preset(model_name_or_path)
     if path.is_dir():
-        return PhiConfig.from_json(path / "config.json")
+        return families.config_from_json(path / "config.json")
     from huggingface_hub import hf_hub_download
 
     try:
-        return PhiConfig.from_json(hf_hub_download(model_name_or_path, "config.json"))
+        return families.config_from_json(hf_hub_download(model_name_or_path, "config.json"))
     except Exception as e:  # offline, a typo: say what else works
         raise ValueError(f"{model_name_or_path}: cannot read its config.json ({type(e).__name__}: {e}); give a "
                          f"checkpoint directory or a preset name ({', '.join(PRESETS)})") from e
@@ -198,9 +203,11 @@ class Plan:
 
 
 def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1, ds_config: dict | None = None,
-             hidden_size: int = 2048) -> Plan:
-    """The plan of `run` on `device`, its precision decided by phift.args.decide_precision. A DeepSpeed config is
-    read from --deepspeed (or given) and filled as phift's DeepSpeed engine fills it."""
+             config: Config | None = None) -> Plan:
+    """The plan of `run` on `device` for a model of `config` (default: phi-1_5), its precision decided by
+    phift.args.decide_precision, its LoRA targets in the family's names. A DeepSpeed config is read from --deepspeed
+    (or given) and filled as phift's DeepSpeed engine fills it."""
+    config = config or PRESETS["phi-1_5"]
     m, d, f, t = run.model, run.data, run.finetuning, run.training
     precision = decide_precision(run, torch.device(device))
     full = f.finetuning_type == "full"
@@ -214,13 +221,13 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
         cfg = ds_config if ds_config is not None else json.loads(Path(t.deepspeed).read_text())
         cfg = fill_deepspeed_config(cfg, OptimSpec.from_training(t, 1), t.per_device_train_batch_size,
                                     precision.compute == torch.float16, precision.compute == torch.bfloat16,
-                                    gpus * nodes, hidden_size)
+                                    gpus * nodes, config.hidden_size)
         zero = Zero.from_config(cfg)
     lora_targets = ()
     if not full:
-        from .lora import resolve_targets
+        from .lora import FAMILY_NAMES, resolve_targets
 
-        lora_targets = tuple(resolve_targets(f.lora_target)[0])
+        lora_targets = tuple(resolve_targets(f.lora_target, FAMILY_NAMES[families.family_of(config).name])[0])
     return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size, seq=d.cutoff_len,
                 accumulation=t.gradient_accumulation_steps,
                 policy="none" if m.disable_gradient_checkpointing else m.gradient_checkpointing_policy,
@@ -239,52 +246,105 @@ def _padded_rank(rank: int) -> int:
     return next((p for p in (8, 16, 32, 64) if p >= rank), rank)
 
 
-def block_saved(c: PhiConfig, p: Plan, policy: str, input_requires_grad: bool = True,
-                recomputing: bool = False) -> dict[str, int]:
-    """The tensors one block keeps for backward, by name (a storage shared by several ops is named once).
+def _rotary_fused(c: Config, p: Plan) -> bool:
+    """kernels.rotary_fused_applies: half precision on a GPU, as many key-value heads as query heads, heads of a
+    multiple of 8 elements."""
+    return p.fused and c.num_kv_heads == c.num_heads and c.head_dim % 8 == 0
 
-    policy "full": only the block's input. recomputing: what the block's rerun in backward keeps (its out_proj and
-    fc2 then keep their inputs whatever trains: phift.recompute's lean linears). The CPU rows (device "cpu") are
-    PyTorch's reference ops, which the tests measure; the CUDA rows are phift's fused ops and SDPA's flash kernels.
-    """
-    n, h, inter, r, cd = p.tokens, c.hidden_size, c.intermediate_size, p.weight, p.compute
-    saved: dict[str, int] = {}
-    if policy == "full" and not recomputing:
-        return {"block input": r * n * h}
-    cuda = p.device == "cuda"
-    lora_fused = p.fused and p.weight == 2 and p.lora_rank <= 32
-    mask = 1 if cuda else None  # a dropout mask: bool on CUDA, a noise tensor of the input's dtype on the CPU
 
-    def linear(name, x_key, x_elem, fan_in, fan_out, x_rg, lean=False):
-        """What a linear (and its LoRA adapter) keeps; returns whether its output needs a gradient."""
+def _ce_fused(c: Config, p: Plan) -> bool:
+    """kernels.cross_entropy_fused_applies: half precision on a GPU and a vocabulary its kernel keeps in registers
+    (Phi-4-mini's 200064 tokens are beyond it)."""
+    return p.fused and c.vocab_size <= MAX_KERNEL_VOCAB
+
+
+def _masked(c: Config, p: Plan) -> bool:
+    """Whether attention gets a boolean mask [B, 1, T, T]: packed samples, or a cutoff past the sliding window."""
+    window = getattr(c, "sliding_window", None)
+    return p.packing or (window is not None and p.seq > window)
+
+
+class _Saved(dict):
+    """One block's saved tensors by name, and the rule for what a linear (with its LoRA adapter) keeps, which both
+    families' blocks share."""
+
+    def __init__(self, p: Plan, recomputing: bool):
+        super().__init__()
+        self.p, self.recomputing = p, recomputing
+        self.mask = 1 if p.device == "cuda" else None  # a dropout mask: bool on CUDA, a noise tensor of the
+        # input's dtype on the CPU
+
+    def lora_fused(self, fan_in: int) -> bool:
+        """kernels.fused_applies for a frozen half base on a GPU."""
+        p = self.p
+        return p.fused and p.weight == 2 and p.lora_rank <= 32 and fan_in % 8 == 0
+
+    def linear(self, name, x_key, x_elem, fan_in, fan_out, x_rg, lean=False) -> bool:
+        """What a linear (and its LoRA adapter) keeps; returns whether its output needs a gradient. lean: one of
+        phift.recompute.UNREAD_OUTPUTS, whose rerun keeps its input whatever trains."""
+        p, n, cd = self.p, self.p.tokens, self.p.compute
         adapted = name in p.lora_targets
-        if lean and recomputing and not adapted:  # phift.recompute._LinearForBackward: input and weight, always
-            saved[x_key] = n * fan_in * x_elem
+        if lean and self.recomputing and not adapted:  # phift.recompute._LinearForBackward: input and weight
+            self[x_key] = n * fan_in * x_elem
             return True
         if p.full:  # the weight's gradient needs the input (autocast's cast copy of it)
             key, elem = (f"{name} input (cast)", cd) if p.autocast and x_elem != cd else (x_key, x_elem)
-            saved[key] = n * fan_in * elem
+            self[key] = n * fan_in * elem
         if x_rg and p.autocast and p.weight != cd:  # the input's gradient needs the weight, cast
-            saved[f"{name} weight (cast)"] = fan_in * fan_out * cd
-        if adapted and lora_fused:  # x, s·u and the dropout's Philox seed (kernels/lora_op.cpp)
-            saved[x_key] = n * fan_in * x_elem
-            saved[f"{name} LoRA s·u"] = n * _padded_rank(p.lora_rank) * cd
+            self[f"{name} weight (cast)"] = fan_in * fan_out * cd
+        if adapted and self.lora_fused(fan_in):  # x, s·u and the dropout's Philox seed (kernels/lora_op.cpp)
+            self[x_key] = n * fan_in * x_elem
+            self[f"{name} LoRA s·u"] = n * _padded_rank(p.lora_rank) * cd
         elif adapted:  # phift.kernels.lora_linear_reference
             rank, dropped = p.lora_rank, x_key
             if p.lora_dropout > 0:
                 dropped = f"{name} LoRA dropout output"
                 if x_rg:
-                    saved[f"{name} LoRA dropout mask"] = n * fan_in * (mask or x_elem)
-            saved[dropped] = n * fan_in * x_elem
+                    self[f"{name} LoRA dropout mask"] = n * fan_in * (self.mask or x_elem)
+            self[dropped] = n * fan_in * x_elem
             if x_elem != p.trainable:  # lora_A.to(x.dtype), lora_B.to(x.dtype): copies
                 if x_rg:
-                    saved[f"{name} LoRA A (cast)"] = rank * fan_in * x_elem
-                saved[f"{name} LoRA B (cast)"] = fan_out * rank * x_elem
-            saved[f"{name} LoRA u"] = n * rank * x_elem
-            saved[f"{name} LoRA scaling"] = 8  # `scaling * …` keeps the Python float as a 0-dim double
+                    self[f"{name} LoRA A (cast)"] = rank * fan_in * x_elem
+                self[f"{name} LoRA B (cast)"] = fan_out * rank * x_elem
+            self[f"{name} LoRA u"] = n * rank * x_elem
+            self[f"{name} LoRA scaling"] = 8  # `scaling * …` keeps the Python float as a 0-dim double
         return x_rg or p.full or adapted
 
-    x_rg = input_requires_grad or recomputing
+    def attention(self, c: Config, qkv_name: str) -> None:
+        """Rotary and SDPA over the fused projection's output: q, k, v (the reference rotary makes new q and k; v
+        stays a view of the whole projection output), the attention output and its logsumexp, and for a mask the
+        additive bias SDPA makes of it."""
+        p, n, cd = self.p, self.p.tokens, self.p.compute
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if _rotary_fused(c, p):  # kernels.rotary_qkv: one [3, B, T, H, D] tensor; q, k, v are views of it
+            self["q, k, v"] = n * (q + 2 * kv) * cd
+        else:
+            self["q"], self["k"] = n * q * cd, n * kv * cd
+            self[f"{qkv_name} output (v is a view of it)"] = n * (q + 2 * kv) * cd
+        self["attention output"] = n * q * cd
+        self["attention logsumexp"] = 4 * p.batch * c.num_heads * p.seq
+        if _masked(c, p):  # memory-efficient attention (CUDA), the CPU kernel: each keeps a bias made of the mask
+            self["attention bias (mask)"] = p.batch * p.seq * p.seq * cd
+
+
+def block_saved(c: Config, p: Plan, policy: str, input_requires_grad: bool = True,
+                recomputing: bool = False) -> dict[str, int]:
+    """The tensors one block keeps for backward, by name (a storage shared by several ops is named once).
+
+    policy "full": only the block's input. recomputing: what the block's rerun in backward keeps (its lean linears,
+    phift.recompute.UNREAD_OUTPUTS, then keep their inputs whatever trains). The CPU rows (device "cpu") are
+    PyTorch's reference ops, which the tests measure; the CUDA rows are phift's fused ops and SDPA's flash kernels.
+    """
+    if policy == "full" and not recomputing:
+        return {"block input": p.weight * p.tokens * c.hidden_size}
+    block = _phi3_block_saved if families.family_of(c).name == "phi3" else _phi_block_saved
+    return dict(block(c, p, policy, input_requires_grad or recomputing, _Saved(p, recomputing)))
+
+
+def _phi_block_saved(c: PhiConfig, p: Plan, policy: str, x_rg: bool, saved: _Saved) -> _Saved:
+    """phi's block: x + attn(ln(x)) + mlp(ln(x)), the MLP fc2(GELU(fc1(·)))."""
+    n, h, inter, r, cd = p.tokens, c.hidden_size, c.intermediate_size, p.weight, p.compute
+    cuda, recomputing, linear = p.device == "cuda", saved.recomputing, saved.linear
     if x_rg or p.full:
         if p.ln_fp32:
             saved["layer-norm input (fp32 copy)"] = 4 * n * h
@@ -294,15 +354,7 @@ def block_saved(c: PhiConfig, p: Plan, policy: str, input_requires_grad: bool = 
     h_rg = x_rg or p.full
     qkv_rg = linear("Wqkv", "layer-norm output", r, h, 3 * h, h_rg)
     if qkv_rg:
-        if p.fused:  # kernels.rotary_qkv: one [3, B, T, H, D] tensor; q, k, v are views of it
-            saved["q, k, v"] = 3 * n * h * cd
-        else:  # the reference rotary makes new q and k; v is a view of the whole Wqkv output
-            saved["q"] = saved["k"] = n * h * cd
-            saved["Wqkv output (v is a view of it)"] = 3 * n * h * cd
-        saved["attention output"] = n * h * cd
-        saved["attention logsumexp"] = 4 * p.batch * c.num_heads * p.seq
-        if p.packing:  # segment masks: memory-efficient attention keeps the additive bias it makes of the mask
-            saved["attention bias (packing)"] = p.batch * p.seq * p.seq * cd
+        saved.attention(c, "Wqkv")
     # CUDA's attention output is [B, T, H, D] under its [B, H, T, D] view: out_proj reads it without a copy
     out_rg = linear("out_proj", "attention output" if cuda else "out_proj input (copy)", cd, h, h, qkv_rg, lean=True)
     if policy == "mlp" and not recomputing:
@@ -310,7 +362,7 @@ def block_saved(c: PhiConfig, p: Plan, policy: str, input_requires_grad: bool = 
         f1_rg = h_rg or p.full or "fc1" in p.lora_targets
         if f1_rg:
             saved["layer-norm output"] = r * n * h
-        if "fc1" in p.lora_targets and not lora_fused:
+        if "fc1" in p.lora_targets and not saved.lora_fused(h):
             saved["fc1 LoRA scaling"] = 8  # a Python float as a 0-dim double, kept outside the checkpoint
     else:
         f1_rg = linear("fc1", "layer-norm output", r, h, inter, h_rg)
@@ -320,25 +372,75 @@ def block_saved(c: PhiConfig, p: Plan, policy: str, input_requires_grad: bool = 
     if c.resid_pdrop > 0:
         for branch, rg in (("attention", out_rg), ("MLP", mlp_rg)):
             if rg:
-                saved[f"{branch} dropout mask"] = n * h * (mask or cd)
+                saved[f"{branch} dropout mask"] = n * h * (saved.mask or cd)
     return saved
 
 
-def head_saved(c: PhiConfig, p: Plan) -> dict[str, int]:
-    """What the forward keeps outside the blocks: rotary tables, ln_f, and the chunked loss's gradients
+def _phi3_block_saved(c: Phi3Config, p: Plan, policy: str, x_rg: bool, saved: _Saved) -> _Saved:
+    """Phi-3's block: x + attn(norm(x)), then x + mlp(norm(x)), the MLP down(up · SiLU(gate)) over one fused
+    gate_up_proj. Its RMSNorm (phift.phi3.RMSNorm) squares an fp32 view of its input (a copy when the input is half)
+    and keeps the rsqrt statistics; a trained weight keeps the normalised input too."""
+    n, h, inter, r, cd = p.tokens, c.hidden_size, c.intermediate_size, p.weight, p.compute
+    cuda, recomputing, linear = p.device == "cuda", saved.recomputing, saved.linear
+
+    def rms_norm(name: str, x_key: str, x_rg: bool, kept_by_checkpoint: bool = False) -> bool:
+        if x_rg:
+            if r != 4:
+                saved[f"{name} input (fp32 copy)"] = 4 * n * h
+            elif not kept_by_checkpoint:
+                saved[x_key] = 4 * n * h
+            saved[f"{name} statistics"] = 4 * n
+        if p.full:
+            saved[f"{name}: normalised input (its weight's gradient)"] = r * n * h
+        return x_rg or p.full
+
+    a_rg = rms_norm("attention norm", "block input", x_rg, kept_by_checkpoint=recomputing)
+    qkv_rg = linear("qkv_proj", "attention norm output", r, h, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, a_rg)
+    if qkv_rg:
+        saved.attention(c, "qkv_proj")
+    # CUDA's attention output is [B, T, H, D] under its [B, H, T, D] view: o_proj reads it without a copy
+    out_rg = linear("o_proj", "attention output" if cuda else "o_proj input (copy)", cd, h, h, qkv_rg)
+    if c.resid_pdrop > 0 and out_rg:
+        saved["attention dropout mask"] = n * h * (saved.mask or cd)
+    m_rg = rms_norm("MLP norm", "attention residual (MLP norm input)", x_rg or out_rg)
+    if policy == "mlp" and not recomputing:
+        # inside the checkpoint nothing is kept; the checkpoint holds its input, down_proj may keep its output
+        gu_rg = m_rg or "gate_up_proj" in p.lora_targets
+        if gu_rg:
+            saved["MLP norm output"] = r * n * h
+        if "gate_up_proj" in p.lora_targets and not saved.lora_fused(h):
+            saved["gate_up_proj LoRA scaling"] = 8  # a Python float as a 0-dim double, kept outside the checkpoint
+    else:
+        gu_rg = linear("gate_up_proj", "MLP norm output", r, h, 2 * inter, m_rg)
+        if gu_rg:  # SiLU reads gate, the product reads up and SiLU's output: gate and up are views of one tensor
+            saved["gate_up_proj output"] = n * 2 * inter * cd
+            saved["SiLU output"] = n * inter * cd
+    mlp_rg = linear("down_proj", "up · SiLU(gate)", cd, inter, h, gu_rg, lean=True)
+    if c.resid_pdrop > 0 and mlp_rg:
+        saved["MLP dropout mask"] = n * h * (saved.mask or cd)
+    return saved
+
+
+def head_saved(c: Config, p: Plan) -> dict[str, int]:
+    """What the forward keeps outside the blocks: rotary tables, the final norm, and the chunked loss's gradients
     (phift.model._ChunkedLinearCrossEntropy: computed in the forward, kept for backward)."""
     n, h, v, r = p.tokens, c.hidden_size, c.vocab_size, p.weight
     rows = p.batch * (p.seq - 1)  # labelled positions: all of them, the worst case
-    saved = {"rotary cos, sin": 2 * 4 * n * c.rotary_dim, "last block output": r * n * h}
-    if p.ln_fp32:
-        saved["last block output"] = 4 * n * h
-    saved["ln_f statistics"] = 2 * n * (4 if p.device == "cuda" or p.ln_fp32 else r)
-    if c.embd_pdrop > 0:
-        saved["embedding dropout mask"] = n * h * (1 if p.device == "cuda" else r)
+    saved = {"rotary cos, sin": 2 * 4 * n * c.rotary_dim}
+    if families.family_of(c).name == "phi3":  # RMSNorm: an fp32 view of its input (a copy when half), rsqrt
+        saved["last block output" if r == 4 else "final norm input (fp32 copy)"] = 4 * n * h
+        saved["final norm statistics"] = 4 * n
+        if p.full:
+            saved["final norm: normalised input (its weight's gradient)"] = r * n * h
+    else:
+        saved["last block output"] = (4 if p.ln_fp32 else r) * n * h
+        saved["ln_f statistics"] = 2 * n * (4 if p.device == "cuda" or p.ln_fp32 else r)
+        if c.embd_pdrop > 0:
+            saved["embedding dropout mask"] = n * h * (1 if p.device == "cuda" else r)
     saved["label rows"] = 8 * rows
     saved["loss: hidden-state gradient (fp32)"] = 4 * rows * h
     if p.full:
-        g_elem = p.compute if p.fused else 4  # the fused CE kernel writes the gradient over half logits
+        g_elem = p.compute if _ce_fused(c, p) else 4  # the fused CE kernel writes the gradient over half logits
         chunk_rows = max(1, _chunk_rows(c))
         if rows <= chunk_rows and rows * g_elem <= 4 * h:  # the kept-gradient rule for few rows
             saved["loss: logits gradient (kept)"] = rows * v * g_elem
@@ -346,11 +448,12 @@ def head_saved(c: PhiConfig, p: Plan) -> dict[str, int]:
             saved["loss: 1 / labelled rows"] = 4
         else:
             saved["loss: lm_head weight gradient (fp32)"] = 4 * v * h
-        saved["loss: lm_head bias gradient (fp32)"] = 4 * v
+        if families.family_of(c).name == "phi":  # phi's lm_head has a bias, Phi-3's none
+            saved["loss: lm_head bias gradient (fp32)"] = 4 * v
     return saved
 
 
-def _chunk_rows(c: PhiConfig) -> int:
+def _chunk_rows(c: Config) -> int:
     from .model import LMHead
 
     return LMHead.chunk_bytes // (4 * c.vocab_size)
@@ -368,31 +471,36 @@ class Activations:
         return self.first_layer[policy] + (self.layers - 1) * self.per_layer[policy] + self.head
 
 
-def activations(c: PhiConfig, p: Plan) -> Activations:
+def activations(c: Config, p: Plan) -> Activations:
     per_layer, first = {}, {}
     # the first block's input is the embedding's: under LoRA it needs no gradient, unless a reentrant checkpoint
     # made it need one (phift.recompute._input_requires_grad)
     for policy in POLICIES:
         per_layer[policy] = sum(block_saved(c, p, policy).values())
         first[policy] = sum(block_saved(c, p, policy, input_requires_grad=p.full or policy == "full").values())
+    if _masked(c, p):  # a checkpoint keeps its tensor arguments: the one boolean mask every block is given
+        first["full"] += p.batch * p.seq * p.seq
     rerun = sum(block_saved(c, p, "none", recomputing=True).values())
-    n, inter = p.tokens, c.intermediate_size
+    # the mlp policy's rerun: phi's fc1 output and GELU output; Phi-3's gate_up output (two wide) and SiLU output
+    widths = 3 if families.family_of(c).name == "phi3" else 2
     return Activations(per_layer=per_layer, first_layer=first, head=sum(head_saved(c, p).values()),
-                       recompute_transient={"none": 0, "full": rerun, "mlp": 2 * n * inter * p.compute},
+                       recompute_transient={"none": 0, "full": rerun,
+                                            "mlp": widths * p.tokens * c.intermediate_size * p.compute},
                        layers=c.num_layers)
 
 
-def head_transient(c: PhiConfig, p: Plan) -> int:
+def head_transient(c: Config, p: Plan) -> int:
     """The most the chunked loss allocates beside what it keeps, within the forward (phift.model's
     _ChunkedLinearCrossEntropy, chunk by chunk: logits, their gradient, its casts, the weight-gradient product)."""
-    h, v, r, cd = c.hidden_size, c.vocab_size, p.weight, p.compute  # r: ln_f's output and lm_head's weight
+    h, v, r, cd = c.hidden_size, c.vocab_size, p.weight, p.compute  # r: the final norm's output, lm_head's weight
     rows = p.batch * (p.seq - 1)
     k = min(rows, _chunk_rows(c))
-    g_elem = cd if p.fused else 4
+    fused = _ce_fused(c, p)
+    g_elem = cd if fused else 4
     cast = p.autocast  # autocast casts each operand that is not already its dtype, every call (no cache)
     w_cast = v * h * cd if cast and r != cd else 0
-    inputs = p.tokens * h * r + rows * h * r  # ln_f's output and the selected rows, alive through the head
-    logits = k * v * cd + (0 if p.fused else 2 * k * v * 4)  # the reference CE: an fp32 copy and its gradient
+    inputs = p.tokens * h * r + rows * h * r  # the final norm's output and the selected rows, alive through the head
+    logits = k * v * cd + (0 if fused else 2 * k * v * 4)  # the reference CE: an fp32 copy and its gradient
     g = k * v * g_elem + (k * v * r if g_elem != r else 0)  # g, and g.to(h.dtype)
     g_cast = k * v * cd if cast and r != cd else 0
     steps = [w_cast + logits, g + g_cast + w_cast]
@@ -402,14 +510,16 @@ def head_transient(c: PhiConfig, p: Plan) -> int:
     return inputs + max(steps)
 
 
-def block_backward(c: PhiConfig, p: Plan) -> tuple[int, int]:
+def block_backward(c: Config, p: Plan) -> tuple[int, int]:
     """(gradients, attention workspace) one block's backward allocates at its worst: the residual gradients, the
     MLP's [tokens, intermediate] gradients (and a trainable weight's half gradient before its fp32 cast), or
-    attention's dq, dk, dv with the flash kernel's fp32 dq accumulator."""
+    attention's dq, dk, dv and the output's gradient with the flash kernel's fp32 dq accumulator."""
     n, h, inter, r, cd = p.tokens, c.hidden_size, c.intermediate_size, p.weight, p.compute
     residual = 2 * r * n * h
-    mlp = 2 * n * inter * cd + (inter * h * cd if p.full else 0)
-    attention = 4 * n * h * cd
+    # phi: GELU's and fc1's output gradients, fc1's weight; Phi-3: the product's, and gate_up's (two wide) and weight
+    wide = 2 if families.family_of(c).name == "phi3" else 1
+    mlp = (1 + wide) * n * inter * cd + (wide * inter * h * cd if p.full else 0)
+    attention = n * (2 * h + 2 * c.num_kv_heads * c.head_dim) * cd
     workspace = 4 * n * h + 4 * p.batch * c.num_heads * p.seq
     if mlp >= attention + workspace:
         return residual + mlp, 0
@@ -461,7 +571,7 @@ class States:
     model_states_host: int = 0
 
 
-def states(c: PhiConfig, params: Params, p: Plan) -> States:
+def states(c: Config, params: Params, p: Plan) -> States:
     s = States()
     total, nt = params.total, params.trainable
     lora = "" if p.full else "LoRA "
@@ -469,11 +579,13 @@ def states(c: PhiConfig, params: Params, p: Plan) -> States:
     if frozen:
         s.gpu["weights (frozen base)"] = frozen * p.weight
     grad_bytes = nt * p.trainable
-    wte = c.vocab_size * c.hidden_size
+    # the embedding's gradient arrives last; a tied one (Phi-4-mini) is lm_head's, there from the start
+    wte = 0 if getattr(c, "tie_word_embeddings", False) else c.vocab_size * c.hidden_size
     head = params.lm_head if p.full else 0
     in_flight = 2 * params.largest_trainable * p.trainable  # one gradient being made, one leaving
     if p.fused and p.weight == 2 and p.lora_rank <= 32:
-        s.gpu["fused LoRA [W | s·B] copies"] = sum(o * (i + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted)
+        s.gpu["fused LoRA [W | s·B] copies"] = sum(o * (i + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted
+                                                   if i % 8 == 0)
     if p.engine == "plain":
         s.gpu[f"{lora}weights" if p.full else "LoRA adapters"] = nt * p.trainable
         s.gpu[f"{lora}optimizer states (AdamW moments)"] = 8 * nt
@@ -498,7 +610,7 @@ def states(c: PhiConfig, params: Params, p: Plan) -> States:
     return s
 
 
-def _deepspeed_states(c: PhiConfig, params: Params, p: Plan, s: States, in_flight: int, lora: str) -> None:
+def _deepspeed_states(c: Config, params: Params, p: Plan, s: States, in_flight: int, lora: str) -> None:
     z, total, nt = p.zero, params.total, params.trainable
     g = p.world if z.stage > 0 else 1  # stage 0: DeepSpeed's fp16 optimizer, nothing partitioned
     elem = p.trainable  # DeepSpeed's fp16/bf16 module (fp32 without either)
@@ -609,11 +721,11 @@ class Estimate:
             "plan": dataclasses.asdict(self.plan), "notes": self.notes}
 
 
-def estimate(config: PhiConfig, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_config: dict | None = None,
+def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_config: dict | None = None,
              device: str = "cuda", params: Params | None = None) -> Estimate:
     """The memory of `run` on GPUs (device "cpu": the same arithmetic for the PyTorch reference ops)."""
     params = params or count_parameters(config, run)
-    p = plan_for(run, device, gpus, nodes, ds_config, config.hidden_size)
+    p = plan_for(run, device, gpus, nodes, ds_config, config)
     act = activations(config, p)
     s = states(config, params, p)
     base = dict(s.gpu)
@@ -656,6 +768,16 @@ def estimate(config: PhiConfig, run: RunConfig, gpus: int = 1, nodes: int = 1, d
     if device == "cuda" and p.compute == 2:
         notes.append("phift's CUDA kernels assumed built (rotary, LoRA, cross-entropy); without them the "
                      "PyTorch fallbacks keep more")
+        if not _rotary_fused(config, p):
+            notes.append(f"{config.num_heads} query heads over {config.num_kv_heads} key-value heads: the rotary runs "
+                         "the PyTorch math (phift's fused rotary takes as many of each), keeping new q and k")
+        if not _ce_fused(config, p):
+            notes.append(f"a vocabulary of {config.vocab_size:,} is beyond the fused cross-entropy kernel's "
+                         f"{MAX_KERNEL_VOCAB:,}: the loss head runs the PyTorch math on fp32 copies of the logits")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and p.seq > window:
+        notes.append(f"--cutoff_len {p.seq} is past the sliding window ({window:,}): every block keeps the additive "
+                     "bias SDPA makes of the window's mask, [batch, cutoff, cutoff]")
     ds = None
     if p.engine == "deepspeed":
         z = p.zero
@@ -708,7 +830,7 @@ def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
                                                  "training": dict(offload_optimizer="none")}, None
 
 
-def suggest(config: PhiConfig, run: RunConfig, gpu: tuple[str, float, bool], host_gib: float, gpus: int = 1,
+def suggest(config: Config, run: RunConfig, gpu: tuple[str, float, bool], host_gib: float, gpus: int = 1,
             nodes: int = 1, ds_config: dict | None = None) -> tuple[str, Estimate] | None:
     """The cheapest change that makes the run fit `gpu` and `host_gib`: recomputation, then optimizer offload, then
     smaller micro-batches with more accumulation, a shorter cutoff, LoRA instead of full fine-tuning, each
@@ -757,7 +879,7 @@ def _gib(b: float) -> str:
     return f"{b / GIB:.2f} GiB"
 
 
-def render(e: Estimate, config: PhiConfig, params: Params, suggestion, target: tuple[str, float, float]) -> str:
+def render(e: Estimate, config: Config, params: Params, suggestion, target: tuple[str, float, float]) -> str:
     p, a = e.plan, e.activations
     what = "full fine-tuning" if p.full else f"LoRA r{p.lora_rank} on {','.join(p.lora_targets)}"
     lines = [f"phift estimate: {config.name}, {what}, "
@@ -853,6 +975,10 @@ def main(argv) -> None:
         return
     if ours.num_gpus < 1 or ours.num_nodes < 1:
         raise ConfigError("--num_gpus and --num_nodes must be positive")
+    for flag, placeholder in (("--dataset", "none"), ("--output_dir", "unused")):
+        # the estimate reads neither the data nor the output directory: a command may leave them out
+        if not any(a == flag or a.startswith(flag + "=") for a in rest):
+            rest += [flag, placeholder]
     run = parse_train_args(rest)
     if ours.num_gpus * ours.num_nodes > 1 and not run.training.deepspeed:
         raise ConfigError("multi-process runs go through DeepSpeed: add --deepspeed <config.json>")

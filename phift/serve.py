@@ -1,4 +1,5 @@
-"""`phift api`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model, with continuous batching.
+"""`phift api`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model of either family (phi, Phi-3),
+with continuous batching.
 
     Engine       the batching loop, in a thread of its own: a pool of KV-cache rows ("slots"); a request's rows
                  join the pool between two decode steps and leave it the step they finish (or their client goes)
@@ -11,7 +12,19 @@ left; positions are counted over the mask (`Phi.forward`), so a row that joined 
 0, 1, ... A new row's prompt is prefilled on its own (batched with the others that join at the same step) and its
 keys and values copied into the columns just left of `length`; when the prompt is longer than `length`, every row
 moves right first. When the cache is full, rows move left by the free columns they all have on their left: every
-request fits the context (prompt + max_tokens), so a row that began in column 0 has finished by then.
+request fits the context (prompt + max_tokens), so a row that began in column 0 has finished by then. A row's tokens
+stay in adjacent columns, so a sliding window (Phi-3-mini-4k), which the model counts in columns, spans the same
+tokens as in a batch of its own.
+
+A row ends at any of its request's stop token ids (the chat template's end token, Phi-3's <|end|>, beside eos:
+data.stop_token_ids) or at a stop word in its text.
+
+LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini) rotates every position of a forward with its long factors once
+the forward's longest sequence outgrows the original length, and keys cached before that are stale
+(phift.generate restarts its cache there). Every decode step here is one forward over all rows, so one long row
+would switch its neighbours too: a LongRoPE model is served up to its original length (4096 tokens), prompt and
+max_tokens together, and a request for more is refused (HTTP 400, context_length_exceeded) rather than answered
+with other numbers than `phift chat` gives.
 """
 from __future__ import annotations
 
@@ -33,9 +46,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .chat import TextStream
-from .data import Template, encode_prompt
+from .data import Template, encode_prompt, stop_token_ids
 from .generate import sample_next
-from .model import KVCache, Phi
+from .model import KVCache
 
 # --------------------------------------------------------------------------------------------------- the engine
 
@@ -53,6 +66,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()  # tokens that end a row, unseen; none given: the tokenizer's eos
     n: int = 1
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -72,11 +86,13 @@ class Row:
 class Engine:
     """Continuous batching over a pool of `max_batch_size` KV-cache rows; `max_queue` rows may wait for one."""
 
-    def __init__(self, model: Phi, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
-                 prefill_tokens: int = 8192):
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256, prefill_tokens: int = 8192):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config, self.device, self.dtype = model.config, model.wte.weight.device, model.wte.weight.dtype
-        self.context = model.config.max_position_embeddings
+        # the longest row served: the context, or LongRoPE's original length (see the module's docstring)
+        context = model.config.max_position_embeddings
+        self.rope_switch = getattr(model.config, "rope_switch_length", None)
+        self.context = min(context, self.rope_switch or context)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.prefill_tokens = prefill_tokens  # prompts prefilled together hold at most this many (padded) tokens
         self.slots: list[Row | None] = [None] * max_batch_size
@@ -211,7 +227,7 @@ class Engine:
         for r, token in zip(rows, tokens.tolist()):
             if r is None:
                 continue
-            if token == self.tokenizer.eos_token_id:
+            if token in (r.request.stop_ids or (self.tokenizer.eos_token_id,)):
                 self._emit(r, r.stream.finish(), "stop")
                 self._leave(r.slot)
                 continue
@@ -339,9 +355,16 @@ class CompletionBody(Body):
 
 def create_app(engine: Engine, template: Template, model_name: str, max_new_tokens: int = 512,
                temperature: float = 0.0, top_p: float = 1.0):
-    """The FastAPI application; sampling fields a request leaves out take these defaults (phift's flags)."""
+    """The FastAPI application; sampling fields a request leaves out take these defaults (phift's flags). Every
+    answer ends at the template's stop token ids (eos, and a chat template's end token)."""
     app = FastAPI(title="phift", docs_url=None, redoc_url=None)
     created = int(time.time())
+    stop_ids = tuple(stop_token_ids(template, engine.tokenizer))
+    if engine.rope_switch is not None and engine.context == engine.rope_switch:
+        limit = (f"This model's maximum context length is {engine.context} tokens here: phift api serves a LongRoPE "
+                 f"model up to its original length, where every row of a batch keeps the same rotary factors")
+    else:
+        limit = f"This model's maximum context length is {engine.context} tokens"
 
     def error_response(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -390,20 +413,20 @@ def create_app(engine: Engine, template: Template, model_name: str, max_new_toke
         if not prompt:
             raise APIError(400, "the prompt is empty", prompt_param)
         if len(prompt) >= engine.context:
-            raise APIError(400, f"This model's maximum context length is {engine.context} tokens. However, your "
-                                f"prompt is {len(prompt)} tokens long.", prompt_param, "context_length_exceeded")
+            raise APIError(400, f"{limit}. However, your prompt is {len(prompt)} tokens long.", prompt_param,
+                           "context_length_exceeded")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:
             max_tokens = min(max_new_tokens, engine.context - len(prompt))
         elif len(prompt) + max_tokens > engine.context:
-            raise APIError(400, f"This model's maximum context length is {engine.context} tokens. However, you "
-                                f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, "
-                                f"{max_tokens} for the completion).", "max_tokens", "context_length_exceeded")
+            raise APIError(400, f"{limit}. However, you requested {len(prompt) + max_tokens} tokens ({len(prompt)} in "
+                                f"the prompt, {max_tokens} for the completion).", "max_tokens",
+                           "context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 sequences, none of them empty", "stop")
         return Request(prompt, max_tokens, body.temperature if body.temperature is not None else temperature,
-                       body.top_p if body.top_p is not None else top_p, (*stop, *stops), body.n,
+                       body.top_p if body.top_p is not None else top_p, (*stop, *stops), stop_ids, body.n,
                        asyncio.get_running_loop(), asyncio.Queue())
 
     def submit(request: Request):
@@ -554,7 +577,7 @@ class BackgroundServer:
         self.thread.join()
 
 
-def serve(model: Phi, tokenizer, template: Template, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+def serve(model, tokenizer, template: Template, model_name: str, host: str = "127.0.0.1", port: int = 8000,
           max_batch_size: int = 16, max_queue: int = 256, **defaults) -> None:
     """Serve until interrupted."""
     import uvicorn

@@ -118,3 +118,32 @@ def make_peft_adapter():
         return model.eval()
 
     return make
+
+
+# A chat model's tokenizer in miniature: test_phi3_data, test_serve and test_gguf share it
+CHAT_TEXTS = ["Who are you? I am an assistant made to help.", "What is 2+2? It is four.", "你好，我是助手。"] * 20
+PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+PHI4_SPECIALS = ["<|im_start|>", "<|im_sep|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer_dir(tmp_path_factory):
+    """A small tokenizer shaped like Phi-3's: LLaMA's sentencepiece form (▁ for spaces, prepended; byte fallback)
+    with <s> as bos, <|endoftext|> as eos and pad, and the chat tokens added."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(CHAT_TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            show_progress=False))
+    tok.add_special_tokens(PHI3_SPECIALS + PHI4_SPECIALS)
+    d = tmp_path_factory.mktemp("phi3-tokenizer")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>"}))
+    return d

@@ -68,3 +68,27 @@ def test_the_phift_fields_reach_phift_train_s_arguments():
         # the lean lever off: build() applies the checkpointing itself instead of prepare_model
         assert m.disable_gradient_checkpointing == (c.ckpt == "off" or not c.lean)
         assert m.gradient_checkpointing_policy == ("mlp" if c.ckpt == "mlp" else "full")
+
+
+def test_a_case_trains_its_models_shape_and_the_smoke_test_its_tiny_version():
+    c = cases.BY_ID["phi3.5-lora-4x1024/hf+compile"]
+    assert (c.model, cases.model_shape(c.model).name, cases.model_shape(c.model, tiny=True).name) == (
+        "phi-3.5-mini", "phi-3.5-mini", "tiny-phi3")
+    assert c.vocab_used == 32011 and cases.BY_ID["lora-6x1024/phift"].vocab_used == 50295
+    assert {x.model for x in CASES if not x.shape.startswith("phi3.5")} == {"phi-1_5"}  # ids as before
+    with pytest.raises(ValueError):
+        cases.case("self-cognition", "phift", recipe=True, model="phi-3.5-mini")
+    with pytest.raises(ValueError):
+        cases.case("lora-6x1024", "phift", model="phi-2")  # not a benchmarked model
+
+
+def test_the_phi3_5_mini_cases_ask_its_question_with_every_kind_of_run():
+    ids = {c.id for c in CASES if c.model == "phi-3.5-mini"}
+    for shape in ("phi3.5-lora-4x1024", "phi3.5-lora-1x2048"):
+        assert {f"{shape}/hf", f"{shape}/hf+compile", f"{shape}/litgpt+compile", f"{shape}/phift",
+                f"{shape}/phift+compile", f"{shape}-ckpt/phift", f"{shape}-ckpt/phift+compile"} <= ids
+    t4 = cases.BY_ID["phi3.5-t4-lora-1x2048-fp16/phift"]
+    assert (t4.precision, t4.mem_cap_gib, t4.seq) == ("fp16", 15.0, 2048)
+    offload = cases.BY_ID["phi3.5-full-1x2048-ckpt-offload/phift+offload"]
+    assert (offload.mode, offload.engine) == ("full", "offload")
+    assert max(c.seq for c in CASES if c.model == "phi-3.5-mini") <= 4096  # within LongRoPE's short factors

@@ -95,3 +95,22 @@ def test_a_smoke_test_is_not_recorded(tmp_path):
     with pytest.raises(SystemExit):
         record.record(run, "smoke", None, tmp_path / "results")
     assert not (tmp_path / "results").exists()
+
+
+def test_phi3_5_minis_question_compares_phifts_fastest_within_the_peers_memory(tmp_path):
+    """phift's fastest row that needs no more memory than the best compiled peer (the recomputed one here: the
+    faster one without recomputation needs more), against that peer, within one run."""
+    rows = [train_row("phi3.5-lora-4x1024/hf+compile", 10000, peak_gib=30.0),
+            train_row("phi3.5-lora-4x1024/litgpt+compile", 9000, peak_gib=28.0),
+            train_row("phi3.5-lora-4x1024/phift+compile", 15000, peak_gib=34.0),
+            train_row("phi3.5-lora-4x1024-ckpt/phift+compile", 12500, peak_gib=12.0)]
+    store = tmp_path / "results"
+    record.record(write_run(tmp_path / "p.jsonl", "train", meta("H200", "2026-12-01", "python bench/bench_train.py"),
+                            rows, ceiling={"tflops": 800.0}), "phi3", "abc1234", store)
+    text = report.page(report.load(store))
+    section = text.split("\n## Phi-3.5-mini: phift against the peers\n")[1].split("\n## ")[0]
+    assert "| phi3.5-lora-4x1024-ckpt | phift+compile | 12,500 |" in section and "| 1.25 | phi3 | H200 |" in section
+    assert ("| 4 × 1024 | phi3.5-lora-4x1024-ckpt/phift+compile | 12.00 | hf+compile | 30.00 | 1.25 | "
+            "≥ 1.2× at ≤ memory: **met** | phi3 |") in section
+    assert "| 1 × 2048 | not measured |" in section
+    assert "phi3.5" not in text.split("\n## Phi-3.5-mini")[0]  # phi-1_5's tables keep to phi-1_5

@@ -1,5 +1,6 @@
 """phift.estimate: memory predicted from the flags. Activations against the bytes autograd really keeps on the CPU,
 model states against hand arithmetic and DeepSpeed's own estimator, the report's parts against its totals."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -10,16 +11,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from phift import estimate as E
+from phift import families
 from phift.args import decide_precision, parse_train_args
 from phift.cli import main as cli_main
-from phift.config import PhiConfig
-from phift.model import Phi
+from phift.config import Phi3Config, PhiConfig
 from phift.train import prepare_model
 
 from conftest import ROOT, subprocess_env
 
 GIB = 1 << 30
 PHI_1_5 = 1_418_270_720  # parameters of phi-1_5: embedding, 24 blocks, ln_f, lm_head with its bias
+PHI_3_5_MINI, PHI_4_MINI = 3_821_079_552, 3_836_021_760  # the published counts; Phi-4-mini's embedding is tied
 LORA_R8_WQKV = 24 * (8 * 2048 + 6144 * 8)  # A [8, 2048] and B [6144, 8] in each block
 
 
@@ -39,6 +41,15 @@ def tiny(**over):
     return PhiConfig.from_name("tiny", vocab_size=128, max_position_embeddings=256, **over)
 
 
+# Each family's tiny shape (preset name, config): phi; Phi-3.5-mini's scaled down (LongRoPE, as many key-value heads
+# as query heads); Phi-4-mini's (grouped-query attention, partial rotary, tied embeddings)
+MODELS = {
+    "phi": ("tiny", tiny),
+    "phi3": ("tiny-phi3", lambda **over: Phi3Config.from_name("tiny-phi3", **{"vocab_size": 128, **over})),
+    "phi4": ("tiny-phi4", lambda **over: Phi3Config.from_name("tiny-phi4", **{"vocab_size": 128, **over})),
+}
+
+
 def cpu_model(config, run):
     """The model as `phift train` prepares it on the CPU, except that checkpoints keep no RNG state (a host-side
     5 KB a call, which the estimate, being about the GPU, leaves out)."""
@@ -51,14 +62,17 @@ def cpu_model(config, run):
     train_mod.recompute = lambda model, policy, reentrant, preserve_rng_state, lean: rc.recompute(
         model, policy, reentrant, False, lean)
     try:
-        return prepare_model(Phi(config).to(precision.load), run, precision).train(), precision
+        return prepare_model(families.build(config).to(precision.load), run, precision).train(), precision
     finally:
         train_mod.recompute = original
 
 
 def live_after_forward(model, x, autocast: bool) -> int:
     """Bytes the CPU allocator holds after a training forward that it did not hold before: everything autograd and
-    the checkpoints keep for backward (the 4-byte loss itself left out)."""
+    the checkpoints keep for backward (the 4-byte loss itself left out). A forward without gradients first: Phi-3's
+    rotary frequencies are computed once a process (phift.phi3._inv_freq), not a step."""
+    with torch.no_grad():
+        model(x)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(x, labels=x)  # held: with it go the graph and all it keeps
@@ -83,11 +97,14 @@ RECOMPUTE = {"none": ["--disable_gradient_checkpointing", "True"], "full": [],
 @pytest.mark.parametrize("resid_pdrop", [0.0, 0.1])
 @pytest.mark.parametrize("policy", list(RECOMPUTE))
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_activations_are_the_bytes_autograd_keeps(precision, policy, resid_pdrop):
+@pytest.mark.parametrize("family", list(MODELS))
+def test_activations_are_the_bytes_autograd_keeps(family, precision, policy, resid_pdrop):
     """The per-block inventory, summed over blocks and the loss head, is exactly what a CPU forward leaves allocated
-    for backward: without recomputation, with full recomputation and with the mlp policy, in fp32 and bf16."""
-    config = tiny(num_layers=3, resid_pdrop=resid_pdrop)
-    run = run_of(*PRECISIONS[precision], *RECOMPUTE[policy], model="tiny", per_device_train_batch_size=2,
+    for backward: without recomputation, with full recomputation and with the mlp policy, in fp32 and bf16, for phi's
+    parallel block and Phi-3's sequential one (with and without grouped-query attention and tied embeddings)."""
+    preset, make = MODELS[family]
+    config = make(num_layers=3, resid_pdrop=resid_pdrop)
+    run = run_of(*PRECISIONS[precision], *RECOMPUTE[policy], model=preset, per_device_train_batch_size=2,
                  cutoff_len=16)
     model, prec = cpu_model(config, run)
     measured = live_after_forward(model, torch.randint(0, config.vocab_size, (2, 16)), prec.autocast is not None)
@@ -95,12 +112,30 @@ def test_activations_are_the_bytes_autograd_keeps(precision, policy, resid_pdrop
     assert e.activations.total(policy) == measured
 
 
+@pytest.mark.parametrize("policy", list(RECOMPUTE))
+@pytest.mark.parametrize("precision", ["full fp32", "full pure bf16", "lora bf16 autocast"])
+@pytest.mark.parametrize("shape", ["sliding window", "Phi-4-mini's vocabulary"])
+def test_phi3_activations_past_the_window_and_with_a_200k_vocabulary(shape, precision, policy):
+    """A cutoff past the sliding window makes every block keep the additive bias SDPA makes of the window's mask;
+    Phi-4-mini's 200,064-token vocabulary (one chunk of rows here, its logits' gradient kept) in the loss head."""
+    preset, make = MODELS["phi3" if shape == "sliding window" else "phi4"]
+    config = make(num_layers=2, sliding_window=8) if shape == "sliding window" else make(num_layers=2,
+                                                                                          vocab_size=200064)
+    run = run_of(*PRECISIONS[precision], *RECOMPUTE[policy], model=preset, per_device_train_batch_size=2,
+                 cutoff_len=16)
+    model, prec = cpu_model(config, run)
+    measured = live_after_forward(model, torch.randint(0, config.vocab_size, (2, 16)), prec.autocast is not None)
+    assert E.estimate(config, run, device="cpu").activations.total(policy) == measured
+
+
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_a_recomputed_block_keeps_what_its_inventory_says(precision):
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_recomputed_block_keeps_what_its_inventory_says(family, precision):
     """While a checkpointed block's backward runs, its rerun keeps the tensors `block_saved(recomputing=True)` lists
     (counted as they pass through saved-tensor hooks, which a Python scalar kept by `scaling * …` never does)."""
-    config = tiny(num_layers=1)
-    run = run_of(*PRECISIONS[precision], model="tiny", per_device_train_batch_size=2, cutoff_len=16)
+    preset, make = MODELS[family]
+    config = make(num_layers=1)
+    run = run_of(*PRECISIONS[precision], model=preset, per_device_train_batch_size=2, cutoff_len=16)
     model, prec = cpu_model(config, run)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept, alive, rerun = set(), [], {}
@@ -122,7 +157,7 @@ def test_a_recomputed_block_keeps_what_its_inventory_says(precision):
             loss = model(x, labels=x)
     with torch.autograd.graph.saved_tensors_hooks(backward_pack, lambda t: t):
         loss.backward()
-    plan = E.plan_for(run, "cpu")
+    plan = E.plan_for(run, "cpu", config=config)
     inventory = E.block_saved(config, plan, "none", recomputing=True)
     assert sum(v for k, v in inventory.items() if not k.endswith("scaling")) == sum(rerun.values())
     assert sum(inventory.values()) == E.activations(config, plan).recompute_transient["full"]
@@ -151,6 +186,52 @@ def test_parameters_are_counted_on_the_meta_device_without_reading_weights():
     params = E.count_parameters(PhiConfig.from_name("phi-1_5"), run_of())
     assert params.total == PHI_1_5 + LORA_R8_WQKV and params.trainable == LORA_R8_WQKV
     assert params.largest_module == 51200 * 2048 + 51200  # lm_head, DeepSpeed's "largest layer"
+
+
+def test_phi3_parameters_count_a_tied_embedding_once():
+    full = ["--finetuning_type", "full"]
+    assert E.count_parameters(families.preset("phi-3.5-mini"), run_of(*full, model="phi-3.5-mini")).total \
+        == PHI_3_5_MINI
+    params = E.count_parameters(families.preset("phi-4-mini"), run_of(*full, model="phi-4-mini"))
+    assert params.total == PHI_4_MINI == families.num_params(families.preset("phi-4-mini"))
+    assert params.lm_head == params.largest_module == 200064 * 3072  # the embedding, which lm_head is
+    lora = E.count_parameters(families.preset("phi-3.5-mini"), run_of(model="phi-3.5-mini"))  # Wqkv: qkv_proj
+    assert lora.trainable == 32 * (8 * 3072 + 9216 * 8) and lora.adapted == ((3072, 9216),) * 32
+
+
+def test_phi3_lora_targets_take_the_familys_names():
+    plan = E.plan_for(run_of("--lora_target", "Wqkv,fc1"), config=families.preset("phi-3.5-mini"))
+    assert plan.lora_targets == ("qkv_proj", "gate_up_proj")
+    assert E.plan_for(run_of("--lora_target", "all"), config=families.preset("phi-4-mini")).lora_targets == (
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def test_on_a_gpu_grouped_query_attention_keeps_new_q_and_k_and_the_whole_projection():
+    """phift's fused rotary takes as many key-value heads as query heads: Phi-3.5-mini's q, k, v are views of one
+    tensor it writes; Phi-4-mini's (24 heads over 8) run the PyTorch rotary, new q and k beside qkv_proj's output."""
+    run = run_of("--bf16", "True", "--disable_gradient_checkpointing", "True", per_device_train_batch_size=1,
+                 cutoff_len=1024)
+    mha = E.block_saved(families.preset("phi-3.5-mini"), E.plan_for(run, config=families.preset("phi-3.5-mini")),
+                        "none")
+    assert mha["q, k, v"] == 3 * 1024 * 3072 * 2 and "q" not in mha
+    phi4 = families.preset("phi-4-mini")
+    gqa = E.block_saved(phi4, E.plan_for(run, config=phi4), "none")
+    assert (gqa["q"], gqa["k"]) == (1024 * 3072 * 2, 1024 * 1024 * 2)  # 8 key-value heads of 128
+    assert gqa["qkv_proj output (v is a view of it)"] == 1024 * 5120 * 2 and "q, k, v" not in gqa
+
+
+def test_the_loss_head_runs_the_fused_kernel_up_to_65536_tokens_and_fp32_math_beyond():
+    """Phi-3.5-mini's 32,064-token vocabulary: one chunk of half logits, the gradient written over them. Phi-4-mini's
+    200,064 are beyond the kernel: each chunk (335 rows of 2^28 fp32 bytes) has its half logits, an fp32 copy and
+    the fp32 gradient."""
+    run = run_of("--bf16", "True", per_device_train_batch_size=1, cutoff_len=2048)
+    inputs = lambda h: 2 * 2048 * h + 2 * 2047 * h  # noqa: E731 - the final norm's output and the selected rows
+    phi3 = families.preset("phi-3.5-mini")
+    assert E.head_transient(phi3, E.plan_for(run, config=phi3)) == inputs(3072) + 2047 * 32064 * 2
+    phi4 = families.preset("phi-4-mini")
+    e = E.estimate(phi4, run)
+    assert E.head_transient(phi4, e.plan) == inputs(3072) + 335 * 200064 * (2 + 4 + 4)
+    assert any("beyond the fused cross-entropy kernel" in n for n in e.notes)
 
 
 def test_lora_fp16_keeps_half_weights_fp32_adapters_and_their_adamw_states():
@@ -278,6 +359,21 @@ def test_a_checkpoint_directory_gives_its_config_json_alone(tmp_path):
     assert (config.hidden_size, config.num_layers) == (2560, 32)
 
 
+def test_a_phi3_checkpoint_directory_is_read_by_its_family(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(families.preset("phi-4-mini").to_hf_dict()))
+    config = E.read_config(str(tmp_path))
+    assert isinstance(config, Phi3Config) and config == dataclasses.replace(families.preset("phi-4-mini"),
+                                                                            name=config.name)
+
+
+def test_estimate_of_phi_3_5_mini_lora_on_a_t4_needs_neither_a_download_nor_a_dataset(capsys):
+    cli_main(["estimate", "--model_name_or_path", "phi-3.5-mini", "--finetuning_type", "lora", "--fp16", "True",
+              "--cutoff_len", "2048", "--per_device_train_batch_size", "1", "--gpu", "T4"])
+    out = capsys.readouterr().out
+    assert out.startswith("phift estimate: phi-3.5-mini, LoRA r8 on qkv_proj, 3,824.2 M parameters")
+    assert "It fits T4 (15 GiB)" in out
+
+
 def test_a_hub_id_fetches_config_json_alone(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -321,28 +417,41 @@ def _deepspeed_lines(fn, model, capsys, **kw):
             for host, gpu, options in rows}
 
 
+# Tens of millions of parameters, so that DeepSpeed's estimate in GB to two decimals says something: phi; Phi-3.5-mini's
+# shape; Phi-4-mini's (grouped-query attention, the embedding tied to lm_head: one parameter to DeepSpeed too)
+DEEPSPEED_MODELS = {
+    "phi": ("tiny", lambda: PhiConfig.from_name("tiny", vocab_size=50000, hidden_size=256, intermediate_size=1024)),
+    "phi3": ("tiny-phi3", lambda: Phi3Config.from_name("tiny-phi3", vocab_size=50000, hidden_size=256, num_heads=8,
+                                                       num_kv_heads=8, intermediate_size=1024)),
+    "phi4": ("tiny-phi4", lambda: Phi3Config.from_name("tiny-phi4", vocab_size=50000, hidden_size=256, num_heads=8,
+                                                       num_kv_heads=2, intermediate_size=1024)),
+}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("gpus", [1, 2])
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("offload", [True, False])
-def test_model_states_equal_deepspeeds_own_estimate(tmp_path, capsys, stage, offload, gpus):
+@pytest.mark.parametrize("family", list(DEEPSPEED_MODELS))
+def test_model_states_equal_deepspeeds_own_estimate(tmp_path, capsys, family, stage, offload, gpus):
     """phift's model states for a ZeRO-2/3 full fine-tune equal DeepSpeed's estimate_zero{2,3}_model_states_mem_needs
-    (its *_all_live functions on the same tiny phi): on the GPU exactly; on the host, phift's fp32 masters,
+    (its *_all_live functions on the same tiny model): on the GPU exactly; on the host, phift's fp32 masters,
     gradients and moments times DeepSpeed's 1.5 buffer factor (phift loads weights straight to the GPU, so with the
     optimizer on the GPU it needs no host copy where DeepSpeed counts 4 bytes a parameter)."""
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live, model_to_params
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    config = PhiConfig.from_name("tiny", vocab_size=50000, hidden_size=256, intermediate_size=1024)
-    model = Phi(config)  # 27 M parameters: DeepSpeed prints its estimate in GB to two decimals
+    preset, make = DEEPSPEED_MODELS[family]
+    config = make()
+    model = families.build(config)
     total, largest = model_to_params(model)
     cfg = {"zero_optimization": {"stage": stage}, "fp16": {"enabled": "auto"}}
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
-    run = run_of("--finetuning_type", "full", "--fp16", "True", "--deepspeed", str(path), model="tiny")
+    run = run_of("--finetuning_type", "full", "--fp16", "True", "--deepspeed", str(path), model=preset)
     e = E.estimate(config, run, gpus=gpus, params=E.count_parameters(config, run))
     assert E.count_parameters(config, run).total == total
 
@@ -372,6 +481,7 @@ def test_bench_estimate_runs_its_tiny_cases_on_the_cpu(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert [r["status"] for r in rows] == ["ok"] * 6
     assert all(r["predicted"]["allocated"] > 0 and r["measured"]["host_peak"] > 0 for r in rows)
-    assert "| tiny-full-bf16-2x64-offload |" in out.read_text()
+    assert "| tiny-full-bf16-2x64-offload |" in out.read_text() and "| tiny-phi4-full-pure-2x64-offload |" in \
+        out.read_text()

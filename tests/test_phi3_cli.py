@@ -14,8 +14,8 @@ from phift.data import encode_prompt, get_template, stop_token_ids
 from phift.generate import generate
 from phift.tokenizer import load_tokenizer
 from phift.weights import load_model
+from conftest import CHAT_TEXTS, PHI3_SPECIALS
 from test_phi3 import hf_config
-from test_phi3_data import PHI3_SPECIALS, TEXTS
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
     from phift.tokenizer import train_demo_tokenizer
 
     d = tmp_path_factory.mktemp("tiny-phi3")
-    tok = train_demo_tokenizer(TEXTS * 3 + ["我是 <NAME>，由 <AUTHOR> 开发的人工智能助手。"] * 20, vocab_size=400)
+    tok = train_demo_tokenizer(CHAT_TEXTS * 3 + ["我是 <NAME>，由 <AUTHOR> 开发的人工智能助手。"] * 20, vocab_size=400)
     tok._tok.add_special_tokens(PHI3_SPECIALS[1:])
     tok.save(d)
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))

@@ -4,44 +4,20 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-
 from phift.config import PRESETS
 from phift.data import encode_prompt, encode_supervised, encode_turns, get_template, stop_token_ids
 from phift.generate import generate
 from phift.phi3 import Phi3
 from phift.tokenizer import load_tokenizer, train_demo_tokenizer
 
+from conftest import CHAT_TEXTS, PHI3_SPECIALS
+
 transformers = pytest.importorskip("transformers")
-
-TEXTS = ["Who are you? I am an assistant made to help.", "What is 2+2? It is four.", "你好，我是助手。"] * 20
-PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
-PHI4_SPECIALS = ["<|im_start|>", "<|im_sep|>", "<|im_end|>"]
-
-
-@pytest.fixture(scope="module")
-def phi3_tokenizer_dir(tmp_path_factory):
-    """A small tokenizer shaped like Phi-3's: LLaMA's sentencepiece form (▁ for spaces, prepended; byte fallback)
-    with <s> as bos, <|endoftext|> as eos and pad, and the chat tokens added."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                       show_progress=False))
-    tok.add_special_tokens(PHI3_SPECIALS + PHI4_SPECIALS)
-    d = tmp_path_factory.mktemp("phi3-tokenizer")
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False, "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-        "unk_token": "<unk>"}))
-    return d
-
 
 @pytest.fixture(scope="module")
 def phi4_mini_tokenizer():
     """A byte-level BPE like Phi-4-mini's (no bos of its own), with its chat tokens added."""
-    tok = train_demo_tokenizer(TEXTS, vocab_size=400)
+    tok = train_demo_tokenizer(CHAT_TEXTS, vocab_size=400)
     tok._tok.add_special_tokens(PHI3_SPECIALS[1:])
     return tok
 
@@ -124,13 +100,13 @@ def test_generation_stops_at_the_templates_end_token(phi3_tokenizer_dir):
 
 
 def test_a_chat_template_with_a_tokenizer_that_lacks_its_tokens_is_refused():
-    tok = train_demo_tokenizer(TEXTS, vocab_size=300)  # phi-1_5's kind: <|end|> is no token of it
+    tok = train_demo_tokenizer(CHAT_TEXTS, vocab_size=300)  # phi-1_5's kind: <|end|> is no token of it
     with pytest.raises(ValueError, match=r"<\|end\|>.*splits it into several.*phi_qa"):
         encode_prompt(get_template("phi"), tok, "Who are you?")
 
 
 def test_phi_qa_is_phi_1_5s_qa_format():
-    tok = train_demo_tokenizer(TEXTS, vocab_size=300)
+    tok = train_demo_tokenizer(CHAT_TEXTS, vocab_size=300)
     ids = encode_prompt(get_template("phi_qa"), tok, "Who are you?")
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "Instruct: Who are you?\nOutput:"
 

@@ -12,12 +12,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from phift.config import PhiConfig  # noqa: E402
-from phift.data import encode_prompt, get_template  # noqa: E402
+from phift.config import Phi3Config, PhiConfig  # noqa: E402
+from phift.data import encode_prompt, get_template, stop_token_ids  # noqa: E402
 from phift.generate import generate  # noqa: E402
 from phift.model import Phi  # noqa: E402
+from phift.phi3 import Phi3  # noqa: E402
 from phift.serve import BackgroundServer, Engine, Request, create_app  # noqa: E402
-from phift.tokenizer import train_demo_tokenizer  # noqa: E402
+from phift.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
 
 CONTEXT = 128
 PROMPTS = ["who are you?", "你好", "I am", "an assistant who", "你是谁？", "who", "I am an assistant.", "are"]
@@ -309,3 +310,106 @@ def _up(url):
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ------------------------------------------------------------ Phi-3: the phi template, its end token, LongRoPE, window
+def phi3_model(preset: str, **over):
+    """A Phi-3-family model of a tiny preset, lm_head scaled up as `tiny`'s is."""
+    torch.manual_seed(0)
+    model = Phi3(Phi3Config.from_name(preset, vocab_size=320, **over)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.fixture(scope="module", params=["tiny-phi3", "tiny-phi4"])
+def chat_model(request, phi3_tokenizer_dir):
+    """(model, tokenizer) of the Phi-3 family: Phi-3.5-mini's shape (LongRoPE past 256 positions) or Phi-4-mini's
+    (grouped-query attention, partial rotary, the embedding tied to lm_head), scaled down, with the phi template's
+    tokens."""
+    return phi3_model(request.param), load_tokenizer(phi3_tokenizer_dir)
+
+
+def chat_greedy(model, tok, prompt, max_tokens):
+    """phift's own answer: generate, ending at the template's stop token ids, as `phift chat` does."""
+    return tok.decode(generate(model, [prompt], max_tokens, stop_token_ids(get_template("phi"), tok),
+                               tok.pad_token_id)[0])
+
+
+def test_a_phi3_model_answers_in_the_phi_template_as_generate_does(chat_model):
+    model, tok = chat_model
+    s = Served(chat_model, template="phi", max_batch_size=4)
+    try:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
+        prompt = encode_prompt(get_template("phi"), tok, "Who are you?", system="Be brief.")
+        expected = chat_greedy(model, tok, prompt, 40)
+        r = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=40)
+        assert r.choices[0].message.content == expected and r.usage.prompt_tokens == len(prompt)
+        chunks = s.client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    finally:
+        s.close()
+
+
+def test_a_phi3_answer_ends_at_the_templates_end_token(phi3_tokenizer_dir):
+    """<|end|> is a special token that decoding drops: the answer must end at its id, not at its text. lm_head's
+    rows of <|end|> and of the token greedy picks 6th swapped: the model says <|end|> there and nothing before
+    changes (Phi-3's lm_head is its own matrix: the prompt's <|end|> reads the same embedding)."""
+    model, tok = phi3_model("tiny-phi3"), load_tokenizer(phi3_tokenizer_dir)
+    end = tok._tok.token_to_id("<|end|>")
+    prompt = encode_prompt(get_template("phi"), tok, "What is 2+2?")
+    free = generate(model, [prompt], 12)[0]
+    sixth = free[5]
+    assert end not in free[:6] and sixth not in free[:5]
+    swapped = Phi3(model.config).eval()
+    swapped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        swapped.lm_head.weight[[end, sixth]] = swapped.lm_head.weight[[sixth, end]].clone()
+    s = Served((swapped, tok), template="phi")
+    try:
+        r = s.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                             max_tokens=12)
+        assert r.choices[0].message.content == tok.decode(free[:5]) == chat_greedy(swapped, tok, prompt, 12)
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 5
+        r = s.client.completions.create(model="tiny", prompt="What is 2+2?", max_tokens=30)  # no template, same ids
+        assert len(generate(swapped, [tok.encode("What is 2+2?")], 30, [tok.eos_token_id, end])[0]) \
+            == r.usage.completion_tokens
+    finally:
+        s.close()
+
+
+def test_a_longrope_model_is_served_up_to_its_original_length(chat_model):
+    """Past 256 positions the tiny shapes' LongRoPE would switch every row of a decode step to its long factors:
+    such a request is refused; one that ends at the original length is phift's own answer."""
+    model, tok = chat_model
+    s = Served(chat_model, max_batch_size=4)
+    try:
+        prompt = tok.encode("Who are you? I am an assistant made to help.")
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Who are you? I am an assistant "
+                                                        "made to help.", "max_tokens": 257 - len(prompt)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "LongRoPE" in r.json()["error"]["message"] and "256 tokens" in r.json()["error"]["message"]
+        r = s.client.completions.create(model="tiny", prompt="Who are you? I am an assistant made to help.",
+                                        max_tokens=256 - len(prompt))
+        assert r.choices[0].text == tok.decode(generate(model, [prompt], 256 - len(prompt), tok.eos_token_id,
+                                                        tok.pad_token_id)[0])
+    finally:
+        s.close()
+
+
+def test_a_sliding_window_spans_each_rows_own_tokens_while_rows_join_and_move(phi3_tokenizer_dir):
+    """Phi-3-mini-4k's kind (a window, no LongRoPE), scaled down: a window of 16 in a context of 64, requests that
+    join late and outlive the cache's last column, each answered as generate answers it alone."""
+    tok = load_tokenizer(phi3_tokenizer_dir)
+    model = phi3_model("tiny-phi3", rope_scaling=None, max_position_embeddings=64,
+                       original_max_position_embeddings=64, sliding_window=16)
+    model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    engine = Engine(model, tok, max_batch_size=4).start_thread()
+    try:
+        prompts = [tok.encode(p) for p in ("Who", "What is 2+2? It is four. Who are you?", "你好，我是助手。 I am")]
+        requests = [Request(p, 64 - len(p)) for p in prompts]
+        texts = asyncio.run(_collect(engine, requests))
+    finally:
+        engine.stop()
+    expected = [tok.decode(generate(model, [p], 64 - len(p), tok.eos_token_id, tok.pad_token_id)[0]) for p in prompts]
+    assert texts == expected and engine.max_rows_seen == 3
