@@ -101,4 +101,7 @@ def train_demo_tokenizer(texts, vocab_size: int = 2048) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    # BPE training is about quadratic in one pre-token's length, so training cut long runs of non-space characters;
+    # encoding is not, and keeps GPT-2's own pre-tokenizer, the one llama.cpp and every phi tokenizer know
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     return Tokenizer(tok, source="demo")
