@@ -248,7 +248,8 @@ def report(meta: dict, rows: list[dict]) -> str:
               f"(prompt {meta['prompt']} + answer {meta['answer']}), bf16, AdamW, LoRA r 8 α 16 on q/k/v, "
               f"activation checkpointing {meta['checkpointing']}, {meta['warmup']} warm-up + {meta['steps']} timed "
               f"steps. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
-              "| impl | pairs/s | step (ms) | peak GiB | vs TRL | status |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+              "| impl | pairs/s | step (ms) | peak GiB | vs TRL | status |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['impl']} | | | | | {r['status']} |")

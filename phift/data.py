@@ -243,7 +243,8 @@ def encode_prompt(template: Template, tokenizer, query: str, history=None, syste
 
 def target_share(cutoff_len: int, source_len: int, target_len: int) -> int:
     """The tokens a target keeps of cutoff_len beside a source: v0.3.3's infer_max_len (reserved_label_len 1), its
-    float order kept (the share first: 1792 * (305 / 2240) is 243.99999999999997, not 244). The source keeps the rest."""
+    float order kept (the share first: 1792 * (305 / 2240) is 243.99999999999997, not 244). The source keeps the
+    rest."""
     return max(int(cutoff_len * (target_len / (source_len + target_len))), 1)
 
 
@@ -628,7 +629,8 @@ def load_texts(dataset_names: str | list[str], dataset_dir, max_samples: int | N
 
 def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str, cutoff_len: int = 1024,
                 max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
-                name: str | None = None, author: str | None = None, stage: str = "sft") -> tuple[list[dict], list[dict]]:
+                name: str | None = None, author: str | None = None,
+                stage: str = "sft") -> tuple[list[dict], list[dict]]:
     """(train, val) examples, shuffled with `seed`; val_size is a fraction (< 1) or a count. The examples of a stage:
     sft: {input_ids, labels} (encode_supervised); pt: blocks of cutoff_len tokens (pretraining_blocks); rm, dpo and
     orpo: {prompt_ids, chosen_ids, rejected_ids} (encode_pairwise)."""

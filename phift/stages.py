@@ -14,7 +14,6 @@ which the loop averages over the steps it logs. The losses are plain functions o
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -26,9 +25,6 @@ from . import lora
 from .model import LMHead
 from .tensorfile import load_safetensors
 from .weights import VALUE_HEAD_WEIGHTS
-
-logger = logging.getLogger(__name__)
-
 
 
 # ------------------------------------------------------------------------------------------------------ the losses
@@ -45,7 +41,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         sigmoid  -(1 - ε) logsigmoid(βΔ) - ε logsigmoid(-βΔ)    DPO; ε > 0 is cDPO's label smoothing
         hinge    relu(1 - βΔ)                                 SLiC
         ipo      (Δ' - 1 / 2β)²                                IPO; Δ' the log-ratios averaged over each answer's
-                                                               tokens (TRL's normalisation), so the token counts count
+                                                               tokens (TRL's normalisation)
     The rewards β (π - ref) are detached: they are logged, not trained.
     """
     chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
@@ -71,8 +67,9 @@ def orpo_loss(chosen_mean_logps, rejected_mean_logps, beta: float):
     """(loss, log odds ratio) per pair from each answer's mean token log-probability: ORPO's -log p(chosen) (per
     token) + λ · -logsigmoid(log odds(chosen) - log odds(rejected)), λ = beta (the paper's and later LLaMA-Factory's
     form; TRL's odds-ratio term is the same, its NLL covers the prompt too)."""
-    log_odds = (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
-    return -chosen_mean_logps - beta * F.logsigmoid(log_odds), log_odds.detach()
+    chosen, rejected = chosen_mean_logps, rejected_mean_logps
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    return -chosen - beta * F.logsigmoid(log_odds), log_odds.detach()
 
 
 def sequence_logps(model: nn.Module, input_ids, labels, label_rows=None):
@@ -249,9 +246,9 @@ class DPO(Objective):
             self.model.train(was_training)
 
     def forward(self, input_ids, labels, label_rows=None, reference_logps=None, last=None, attention_mask=None):
-        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows)
-        if reference_logps is None:
+        if reference_logps is None:  # first: its transient memory is gone before the policy's activations pile up
             reference_logps = self.reference_logps(input_ids, labels, label_rows)
+        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows)
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), reference_logps.to(logps.dtype).chunk(2)
         (chosen_tokens, rejected_tokens), (chosen_logits, rejected_logits) = tokens.chunk(2), logit_sums.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,

@@ -2,7 +2,6 @@
 in v0.3.3's alpaca form and later LLaMA-Factory's sharegpt form, v0.3.3's pairwise cutoff, and malformed pairs."""
 import json
 import re
-import types
 from itertools import chain
 
 import pytest

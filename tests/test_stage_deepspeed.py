@@ -38,7 +38,7 @@ def zero2(tmp_path):
 @pytest.mark.parametrize("stage, finetuning, keys", [
     ("rm", "lora", ("loss", "accuracy", "margin")),
     ("dpo", "lora", ("loss", "rewards/margins", "logps/chosen")),
-    ("dpo", "full", ("loss", "rewards/margins", "logps/chosen")),  # the reference a frozen copy beside DeepSpeed's model
+    ("dpo", "full", ("loss", "rewards/margins", "logps/chosen")),  # the reference: a frozen copy beside DeepSpeed
 ])
 def test_zero2_trains_the_stage_as_plain_adamw(tmp_path, zero2, stage, finetuning, keys):
     plain = run(tmp_path, "plain", stage, "--finetuning_type", finetuning)

@@ -1,6 +1,6 @@
-"""--stage pt, rm, dpo and orpo in phift's one training loop on the CPU: each resumes to the log of an uninterrupted run,
-the reward model's head is saved and scored by `phift eval`, DPO's references agree, and the flags that do not go
-together are refused."""
+"""--stage pt, rm, dpo and orpo in phift's one training loop on the CPU: each resumes to the log of an uninterrupted
+run, the reward model's head is saved and scored by `phift eval`, DPO's references agree, and the flags that do not
+go together are refused."""
 import json
 import re
 import shlex

@@ -1,7 +1,6 @@
 """The pairwise stages' math: each loss and its gradients against float64 and against TRL's own code on the same
 log-probabilities, the chunked per-token log-probabilities against the full logits, the reward model's scores, and
 DPO's references (LoRA's adapters turned off, a frozen copy streamed from the CPU)."""
-import math
 import types
 from collections import defaultdict
 
