@@ -8,9 +8,10 @@ no padding), random token ids drawn from --seed, the same pairs for both sides. 
 --warmup steps, then --steps timed ones between CUDA synchronisations; peak memory is torch.cuda.max_memory_allocated
 over the timed steps (its counter reset just before them).
 
-  phift   phift.stages.DPO around a random phi-1_5 (bf16 base weights), LoRA r 8, α 16, dropout 0 on Wqkv (phi's
+  phift   `phift train --stage dpo --finetuning_type lora --bf16 True`'s step on a random phi-1_5 (bf16 base weights;
+          prepare_model, build_objective, build_engine, its CUDA kernels), LoRA r 8, α 16, dropout 0 on Wqkv (phi's
           fused q, k, v: one adapter), the reference the policy with its adapter off; batches made by
-          phift.train.to_batch, stepped by phift's TorchEngine (fused AdamW, clipping at 1.0, bf16 autocast)
+          phift.train.to_batch, stepped by the plain engine (fused AdamW, clipping at 1.0, bf16 autocast)
   trl     transformers' PhiForCausalLM of the same shape (bf16 base weights, SDPA) under TRL's DPOTrainer with a PEFT
           LoraConfig r 8, α 16, dropout 0 on q_proj, k_proj, v_proj (three adapters), ref_model None (TRL turns the
           adapter off for the reference), bf16, adamw_torch_fused, clipping at 1.0. The token ids reach it as text of
@@ -99,29 +100,30 @@ class Timer:
 
 # ============================================================================================ the two sides
 def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
+    """As `phift train --stage dpo` builds the step (its flags parsed, prepare_model, build_objective, build_engine,
+    the CUDA kernels loaded), on a random model of the preset's shape."""
     import torch
 
-    from phift import families, lora, stages
-    from phift.args import Precision
-    from phift.engines import OptimSpec
-    from phift.engines.plain import TorchEngine
-    from phift.recompute import recompute
-    from phift.train import to_batch
+    from phift import families, kernels
+    from phift.args import decide_precision, parse_train_args
+    from phift.engines import build_engine
+    from phift.train import build_objective, prepare_model, to_batch
 
-    half = torch.bfloat16
+    total = spec["warmup"] + spec["steps"]
+    run = parse_train_args([
+        "--model_name_or_path", "tiny" if spec["tiny"] else "phi-1_5", "--stage", "dpo", "--dataset", "unused",
+        "--output_dir", spec["scratch"], "--finetuning_type", "lora", "--lora_target", "Wqkv", "--lora_rank", "8",
+        "--lora_alpha", "16", "--lora_dropout", "0", "--dpo_beta", str(BETA), "--dpo_loss", "sigmoid", "--bf16", "True",
+        "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--learning_rate", str(LR), "--max_grad_norm", "1.0",
+        "--lr_scheduler_type", "constant", "--max_steps", str(total),
+        "--disable_gradient_checkpointing", str(spec["checkpointing"] == "off")])
+    precision = decide_precision(run, device)
+    kernels.load(device)
     torch.manual_seed(spec["seed"])
     with torch.device(device):
-        model = families.build(model_config(spec["tiny"])).to(half)
-    lora.inject(model, "Wqkv", r=8, alpha=16, dropout=0.0, verbose=False)
-    if spec["checkpointing"] == "on":
-        recompute(model, "full")
-    objective = stages.DPO(model, beta=BETA)
-    precision = Precision(compute=half, load=half, upcast_trainable=False, autocast=half, loss_scaling=False,
-                          master_weights=False)
-    total = spec["warmup"] + spec["steps"]
-    engine = TorchEngine(objective, OptimSpec(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                              max_grad_norm=1.0, schedule="constant", warmup_steps=0,
-                                              total_steps=total, accumulation=1), precision, device)
+        model = families.build(model_config(spec["tiny"])).to(precision.load)
+    objective = build_objective(prepare_model(model, run, precision), run, precision, device)
+    engine = build_engine(objective, run, precision, total, device)
     objective.train()
     losses = []
     for i in range(total):
@@ -130,7 +132,7 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
         losses.append(engine.forward_backward(batch, True).detach())
         engine.step(True)
         timer.after_step()
-    return {"loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+    return {"loss_first": float(losses[0]), "loss_last": float(losses[-1]), "cuda_kernels": kernels.kernels_enabled(),
             "trainable": sum(p.numel() for p in objective.parameters() if p.requires_grad)}
 
 
@@ -159,7 +161,8 @@ def run_trl(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
     torch.manual_seed(spec["seed"])
     hf_cfg = HFPhiConfig(**cfg.to_hf_dict())
     hf_cfg.use_cache = False
-    model = PhiForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.bfloat16).to(device)
+    with torch.device(device):
+        model = PhiForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
     text = lambda ids: " ".join("<eos>" if i == cfg.vocab_size - 1 else f"t{i}" for i in ids)  # noqa: E731
     dataset = Dataset.from_dict({"prompt": [text(p["prompt_ids"]) for p in pairs],
                                  "chosen": [" " + text(p["chosen_ids"]) for p in pairs],
@@ -260,7 +263,11 @@ def report(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['impl']} | {r['pairs_per_s']:.2f} | {r['step_ms']:.1f} | {peak} | {speedup} | ok |")
     checks = {r.get("data_checksum") for r in ok.values()}
     lines += ["", f"Same pairs on every side: {'yes' if len(checks) == 1 else 'NO'} (checksum "
-              f"{', '.join(sorted(c for c in checks if c))})."]
+              f"{', '.join(sorted(c for c in checks if c))}). Trainable parameters: "
+              + ", ".join(f"{r['impl']} {r['trainable']:,}" for r in ok.values())
+              + " (phift: one adapter on the fused Wqkv; PEFT: one each on q_proj, k_proj, v_proj)."]
+    if "phift" in ok and not meta["tiny"]:
+        lines.append(f"phift's CUDA kernels: {'on' if ok['phift'].get('cuda_kernels') else 'off (PyTorch fallbacks)'}.")
     return "\n".join(lines) + "\n"
 
 
