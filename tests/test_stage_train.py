@@ -135,6 +135,18 @@ def test_a_reward_model_continues_the_head_of_its_checkpoint_dir(tmp_path):
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-9)
 
 
+def test_phift_eval_reports_a_pretrained_models_loss_and_perplexity_on_its_blocks(tmp_path):
+    args = stage_args(tmp_path, "pt", finetuning_type="full", max_steps=2, val_size=4)
+    results = train_mod.train(args)
+    evaluated = parse_train_args(shlex.split(
+        f"--do_train False --do_eval True --stage pt --model_name_or_path {args.training.output_dir} --dataset "
+        f"law_pt_sample --dataset_dir {ROOT / 'data'} --cutoff_len 32 --val_size 4 --max_samples 12 --seed 0 "
+        f"--output_dir {tmp_path / 'eval'}"))
+    scores = train_mod.evaluate(evaluated)
+    assert scores["eval_loss"] == pytest.approx(results["eval_loss"], abs=2e-4)
+    assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["eval_loss"], rel=1e-6)
+
+
 def test_full_fine_tuning_saves_the_model_as_a_checkpoint_phift_loads(tmp_path):
     args = stage_args(tmp_path, "dpo", finetuning_type="full", max_steps=2)
     train_mod.train(args)
