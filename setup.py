@@ -24,7 +24,7 @@ GGUF = ["gguf>=0.10"]  # phift export --gguf: llama.cpp's own GGUF writer
 setup(
     name="phift",
     version="0.1.0",
-    description="Raw-PyTorch fine-tuning (LoRA and full) for Microsoft phi-1, phi-1_5 and phi-2",
+    description="Raw-PyTorch fine-tuning (LoRA and full; sft, pt, rm, dpo) for Microsoft's phi and Phi-3 models",
     packages=find_packages(include=["phift", "phift.*"]),
     # 3.10: zip(strict=...) and X | Y annotations read at run time; torch 2.4: torch.library.register_fake and the
     # device-generic autocast queries
@@ -38,11 +38,13 @@ setup(
         "wandb": ["wandb"],
         "serve": SERVE,
         "gguf": GGUF,
-        # the references the tests compare against: transformers and PEFT, the openai client, and what runs the
-        # notebook. llama.cpp's binding (the GGUF checks) is apart: it builds llama.cpp from source with cmake, about
-        # 10 minutes on 2 cores, and where it cannot be built those checks skip rather than the install failing
-        "test": ["pytest", "transformers>=4.37", "peft>=0.10", "tensorboard", "wandb", *SERVE, *GGUF,
-                 "openai>=1.40", "httpx", "nbclient", "nbformat", "ipykernel"],
+        # the references the tests compare against: transformers and PEFT, TRL (DPO's and ORPO's losses, read through
+        # its 1.16 trainers' internals, and the DPO benchmark's peer; Python 3.11 up), the openai client, and what
+        # runs the notebook. llama.cpp's binding (the GGUF checks) is apart: it builds llama.cpp from source with
+        # cmake, about 10 minutes on 2 cores, and where it cannot be built those checks skip rather than the install
+        # failing
+        "test": ["pytest", "transformers>=4.37", "peft>=0.10", "trl>=1.16; python_version >= '3.11'", "tensorboard",
+                 "wandb", *SERVE, *GGUF, "openai>=1.40", "httpx", "nbclient", "nbformat", "ipykernel"],
         "llama": ["llama-cpp-python>=0.3"],
     },
     entry_points={"console_scripts": ["phift=phift.cli:main"]},

@@ -85,7 +85,10 @@ class DataArgs:
 
 @dataclass
 class FinetuningArgs:
-    stage: str = arg("sft", "only supervised fine-tuning is supported", choices=("sft",))
+    stage: str = arg("sft", "sft: supervised fine-tuning; pt: continued pre-training on plain text; rm: a reward "
+                            "model (value head) on preference pairs; dpo: direct preference optimisation; orpo: "
+                            "odds-ratio preference optimisation (no reference model)",
+                     choices=("sft", "pt", "rm", "dpo", "orpo"))
     finetuning_type: str = arg("lora", "train LoRA adapters or every weight", choices=("lora", "full"))
     lora_rank: int = arg(8, "LoRA rank r")
     lora_alpha: float | None = arg(None, "LoRA alpha; default: 2 × lora_rank")
@@ -97,7 +100,22 @@ class FinetuningArgs:
                                            "them all into the base and train a new adapter")
     upcast_layernorm: bool = arg(False, "keep LayerNorm weights in fp32")
     neft_alpha: float = arg(0.0, "NEFTune noise alpha (0 = off)")
-    plot_loss: bool = arg(False, "write training_loss.png (raw and smoothed)")
+    plot_loss: bool = arg(False, "write training_loss.png (raw and smoothed), and training_metrics.png of the rm, "
+                                 "dpo and orpo metrics")
+    dpo_beta: float = arg(0.1, "DPO's beta (the strength of the pull towards the reference), ORPO's lambda")
+    dpo_loss: str = arg("sigmoid", "sigmoid: DPO's; hinge: SLiC's; ipo: IPO's (log-ratios averaged over answer "
+                                   "tokens, as TRL)", choices=("sigmoid", "hinge", "ipo"))
+    dpo_label_smoothing: float = arg(0.0, "cDPO's probability that a pair's preference is flipped (sigmoid loss "
+                                          "only)")
+    ref_model: str | None = arg(None, "the DPO reference model (a checkpoint directory or hub id); default: the model "
+                                      "itself before training (LoRA: with its adapter turned off; full: a frozen "
+                                      "copy)", aliases=("--dpo_ref_model",))
+    ref_model_checkpoint: str | None = arg(None, "comma-separated LoRA adapters merged into --ref_model",
+                                           aliases=("--ref_model_adapters",))
+    dpo_precompute_ref: bool = arg(False, "compute the reference's log-probabilities of every pair once before "
+                                          "training (no reference forward a step, no reference copy kept)")
+    dpo_ref_offload: bool = arg(False, "full fine-tuning: keep the frozen reference copy in CPU memory and stream "
+                                       "each block to the GPU for its forward")
 
 
 @dataclass
@@ -269,8 +287,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(prog: str = "phift train", groups=GROUPS, description: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, allow_abbrev=False, description=description or (
-        "Supervised fine-tuning of phi models with LLaMA-Factory's `--stage sft` flags. A YAML file of the same "
-        "keys may come first (`phift train config.yaml --learning_rate 1e-4`); flags override it."))
+        "Fine-tuning of phi models with LLaMA-Factory's flags (--stage sft, pt, rm, dpo, orpo). A YAML file of the "
+        "same keys may come first (`phift train config.yaml --learning_rate 1e-4`); flags override it."))
     for name, group in groups.items():
         g = p.add_argument_group(name)
         for f, convert in _fields(group):
@@ -352,6 +370,8 @@ DOMAINS = {
     "lora_alpha": ("positive", _positive),
     "lora_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "neft_alpha": ("non-negative (0: off)", _non_negative),
+    "dpo_beta": ("positive", _positive),
+    "dpo_label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
     "learning_rate": ("positive", _positive),
     "num_train_epochs": ("positive", _positive),
     "per_device_train_batch_size": ("positive", _positive),
@@ -433,6 +453,7 @@ def check(run: RunConfig) -> None:
                           "--mcq_files exam.csv (multiple-choice accuracy)")
     if t.do_predict and not t.predict_with_generate:
         raise ConfigError("--do_predict needs --predict_with_generate True (as in LLaMA-Factory)")
+    check_stage(run)
     if f.finetuning_type == "full" and m.checkpoint_dir:
         raise ConfigError("--checkpoint_dir holds LoRA adapters; with --finetuning_type full point "
                           "--model_name_or_path at the checkpoint instead")
@@ -440,6 +461,45 @@ def check(run: RunConfig) -> None:
         if getattr(group, name):
             logger.info("--%s has no effect in phift (%s)", name,
                         next(x.metadata["help"] for x in dataclasses.fields(group) if x.name == name).split(": ")[-1])
+
+
+PAIRWISE_STAGES = ("rm", "dpo", "orpo")  # the stages that train on preference pairs
+
+
+def check_stage(run: RunConfig) -> None:
+    """The rules of --stage and the flags that belong to one stage."""
+    d, f, t = run.data, run.finetuning, run.training
+    if d.packing and f.stage != "sft":
+        raise ConfigError(f"--packing packs supervised samples; --stage {f.stage} "
+                          + ("cuts its text into blocks of --cutoff_len already" if f.stage == "pt" else
+                             "keeps each pair's chosen and rejected answers in rows of their own"))
+    if f.stage in PAIRWISE_STAGES and d.train_on_prompt:
+        raise ConfigError(f"--stage {f.stage} scores the answers of a pair, which share their prompt: "
+                          "--train_on_prompt True has nothing to add")
+    if run.model.cuda_graphs and f.stage in PAIRWISE_STAGES:
+        raise ConfigError(f"--cuda_graphs replays the language-model loss of --stage sft and pt; --stage {f.stage} "
+                          "runs eagerly")
+    if t.do_predict and f.stage != "sft":
+        raise ConfigError(f"--do_predict generates answers to score them, which is --stage sft's evaluation (as in "
+                          f"LLaMA-Factory); --stage {f.stage} evaluates with --do_eval")
+    if d.mcq_files and f.stage == "rm":
+        raise ConfigError("--mcq_files scores the answers a language model writes; a reward model writes none")
+    dpo_flags = [name for name, default in (("ref_model", None), ("ref_model_checkpoint", None),
+                                            ("dpo_precompute_ref", False), ("dpo_ref_offload", False))
+                 if getattr(f, name) != default]
+    if dpo_flags and f.stage != "dpo":
+        raise ConfigError(f"--{dpo_flags[0]} is about DPO's reference model, which --stage {f.stage} does not have")
+    if f.dpo_label_smoothing > 0 and f.dpo_loss != "sigmoid":
+        raise ConfigError(f"--dpo_label_smoothing is the sigmoid loss's (cDPO); --dpo_loss {f.dpo_loss} has none")
+    if f.ref_model_checkpoint and not f.ref_model:
+        raise ConfigError("--ref_model_checkpoint names adapters of --ref_model: give --ref_model too")
+    if f.dpo_ref_offload:
+        if f.dpo_precompute_ref:
+            raise ConfigError("--dpo_precompute_ref computes the reference once and keeps no copy of it: "
+                              "--dpo_ref_offload has nothing to offload")
+        if f.finetuning_type == "lora" and not f.ref_model:
+            raise ConfigError("--dpo_ref_offload: a LoRA run's reference is the model with its adapter turned off, "
+                              "which keeps no copy to offload")
 
 
 def resolve(run: RunConfig) -> RunConfig:

@@ -1,6 +1,8 @@
-"""SFT data: the dataset registry, prompt templates, supervised encoding, and batching.
+"""Training data: the dataset registry, prompt templates, the encodings of each stage, and batching.
 
     dataset_info.json → load_rows → encode_supervised (template, cutoff policy) → collate | pack + collate_packed
+                      → load_texts → pretraining_blocks (--stage pt) → collate
+                      → load_rows(ranking=True) → encode_pairwise (--stage rm, dpo, orpo) → collate_pairs
 
 The flags mean what they meant to the seed in LLaMA-Factory v0.3.3 (December 2023): `--dataset`, `--dataset_dir`,
 `--template`, `--cutoff_len`, `--max_samples`, `--train_on_prompt`, `--val_size`.
@@ -8,12 +10,14 @@ The flags mean what they meant to the seed in LLaMA-Factory v0.3.3 (December 202
 dataset_info.json maps a dataset name to an entry (LLaMA-Factory's schema):
 
     "name": {
-      "file_name": "x.json",               .json (an array of records) or .jsonl (one record a line), under dataset_dir;
-                                           with hf_hub_url, the file's path inside that hub dataset repository
+      "file_name": "x.json",               .json (an array of records), .jsonl (one record a line) or .txt (one
+                                           record {"text": line} a line), under dataset_dir; with hf_hub_url, the
+                                           file's path inside that hub dataset repository
       "hf_hub_url": "owner/repo",          optional: fetched with huggingface_hub.hf_hub_download(repo_type="dataset")
       "file_sha1": "...",                  optional: checked; a mismatch logs a warning, as LLaMA-Factory did, so that
                                            a file edited on purpose (say, the name filled in) still loads
       "formatting": "alpaca",              or "sharegpt"
+      "ranking": true,                     optional: preference pairs, for --stage rm, dpo and orpo (below)
       "columns": {...}                     which record keys hold what (below)
     }
 
@@ -29,6 +33,11 @@ their defaults); turns alternate a user (human/user) and an assistant (gpt/assis
 leading system message.
 
 A row is {"prompt": the user's turn, "response": str, "history": [[q, r], ...], "system": str (only when given)}.
+
+Preference pairs ("ranking": true) have "chosen" and "rejected" in place of "response": in alpaca, the response column
+holds the list [chosen, rejected] (v0.3.3's form) or `columns` maps "chosen" and "rejected" to two text columns; in
+sharegpt (later LLaMA-Factory's form), the messages end with the user's turn and `columns` "chosen" and "rejected" name
+two assistant messages. Pre-training (--stage pt) reads one text a record, the prompt column.
 """
 from __future__ import annotations
 
@@ -232,6 +241,13 @@ def encode_prompt(template: Template, tokenizer, query: str, history=None, syste
     return [t for source, target in pairs[:-1] for t in source + target] + pairs[-1][0]
 
 
+def target_share(cutoff_len: int, source_len: int, target_len: int) -> int:
+    """The tokens a target keeps of cutoff_len beside a source: v0.3.3's infer_max_len (reserved_label_len 1), its
+    float order kept (the share first: 1792 * (305 / 2240) is 243.99999999999997, not 244). The source keeps the
+    rest."""
+    return max(int(cutoff_len * (target_len / (source_len + target_len))), 1)
+
+
 def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int, train_on_prompt: bool) -> dict:
     """input_ids and labels (-100 over every source unless train_on_prompt); every response turn is trained.
 
@@ -250,8 +266,7 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
     input_ids, labels = [], []
     for i, (source, target) in enumerate(encode_turns(template, tokenizer, row["prompt"], row["response"],
                                                       row.get("history"), row.get("system"))):
-        # v0.3.3's float order (the share first): 1792 * (305 / 2240) is 243.99999999999997, not 244
-        max_target = max(int(cutoff_len * (len(target) / (len(source) + len(target)))), 1)
+        max_target = target_share(cutoff_len, len(source), len(target))
         source, target = source[:cutoff_len - max_target], target[:max_target]
         if train_on_prompt:
             mask = source
@@ -264,6 +279,53 @@ def encode_supervised(template: Template, tokenizer, row: dict, cutoff_len: int,
     if template.efficient_eos:
         input_ids, labels = input_ids + [eos], labels + [eos]
     return {"input_ids": input_ids[:cutoff_len], "labels": labels[:cutoff_len]}
+
+
+def encode_pairwise(template: Template, tokenizer, row: dict, cutoff_len: int) -> dict:
+    """prompt_ids, chosen_ids, rejected_ids of a preference pair, as v0.3.3's preprocess_pairwise_dataset makes them.
+
+    The prompt is every earlier turn (prompt and answer) and the last prompt, as encode_prompt gives it; each answer
+    ends with eos (an efficient_eos template's too: v0.3.3 appended it). Cutoff: v0.3.3's split of cutoff_len with the
+    longer answer as the target (target_share), so that the prompt and either answer fit; the prompt keeps its head.
+    """
+    if cutoff_len < 2:
+        raise ValueError(f"cutoff_len must be >= 2, got {cutoff_len}: a row of one token trains nothing")
+    eos = [tokenizer.eos_token_id] if template.efficient_eos else []
+    answers = []
+    for key in ("chosen", "rejected"):
+        pairs = encode_turns(template, tokenizer, row["prompt"], row[key], row.get("history"), row.get("system"))
+        answers.append(pairs[-1][1] + eos)
+    prompt = [t for source, target in pairs[:-1] for t in source + target] + pairs[-1][0]
+    max_target = target_share(cutoff_len, len(prompt), max(map(len, answers)))
+    chosen, rejected = (a[:max_target] for a in answers)
+    return {"prompt_ids": prompt[:cutoff_len - max_target], "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+# ---------------------------------------------------------------------------------------------------- pre-training
+# v0.3.3's preprocess_pretrain_dataset ran under datasets' map(batched=True): its texts were joined and cut into blocks
+# a map batch (1,000 texts) at a time, each batch dropping its own remainder
+PRETRAIN_MAP_BATCH = 1000
+# v0.3.3 turned add_eos_token on where a tokenizer has it (LLaMA's) so that each text ends with eos; phi's tokenizer
+# (CodeGenTokenizerFast in the transformers of v0.3.3, < 4.35) has no such switch, and its post-processor adds no
+# special token either: phi-1/1.5/2 texts follow each other with nothing between them
+EOS_AFTER_TEXT = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+
+
+def pretraining_ids(tokenizer, text: str) -> list[int]:
+    """A text's ids as v0.3.3's pre-training stage took them: the tokenizer's own special tokens
+    (add_special_tokens=True), plus eos for the tokenizers in EOS_AFTER_TEXT."""
+    eos = [tokenizer.eos_token_id] if getattr(tokenizer, "tokenizer_class", None) in EOS_AFTER_TEXT else []
+    return tokenizer.encode(text, add_special_tokens=True) + eos
+
+
+def pretraining_blocks(texts: list[str], tokenizer, cutoff_len: int) -> list[dict]:
+    """Texts joined and cut into blocks of exactly cutoff_len tokens, every token labelled (v0.3.3's
+    preprocess_pretrain_dataset): a map batch of PRETRAIN_MAP_BATCH texts at a time, its remainder dropped."""
+    blocks = []
+    for start in range(0, len(texts), PRETRAIN_MAP_BATCH):
+        ids = [t for text in texts[start:start + PRETRAIN_MAP_BATCH] for t in pretraining_ids(tokenizer, text)]
+        blocks += [ids[i:i + cutoff_len] for i in range(0, len(ids) // cutoff_len * cutoff_len, cutoff_len)]
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
@@ -334,20 +396,33 @@ def _read_records(path: Path, dataset: str) -> list:
                     raise ValueError(f"{path}:{lineno}:{e.colno}: invalid JSON in dataset {dataset!r}: {e.msg}") \
                         from None
                 where.append(f"{path}:{lineno}")
+    elif path.suffix == ".txt":
+        # as datasets' text loader reads it (v0.3.3's "text" files): universal newlines, one record a line (empty
+        # ones too), no record after a final newline
+        text = read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        records = [{"text": line} for line in lines]
+        where = [f"{path}:{lineno}" for lineno in range(1, len(lines) + 1)]
     else:
-        raise ValueError(f"dataset {dataset!r}: {path.name} is neither .json nor .jsonl")
+        raise ValueError(f"dataset {dataset!r}: {path.name} is not .json, .jsonl or .txt")
     for record, at in zip(records, where):
         if not isinstance(record, dict):
             raise ValueError(f"{at}: dataset {dataset!r}: a record must be a JSON object, got {type(record).__name__}")
     return list(zip(records, where))
 
 
-def _record_columns(entry: dict, present: set[str], dataset: str, where: str) -> dict[str, str]:
+def _record_columns(entry: dict, present: set[str], dataset: str, where: str,
+                    needed: tuple[str, ...] = ("prompt", "response")) -> dict[str, str]:
     """Which record key each row field reads. As in v0.3.3, whose `datasets` gave every record all the columns of
     its file (null where a record lacks one), a column that `columns` names must be in some record.
 
     alpaca follows v0.3.3's renaming: each mapped column (the defaults without "columns") takes its field's name,
-    then the columns named prompt, query, response, history and system are read whether mapped or not.
+    then the columns named prompt, query, response, history and system are read whether mapped or not. `needed`: the
+    fields some column must hold (pre-training reads the prompt alone). A ranking dataset's answers are the response
+    column's list [chosen, rejected] (v0.3.3) or, as later LLaMA-Factory maps them, the columns `chosen` and
+    `rejected` name (in sharegpt, one message each).
     """
     def fail(problem: str):
         raise ValueError(f"{where}: dataset {dataset!r}: {problem}; the records have: "
@@ -357,13 +432,21 @@ def _record_columns(entry: dict, present: set[str], dataset: str, where: str) ->
         if column not in present:
             fail(f"no column {column!r} (its {field})")
 
+    pair_columns = {f: entry.get("columns", {}).get(f) for f in ("chosen", "rejected")}
     if entry.get("formatting", "alpaca") == "sharegpt":
         columns = {**SHAREGPT_COLUMNS, **entry.get("columns", {})}
-        for field in ("messages", "system"):
+        if entry.get("ranking"):
+            columns.setdefault("chosen", "chosen")
+            columns.setdefault("rejected", "rejected")
+        for field in ("messages", "system", "chosen", "rejected"):
             if field in columns:
                 check(field, columns[field])
         return columns
     columns = entry.get("columns", ALPACA_COLUMNS)
+    if entry.get("ranking") and all(pair_columns.values()):
+        needed = tuple(f for f in needed if f != "response")
+        for field, column in pair_columns.items():
+            check(field, column)
     names = {c: c for c in present}  # a column's name after the renames -> its key in the record
     for field in ALPACA_FIELDS:
         column = columns.get(field)
@@ -372,17 +455,21 @@ def _record_columns(entry: dict, present: set[str], dataset: str, where: str) ->
             if field in names:
                 fail(f"the {field} column {column!r} would replace the column {field!r}")
             names[field] = names.pop(column)
-    for field in ("prompt", "response"):
+    for field in needed:
         if field not in names:
             fail(f"no column holds the {field}: map one in 'columns' or name a column {field!r}")
     found = {field: names[field] for field in ALPACA_FIELDS if field in names}
     if columns.get("reference"):
         check("reference", columns["reference"])
         found["reference"] = columns["reference"]
+    if entry.get("ranking") and all(pair_columns.values()):
+        found.update(pair_columns)
+        found.pop("response", None)
     return found
 
 
-def _format_row(record: dict, columns: dict[str, str], sharegpt: bool, dataset: str, at: str) -> dict:
+def _format_row(record: dict, columns: dict[str, str], sharegpt: bool, dataset: str, at: str,
+                ranking: bool = False) -> dict:
     def fail(problem: str):
         raise ValueError(f"{at}: dataset {dataset!r}: {problem}")
 
@@ -414,11 +501,23 @@ def _format_row(record: dict, columns: dict[str, str], sharegpt: bool, dataset: 
             if m[role] not in expected:
                 fail(f"message {i} has role {m[role]!r} where one of {expected} belongs "
                      "(turns must alternate user, assistant)")
-        if len(messages) % 2:
+        if ranking:  # the last message is the prompt that the chosen and rejected messages answer
+            if len(messages) % 2 == 0:
+                fail("a preference pair's conversation must end with the user message that its chosen and rejected "
+                     "answers reply to")
+            messages = [*messages, {role: ASSISTANT_ROLES[0], content: ""}]
+        elif len(messages) % 2:
             fail("the conversation ends with a user message that has no answer")
         pairs = [[text(messages[i][content], f"message {i}"), text(messages[i + 1][content], f"message {i + 1}")]
                  for i in range(0, len(messages), 2)] or [["", ""]]
         row["prompt"], row["response"], row["history"] = *pairs[-1], pairs[:-1]
+        if ranking:
+            del row["response"]
+            for key in ("chosen", "rejected"):
+                m = record.get(columns[key])
+                if isinstance(m, dict) and m.get(role) not in ASSISTANT_ROLES:
+                    fail(f"the {key} message has role {m.get(role)!r} where one of {ASSISTANT_ROLES} belongs")
+                row[key] = m.get(content) if isinstance(m, dict) else m
     else:
         prompt, query = get("prompt") or "", get("query") or ""
         prompt = prompt + "\n" + query if query else prompt
@@ -430,7 +529,27 @@ def _format_row(record: dict, columns: dict[str, str], sharegpt: bool, dataset: 
         for turn in history:
             if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(s, str) for s in turn)):
                 fail(f"each history turn must be a [query, response] pair of strings, got {turn!r}")
-        row.update(prompt=prompt, response=get("response") or "", history=history)
+        row.update(prompt=prompt, history=history)
+        if not ranking:
+            row["response"] = get("response") or ""
+        elif "chosen" in columns:
+            row["chosen"], row["rejected"] = record.get(columns["chosen"]), record.get(columns["rejected"])
+        else:  # v0.3.3's form: the response column holds [chosen, rejected] (a longer list's others unused)
+            answers = record.get(columns["response"])
+            if not isinstance(answers, list) or len(answers) < 2:
+                fail(f"column {columns['response']!r} of a ranking dataset must be a list [chosen, rejected], got "
+                     f"{answers!r:.80}")
+            row["chosen"], row["rejected"] = answers[0], answers[1]
+    if ranking:
+        for key in ("chosen", "rejected"):
+            if row[key] is None:
+                fail(f"the pair has no {key} answer")
+            if not isinstance(row[key], str):
+                fail(f"the {key} answer must be a string, got {type(row[key]).__name__}")
+            if not row[key]:
+                fail(f"the {key} answer is empty")
+        if row["chosen"] == row["rejected"]:
+            fail("the chosen and rejected answers are the same text, which prefers nothing")
     system = get("system")
     if system:
         row["system"] = system
@@ -447,42 +566,88 @@ def _fill_identity(value, name: str, author: str):
     return {k: _fill_identity(v, name, author) for k, v in value.items()}
 
 
-def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | None = None, name: str | None = None,
-              author: str | None = None) -> list[dict]:
-    """Rows of the named datasets (comma-separated or a list), in order; the first max_samples of each.
-
-    <NAME>/{{name}} and <AUTHOR>/{{author}} become `name` and `author` (both default to "phift").
-    Rows with an empty prompt or response are skipped, as v0.3.3 did, and the count is logged.
-    """
+def _datasets(dataset_names: str | list[str], dataset_dir):
+    """(name, dataset_info entry, file, [(record, where)]) of each named dataset, in order."""
     names = [n.strip() for n in dataset_names.split(",")] if isinstance(dataset_names, str) else list(dataset_names)
     info = load_dataset_info(dataset_dir)
-    rows = []
     for dataset in names:
         if dataset not in info:
             raise ValueError(f"unknown dataset {dataset!r}; {Path(dataset_dir) / 'dataset_info.json'} defines: "
                              f"{', '.join(info) or 'nothing'}")
         path = _dataset_file(dataset, info[dataset], dataset_dir)
-        records = _read_records(path, dataset)
-        columns = _record_columns(info[dataset], {key for record, _ in records for key in record}, dataset, str(path))
-        sharegpt = info[dataset].get("formatting", "alpaca") == "sharegpt"
-        formatted = [_format_row(record, columns, sharegpt, dataset, at) for record, at in records[:max_samples]]
-        kept = [r for r in formatted if r["prompt"] and r["response"]]
+        yield dataset, info[dataset], path, _read_records(path, dataset)
+
+
+def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | None = None, name: str | None = None,
+              author: str | None = None, ranking: bool = False) -> list[dict]:
+    """Rows of the named datasets (comma-separated or a list), in order; the first max_samples of each.
+
+    <NAME>/{{name}} and <AUTHOR>/{{author}} become `name` and `author` (both default to "phift").
+    Rows with an empty prompt or response are skipped, as v0.3.3 did, and the count is logged.
+    ranking: preference pairs (the datasets' entries say "ranking": true, as v0.3.3 required for rm and dpo): each
+    row has "chosen" and "rejected" in place of "response"; a pair without both, or with an empty or the same
+    answer twice, is an error naming its record.
+    """
+    rows = []
+    for dataset, entry, path, records in _datasets(dataset_names, dataset_dir):
+        if bool(entry.get("ranking")) != ranking:
+            raise ValueError(f"dataset {dataset!r} is a preference dataset (\"ranking\": true in dataset_info.json): "
+                             "train on it with --stage rm, dpo or orpo" if entry.get("ranking") else
+                             f"dataset {dataset!r} holds no preference pairs (its dataset_info.json entry has no "
+                             "\"ranking\": true), which --stage rm, dpo and orpo train on")
+        columns = _record_columns(entry, {key for record, _ in records for key in record}, dataset, str(path))
+        sharegpt = entry.get("formatting", "alpaca") == "sharegpt"
+        formatted = [_format_row(record, columns, sharegpt, dataset, at, ranking)
+                     for record, at in records[:max_samples]]
+        kept = [r for r in formatted if r["prompt"] and (ranking or r["response"])]
         if len(kept) < len(formatted):
-            logger.warning("dataset %r: skipped %d of %d records with an empty prompt or response",
-                           dataset, len(formatted) - len(kept), len(formatted))
+            logger.warning("dataset %r: skipped %d of %d records with an empty prompt%s", dataset,
+                           len(formatted) - len(kept), len(formatted), "" if ranking else " or response")
         rows += kept
     return _fill_identity(rows, name or DEFAULT_NAME, author or DEFAULT_AUTHOR)
 
 
+def load_texts(dataset_names: str | list[str], dataset_dir, max_samples: int | None = None) -> list[str]:
+    """The texts of the named datasets for pre-training, in order; the first max_samples of each. A text is a record's
+    prompt column, which is all v0.3.3's pre-training read (a .txt file's lines are the column "text", so its entry
+    maps "columns": {"prompt": "text"}); texts are taken as they are, empty ones included."""
+    texts = []
+    for dataset, entry, path, records in _datasets(dataset_names, dataset_dir):
+        if entry.get("formatting", "alpaca") != "alpaca" or entry.get("ranking"):
+            raise ValueError(f"dataset {dataset!r}: pre-training reads a text column of alpaca-formatted records, "
+                             "not conversations or preference pairs")
+        column = _record_columns(entry, {key for record, _ in records for key in record}, dataset, str(path),
+                                 needed=("prompt",))["prompt"]
+        for record, at in records[:max_samples]:
+            text = record.get(column)
+            if not isinstance(text, str):
+                raise ValueError(f"{at}: dataset {dataset!r}: column {column!r} must be a string, got "
+                                 f"{type(text).__name__}")
+            texts.append(text)
+    return texts
+
+
 def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str, cutoff_len: int = 1024,
                 max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
-                name: str | None = None, author: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, val) examples {input_ids, labels}, shuffled with `seed`; val_size is a fraction (< 1) or a count."""
+                name: str | None = None, author: str | None = None,
+                stage: str = "sft") -> tuple[list[dict], list[dict]]:
+    """(train, val) examples, shuffled with `seed`; val_size is a fraction (< 1) or a count. The examples of a stage:
+    sft: {input_ids, labels} (encode_supervised); pt: blocks of cutoff_len tokens (pretraining_blocks); rm, dpo and
+    orpo: {prompt_ids, chosen_ids, rejected_ids} (encode_pairwise)."""
     if not val_size >= 0:
         raise ValueError(f"val_size must be non-negative, got {val_size}")
     template = get_template(template) if isinstance(template, str) else template
-    rows = load_rows(dataset_names, dataset_dir, max_samples, name, author)
-    examples = [encode_supervised(template, tokenizer, row, cutoff_len, train_on_prompt) for row in rows]
+    if stage == "pt":
+        examples = pretraining_blocks(load_texts(dataset_names, dataset_dir, max_samples), tokenizer, cutoff_len)
+        if not examples:
+            raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold fewer tokens than one block of "
+                             f"cutoff_len {cutoff_len}")
+    elif stage == "sft":
+        rows = load_rows(dataset_names, dataset_dir, max_samples, name, author)
+        examples = [encode_supervised(template, tokenizer, row, cutoff_len, train_on_prompt) for row in rows]
+    else:
+        rows = load_rows(dataset_names, dataset_dir, max_samples, name, author, ranking=True)
+        examples = [encode_pairwise(template, tokenizer, row, cutoff_len) for row in rows]
     if not examples:
         raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold no usable rows")
     random.Random(seed).shuffle(examples)
@@ -509,6 +674,24 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
         "labels": [e["labels"] for e in examples],
         "attention_mask": [[1] * len(e["input_ids"]) for e in examples],
     }, pad_token_id, pad_to_multiple_of)
+
+
+def collate_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict:
+    """B preference pairs as one batch of 2B rows, the chosen answers first and then the rejected (v0.3.3's pairwise
+    collators): each row is prompt + answer, right-padded; labels are -100 on the prompt and the padding; `last` is
+    each row's last token (where a reward model scores it); `reference_logps` [2B], where the examples carry them
+    (--dpo_precompute_ref)."""
+    rows = [(e["prompt_ids"], e[key]) for key in ("chosen_ids", "rejected_ids") for e in examples]
+    batch = _padded_batch({
+        "input_ids": [p + a for p, a in rows],
+        "labels": [[IGNORE_INDEX] * len(p) + a for p, a in rows],
+        "attention_mask": [[1] * (len(p) + len(a)) for p, a in rows],
+    }, pad_token_id, pad_to_multiple_of)
+    batch["last"] = torch.tensor([len(p) + len(a) - 1 for p, a in rows])
+    if "reference_logps" in examples[0]:
+        batch["reference_logps"] = torch.tensor([e["reference_logps"][i] for i in (0, 1) for e in examples],
+                                                dtype=torch.float64)
+    return batch
 
 
 def pack(examples: list[dict], max_len: int) -> list[list[dict]]:

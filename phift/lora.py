@@ -18,6 +18,7 @@ rows are listed in `modules`: path → its parts in rank order, each {"r", "lora
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -131,9 +132,10 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT: B = 0 makes a fresh adapter a no-op
         self.merged = False
+        self.disabled = False  # the base alone (`disabled`)
 
     def forward(self, x):
-        if self.merged:
+        if self.merged or self.disabled:
             return F.linear(x, self.weight, self.bias)
         B, scaling = self.scaled_B()
         return kernels.lora_linear(x, self.weight, self.bias, self.lora_A, B, scaling, self.lora_dropout,
@@ -240,6 +242,25 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def set_merged(model: nn.Module, merged: bool) -> None:
     for m in lora_modules(model).values():
         m.merge() if merged else m.unmerge()
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Inside, the model runs as its base: every adapter is skipped (one that is merged is taken out first and put
+    back after). DPO's reference under LoRA is the policy with its adapters turned off: no second copy."""
+    mods = list(lora_modules(model).values())
+    merged = [m for m in mods if m.merged]
+    for m in merged:
+        m.unmerge()
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.disabled = False
+        for m in merged:
+            m.merge()
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

@@ -200,8 +200,66 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _ChunkedLinearLogProbs(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[label] of each row, and each row's mean logit, computed a chunk of rows at a time.
+
+    A mean loss's gradient is known in the forward (see _ChunkedLinearCrossEntropy); these are a vector, each row's
+    weight in the loss known only in backward (DPO's depends on every sequence's sum). So the forward keeps nothing
+    of the vocabulary but each row's log-sum-exp, and backward computes each chunk's logits again (one more h Wᵀ of
+    the labelled rows) to form g_row · (onehot − softmax): [chunk, vocab] fp32 at most, forward or backward. The
+    logits are recomputed in the dtype the forward made them in (autocast's half), so the softmax matches.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk_rows):
+        n, acc = h.shape[0], torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for a float64 check
+        logps, mean_logits, lse = (torch.empty(n, device=h.device, dtype=acc) for _ in range(3))
+        ctx.compute_dtype = h.dtype
+        for s in range(0, n, chunk_rows):
+            c = slice(s, s + chunk_rows)
+            logits = F.linear(h[c], weight, bias)
+            ctx.compute_dtype = logits.dtype
+            logits = logits.to(acc)
+            lse[c] = torch.logsumexp(logits, dim=-1)
+            logps[c] = logits.gather(1, labels[c, None]).squeeze(1) - lse[c]
+            mean_logits[c] = logits.mean(dim=-1)
+        ctx.save_for_backward(h, weight, bias, labels, lse)
+        ctx.chunk_rows = chunk_rows
+        ctx.mark_non_differentiable(mean_logits)
+        return logps, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_logps, _):
+        h, weight, bias, labels, lse = ctx.saved_tensors
+        dt, rows = ctx.compute_dtype, ctx.chunk_rows
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        w, b = weight.to(dt), bias.to(dt) if bias is not None else None
+        acc = lse.dtype
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, device=h.device, dtype=acc) if want_w else None
+        grad_b = torch.zeros(bias.shape, device=h.device, dtype=acc) if want_b else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                c = slice(s, s + rows)
+                hc = h[c].to(dt)
+                g = (F.linear(hc, w, b).to(acc) - lse[c, None]).exp_().neg_()  # − softmax
+                g.scatter_add_(1, labels[c, None], torch.ones_like(g[:, :1]))  # + onehot
+                g.mul_(grad_logps[c, None].to(acc))
+                if want_b:
+                    grad_b += g.sum(0)
+                g = g.to(dt)
+                if want_h:
+                    grad_h[c] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ hc).to(acc)
+        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
+                grad_b.to(bias.dtype) if want_b else None, None, None)
+
+
 class LMHead(nn.Linear):
-    """The output projection; given labels it returns the shifted, masked mean cross-entropy instead of logits.
+    """The output projection; given labels it returns the shifted, masked mean cross-entropy instead of logits, or
+    with per_token=True each labelled position's log-probability of its label and mean logit.
 
     The loss lives in this module's forward (not the model's) so that DeepSpeed ZeRO-3 gathers its weight.
     """
@@ -215,7 +273,10 @@ class LMHead(nn.Linear):
         queues the blocks, while the GPU has almost nothing to finish, rather than here, after all of them."""
         return (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
-    def forward(self, h, labels=None, rows=None):
+    def forward(self, h, labels=None, rows=None, per_token=False):
+        """Logits; or, given labels, the mean cross-entropy of the labelled shifted positions (`rows` of the
+        flattened [B, T - 1] positions, LMHead.label_rows); with per_token=True, (log p(label), mean logit) of each of
+        those rows, fp32 vectors in the order of `rows`."""
         if labels is None:
             return super().forward(h)
         if rows is None:
@@ -223,6 +284,8 @@ class LMHead(nn.Linear):
         h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
         labels = labels[:, 1:].reshape(-1).index_select(0, rows)
         chunk_rows = max(1, self.chunk_bytes // (4 * self.out_features))
+        if per_token:
+            return _ChunkedLinearLogProbs.apply(h, self.weight, self.bias, labels, chunk_rows)
         return _ChunkedLinearCrossEntropy.apply(h, self.weight, self.bias, labels, chunk_rows,
                                                 torch.is_grad_enabled())
 
@@ -246,8 +309,9 @@ class Phi(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None,
-                label_rows=None):
-        """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given.
+                label_rows=None, hidden_only=False):
+        """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given, or with hidden_only the
+        final LayerNorm's output [B, T, hidden] (what a value head or LMHead's per-token log-probs read).
 
         label_rows: LMHead.label_rows(labels), when the caller found them without waiting for the GPU (the training
         loop does, on the CPU); else they are found here, a host sync.
@@ -275,6 +339,8 @@ class Phi(nn.Module):
             x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if hidden_only:
+            return self.ln_f(x)
         return self.lm_head(self.ln_f(x), labels, label_rows)
 
     def num_params(self, trainable_only: bool = False) -> int:

@@ -5,9 +5,9 @@ Attention has one fused qkv_proj (rows q;k;v, fewer key-value heads than query h
 and rotary embedding on the first `rotary_dim` dims of each head, through the same `kernels.rotary_qkv` and
 PyTorch SDPA as phi; the MLP is SwiGLU over one fused gate_up_proj (rows gate;up): down(up · silu(gate)). No biases.
 
-Same contract as `model.Phi`: forward(input_ids, labels, attention_mask, position_ids, kv_cache, label_rows), the
-same LMHead loss, `KVCache`, `num_params`; `wte`, `layers` and each block's `mlp.hidden` for what is applied from
-outside (recompute, NEFTune).
+Same contract as `model.Phi`: forward(input_ids, labels, attention_mask, position_ids, kv_cache, label_rows,
+hidden_only), the same LMHead loss, `KVCache`, `num_params`; `wte`, `layers` and each block's `mlp.hidden` for what is
+applied from outside (recompute, NEFTune).
 """
 from __future__ import annotations
 
@@ -134,8 +134,9 @@ class Phi3(nn.Module):
             nn.init.zeros_(module.weight[module.padding_idx])  # as transformers initialises it
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None,
-                label_rows=None):
-        """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given (see model.Phi.forward).
+                label_rows=None, hidden_only=False):
+        """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given, or with hidden_only the
+        final RMSNorm's output (see model.Phi.forward).
 
         attention_mask: [B, past + T], 0 = padding, else a segment index (packed samples); None = all causal.
         position_ids: [B, T]; by default counted over non-padding tokens (so left padding works). LongRoPE chooses its
@@ -163,6 +164,8 @@ class Phi3(nn.Module):
             x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if hidden_only:
+            return self.norm(x)
         return self.lm_head(self.norm(x), labels, label_rows)
 
     def num_params(self, trainable_only: bool = False) -> int:

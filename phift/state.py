@@ -29,6 +29,7 @@ import torch
 
 from . import lora
 from .distributed import barrier, is_main, rank_and_world
+from .stages import VALUE_HEAD_WEIGHTS, RewardModel, load_value_head, network_of, save_value_head
 from .tensorfile import load_state
 from .weights import load_state_dict, save_model
 
@@ -40,7 +41,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # what a run (and evaluation after it) writes into output_dir: --overwrite_output_dir removes these, nothing else
 RUN_OUTPUTS = ("latest", "latest.tmp", "trainer_log.jsonl", "train_results.json", "all_results.json",
                "predict_results.json", "generated_predictions.jsonl", "runs", "base_model", "config.json",
-               "model.safetensors.index.json", lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG, *TOKENIZER_FILES)
+               "model.safetensors.index.json", lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG, VALUE_HEAD_WEIGHTS,
+               *TOKENIZER_FILES)
 RUN_OUTPUT_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", ".old-checkpoint-*", "model*.safetensors",
                        "training_*.png")
 
@@ -93,18 +95,26 @@ def _tuples(x):
 
 class TrainableWeights:
     """What a checkpoint, and a run's final output, holds of the model: the LoRA adapter (with the base it belongs
-    to) or every weight, plus the tokenizer (the source checkpoint's own files where it had them)."""
+    to) or every weight, a reward model's value head beside them, plus the tokenizer (the source checkpoint's own
+    files where it had them)."""
 
     def __init__(self, lora_adapter: bool, base_name_or_path: str, tokenizer, source_dir: Path | None):
         self.lora, self.base, self.tokenizer, self.source_dir = lora_adapter, base_name_or_path, tokenizer, source_dir
 
-    def save(self, model, directory: Path, state: dict | None = None):
-        """state: the full weights where the module's own are not (ZeRO-3 gathers them); else read the module."""
+    def save(self, module, directory: Path, state: dict | None = None):
+        """module: the network, or a stage's objective around it (phift.stages). state: the full weights where the
+        module's own are not (ZeRO-3 gathers them, under the module's names); else read the module."""
+        model = network_of(module)
+        if state is not None and model is not module:
+            head = {k: v for k, v in state.items() if k.startswith("v_head.")}
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         if self.lora:
             lora.save_adapter(model, directory, self.base,
                               state={k: v for k, v in state.items() if ".lora_" in k} if state else None)
         else:
             save_model(model, directory, state_dict=state)
+        if isinstance(module, RewardModel):
+            save_value_head(module, directory, head if state is not None else None)
         files = [Path(self.source_dir) / f for f in TOKENIZER_FILES] if self.source_dir is not None else []
         if any(f.is_file() for f in files):
             for f in files:
@@ -113,12 +123,15 @@ class TrainableWeights:
         else:
             self.tokenizer.save(directory)
 
-    def restore(self, model, directory: Path):
+    def restore(self, module, directory: Path):
+        model = network_of(module)
         if self.lora:
             lora.load_adapter(model, directory, trainable=True)
         else:
             p = next(model.parameters())
             model.load_state_dict(load_state_dict(directory, model, p.dtype, p.device)[0])
+        if isinstance(module, RewardModel):
+            load_value_head(module, directory)
 
 
 def prepare_output_dir(output_dir, resume_from: str | None, overwrite: bool) -> Path | None:

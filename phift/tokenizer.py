@@ -23,7 +23,8 @@ DEMO_MAX_RUN = 64
 
 
 class Tokenizer:
-    """A thin wrapper that speaks in plain lists of ids; never adds special tokens by itself."""
+    """A thin wrapper that speaks in plain lists of ids; adds special tokens only when asked (the tokenizer.json's
+    post-processor, as transformers' add_special_tokens=True)."""
 
     def __init__(self, tok: _HFTokenizer, eos_token: str = ENDOFTEXT, bos_token: str | None = ENDOFTEXT,
                  pad_token: str | None = None, source: str = ""):
@@ -44,8 +45,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -71,7 +72,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {p} (phift reads the fast-tokenizer file only)")
-    special, add_bos = {}, None
+    special, add_bos, tokenizer_class = {}, None, None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = file.parent / name
         if f.is_file():
@@ -80,10 +81,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                     special[k] = v["content"] if isinstance(v, dict) else v
                 elif k == "add_bos_token":  # false: plain templates then write no bos (data.encode_turns)
                     add_bos = bool(v)
+                elif k == "tokenizer_class":  # LLaMA's end each pre-training text with eos (data.pretraining_ids)
+                    tokenizer_class = v
     tokenizer = Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
                           bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))
     if add_bos is not None:
         tokenizer.add_bos_token = add_bos
+    if tokenizer_class is not None:
+        tokenizer.tokenizer_class = tokenizer_class
     return tokenizer
 
 

@@ -1,4 +1,7 @@
-"""Supervised fine-tuning: one explicit loop, batch → forward → loss → backward → clip → step → schedule → log → save.
+"""Training: one explicit loop, batch → forward → loss → backward → clip → step → schedule → log → save.
+
+What the forward computes is the stage's (--stage sft, pt, rm, dpo, orpo: phift.stages): the network's own loss, or an
+objective around it whose forward is the loss and whose `metrics` the loop logs beside it.
 
 Runs as `phift train <flags | config.yaml>`, as `python examples/train_bash.py <flags>` and under
 `deepspeed --num_gpus N examples/train_bash.py --deepspeed cfg.json <flags>` with the same flags. Whatever engine
@@ -7,6 +10,8 @@ same calls.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -17,14 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data, distributed, estimate, families, kernels, lora
-from .args import Precision, RunConfig, check_runtime, decide_precision, parse_train_args
+from . import data, distributed, estimate, families, kernels, lora, stages
+from .args import PAIRWISE_STAGES, Precision, RunConfig, check_runtime, decide_precision, parse_train_args
 from .config import PRESETS
 from .engines import Engine, build_engine
 from .evaluate import loss_sums
 from .model import LMHead
 from .neftune import add_neftune
-from .plot import plot_loss
+from .plot import plot_loss, plot_metrics
 from .recompute import compile_blocks, recompute
 from .state import (TrainableWeights, check_finite, keep_optimizer_flags, last_checkpoint_note, load_checkpoint,
                     optimizer_flags, prepare_output_dir, save_checkpoint, set_seed, write_atomic)
@@ -102,6 +107,69 @@ def prepare_model(model, run: RunConfig, precision: Precision):
     return model
 
 
+def dpo_reference(base, run: RunConfig, precision: Precision, device) -> stages.FrozenReference | None:
+    """DPO's reference as a model of its own, made before LoRA or training change `base`: --ref_model (plus
+    --ref_model_checkpoint's adapters), or for full fine-tuning a frozen copy of the base. None where no copy is
+    needed: under LoRA the policy with its adapters off is the base, and --dpo_precompute_ref reads the untrained
+    policy once."""
+    f = run.finetuning
+    if f.stage != "dpo" or (not f.ref_model and (f.finetuning_type == "lora" or f.dpo_precompute_ref)):
+        return None
+    at = torch.device("cpu") if f.dpo_ref_offload else device
+    if f.ref_model:
+        ref = load_for_inference(f.ref_model, f.ref_model_checkpoint, dtype=precision.load, device=at)[0]
+        if ref.config.vocab_size != base.config.vocab_size:
+            raise ValueError(f"--ref_model {f.ref_model} has {ref.config.vocab_size} tokens, the model "
+                             f"{base.config.vocab_size}: a reference must share the tokenizer")
+    else:
+        ref = copy.deepcopy(base).to(at)
+    return stages.FrozenReference(ref, device, offload=f.dpo_ref_offload)
+
+
+def build_objective(model, run: RunConfig, precision: Precision, device, reference=None) -> torch.nn.Module:
+    """What the engine trains for --stage (phift.stages): the network itself for sft and pt, else an objective
+    around it. A reward model's value head is fp32 like LoRA's adapters and full fine-tuning's masters (in the
+    model's half precision where the optimizer keeps the masters), and continues the head of the last
+    --checkpoint_dir adapter that has one, as v0.3.3 loaded it from there."""
+    f = run.finetuning
+    if f.stage == "rm":
+        objective = stages.RewardModel(model)
+        objective.v_head.to(device=device, dtype=precision.load if precision.master_weights else torch.float32)
+        adapters = [a for a in (run.model.checkpoint_dir or "").split(",") if a]
+        if adapters and (Path(adapters[-1]) / stages.VALUE_HEAD_WEIGHTS).is_file():
+            stages.load_value_head(objective, adapters[-1])
+            logger.info("value head from %s", adapters[-1])
+        return objective
+    if f.stage == "dpo":
+        if f.finetuning_type == "lora" and reference is None and run.model.checkpoint_dir and f.resume_lora_training:
+            logger.warning("--stage dpo goes on training the adapter of --checkpoint_dir, and its reference is the "
+                           "model with its adapter turned off: the base without that adapter. To make the model with "
+                           "it the reference, pass --resume_lora_training False (it is merged into the base and a new "
+                           "adapter trains) or --ref_model")
+        return stages.DPO(model, f.dpo_beta, f.dpo_loss, f.dpo_label_smoothing, reference)
+    if f.stage == "orpo":
+        return stages.ORPO(model, f.dpo_beta)
+    return model
+
+
+@torch.no_grad()
+def precompute_reference(objective: stages.DPO, splits, batch_size: int, pad_id, device, precision: Precision):
+    """--dpo_precompute_ref: each pair's reference log-probabilities, computed once (in the dataset's order, so that a
+    resumed run computes the same) and kept in the example as `reference_logps`; the reference copy is let go."""
+    autocast = (torch.autocast(device.type, dtype=precision.autocast, cache_enabled=False) if precision.autocast
+                else contextlib.nullcontext())
+    rank = distributed.rank_and_world()[0]
+    examples = [e for split in splits for e in split]
+    for start in tqdm(range(0, len(examples), batch_size), desc="reference", unit="batch", disable=rank != 0):
+        micro = examples[start:start + batch_size]
+        b = to_batch(micro, False, pad_id, device)
+        with autocast:
+            chosen, rejected = objective.reference_logps(b["input_ids"], b["labels"], b["label_rows"]).chunk(2)
+        for e, c, r in zip(micro, chosen.tolist(), rejected.tolist()):
+            e["reference_logps"] = (c, r)
+    objective.reference = None
+
+
 # ------------------------------------------------------------------------------------------------------ batches
 def epoch_batches(examples, epoch: int, seed: int, batch_size: int, packing: bool, cutoff_len: int, rank: int = 0,
                   world: int = 1, skip: int = 0):
@@ -121,9 +189,12 @@ def epoch_batches(examples, epoch: int, seed: int, batch_size: int, packing: boo
 
 
 def count(micro) -> tuple[int, int]:
-    """(samples, tokens) in a micro-batch of examples or of packed rows (lists of examples); padding not counted."""
+    """(samples, tokens) in a micro-batch of examples, of packed rows (lists of examples) or of preference pairs (a
+    pair: its prompt twice and both answers); padding not counted."""
     examples = [e for row in micro for e in (row if isinstance(row, list) else [row])]
-    return len(examples), sum(len(e["input_ids"]) for e in examples)
+    return len(examples), sum(len(e["input_ids"]) if "input_ids" in e else
+                              2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                              for e in examples)
 
 
 def to_batch(micro, packed: bool, pad_id, device):
@@ -134,7 +205,7 @@ def to_batch(micro, packed: bool, pad_id, device):
     if packed:
         b = data.collate_packed(micro, pad_id)
     else:
-        b = data.collate(micro, pad_id)
+        b = data.collate_pairs(micro, pad_id) if "prompt_ids" in micro[0] else data.collate(micro, pad_id)
         # right padding + causal attention: real tokens never see the pads after them, so the loss is exact
         # without a mask, and SDPA can take its flash kernel
         del b["attention_mask"]
@@ -144,15 +215,45 @@ def to_batch(micro, packed: bool, pad_id, device):
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
-def eval_loss(engine: Engine, examples, batch_size: int, pad_id, device) -> float:
-    """Token-weighted mean loss over the split: each rank takes a shard, the sums are added across ranks."""
+@torch.no_grad()
+def pairwise_sums(forward, objective, examples, pad_id, batch_size: int, device, progress: bool = True) -> dict:
+    """{"pairs": n} and, for the objective's loss and each of its metrics, Σ over batches of its value × the batch's
+    pairs (float64 on `device`): `forward(batch) -> loss` is the objective or an engine's forward."""
+    sums = {"pairs": torch.zeros((), dtype=torch.float64, device=device)}
+    for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", disable=not progress):
+        micro = examples[start:start + batch_size]
+        loss = forward(to_batch(micro, False, pad_id, device))
+        for k, v in {"loss": loss, **objective.metrics}.items():
+            sums[k] = sums.get(k, 0) + v.detach().double() * len(micro)
+        sums["pairs"] += len(micro)
+    return sums
+
+
+def pairwise_means(sums: dict) -> dict:
+    """pairwise_sums' means, under the eval_ names of LLaMA-Factory's (eval_loss, eval_accuracy, eval_rewards/...)."""
+    n = sums["pairs"].clamp(min=1)
+    return {f"eval_{k}": round((v / n).item(), 4) for k, v in sums.items() if k != "pairs"}
+
+
+def eval_metrics(engine: Engine, examples, batch_size: int, pad_id, device) -> dict:
+    """The split's eval_loss (token-weighted over a language model's labels; a pairwise objective's, with its metrics,
+    weighted by pairs): each rank takes a shard, the sums are added across ranks."""
     rank, world = distributed.rank_and_world()
     engine.module.eval()
-    total = loss_sums(engine.forward, examples[rank::world], pad_id, batch_size, device, progress=rank == 0)
-    if world > 1:
-        torch.distributed.all_reduce(total)
+    shard = examples[rank::world]
+    if "prompt_ids" in examples[0]:
+        sums = pairwise_sums(engine.forward, engine.module, shard, pad_id, batch_size, device, progress=rank == 0)
+        if world > 1:
+            for v in sums.values():
+                torch.distributed.all_reduce(v)
+        out = pairwise_means(sums)
+    else:
+        total = loss_sums(engine.forward, shard, pad_id, batch_size, device, progress=rank == 0)
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        out = {"eval_loss": round((total[0] / total[1].clamp(min=1)).item(), 4)}
     engine.module.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    return out
 
 
 def mean_over_ranks(x: torch.Tensor) -> float:
@@ -265,21 +366,24 @@ def train(run: RunConfig) -> dict:
     writable_output_dir(out)
     ckpt = prepare_output_dir(out, t.resume_from_checkpoint, t.overwrite_output_dir)
 
-    rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author)
-    texts = [s for r in rows for s in (r.get("prompt", ""), r.get("query", ""), r.get("response", ""))]
     model, tokenizer, source_dir = load_base(m.model_name_or_path, m.tokenizer_name_or_path, device, precision.load,
-                                             texts)
+                                             dataset_texts(run))
     train_set, val_set = data.get_dataset(d.dataset, d.dataset_dir, tokenizer, d.template, d.cutoff_len,
                                           d.max_samples, d.train_on_prompt, d.val_size, t.seed, d.identity_name,
-                                          d.identity_author)
+                                          d.identity_author, stage=f.stage)
     if not train_set:
         raise ValueError(f"dataset {d.dataset} gave no training samples")
+    reference = dpo_reference(model, run, precision, device)
     model = prepare_model(model, run, precision)
     if source_dir is None and f.finetuning_type == "lora" and rank == 0 and model.num_params() <= 100_000_000:
         # a random-init preset under LoRA: keep the base (older adapters merged in) so chat/eval can load the new
         # adapter onto it; a random phi-1_5 is only ever a benchmark, and gigabytes of noise are not worth writing
         save_model(model, out / "base_model")
         tokenizer.save(out / "base_model")
+    objective = build_objective(model, run, precision, device, reference)
+    if f.stage == "dpo" and f.dpo_precompute_ref:  # before a checkpoint's weights replace the untrained ones
+        precompute_reference(objective, (train_set, val_set), t.per_device_eval_batch_size, tokenizer.pad_token_id,
+                             device, precision)
     weights = TrainableWeights(f.finetuning_type == "lora", m.model_name_or_path, tokenizer, source_dir)
 
     accum, batch_size = t.gradient_accumulation_steps, t.per_device_train_batch_size
@@ -291,8 +395,8 @@ def train(run: RunConfig) -> dict:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     if ckpt is not None:
         keep_optimizer_flags(t, ckpt, total_steps)
-    engine = build_engine(model, run, precision, total_steps, device)
-    model.train()
+    engine = build_engine(objective, run, precision, total_steps, device)
+    objective.train()
 
     progress = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "total_steps": total_steps,
                 "optimizer": optimizer_flags(t)}
@@ -307,6 +411,8 @@ def train(run: RunConfig) -> dict:
     # so that the first loss a resumed run logs covers the steps the uninterrupted run's covered
     loss_window, loss_n = progress.get("loss_window", (0.0, 0))
     start, t_log, loss_sum, tokens = time.time(), time.time(), torch.tensor(loss_window, device=device), 0
+    # the objective's metrics (phift.stages), summed over the same steps
+    metric_sums = {k: torch.tensor(v, device=device) for k, v in progress.get("metrics_window", {}).items()}
     pad_id = tokenizer.pad_token_id
     epoch, skip = progress["epoch"], progress["samples_in_epoch"]
     try:  # the progress bar and the tracker close whatever ends the loop (the error then ends the output)
@@ -320,6 +426,8 @@ def train(run: RunConfig) -> dict:
                 loss = engine.forward_backward(batch, boundary)  # forward, loss, backward
                 info = engine.step(boundary)  # at a boundary: clip, optimizer step, schedule, zero gradients
                 loss_sum += loss.detach().float()
+                for k, v in getattr(engine.module, "metrics", {}).items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
                 loss_n, tokens = loss_n + 1, tokens + n_tokens
                 if info is None:
                     continue
@@ -337,6 +445,7 @@ def train(run: RunConfig) -> dict:
                         loss_sum /= world
                     entry = {"current_steps": step, "total_steps": total_steps,
                              "loss": round((loss_sum / max(loss_n, 1)).item(), 4),
+                             **{k: round(mean_over_ranks(v) / max(loss_n, 1), 4) for k, v in metric_sums.items()},
                              "learning_rate": engine.lr(), "grad_norm": round(float(info["grad_norm"]), 4),
                              "epoch": round(epoch + consumed / len(train_set), 2),
                              "tokens_per_second": round(tokens * world / max(time.time() - t_log, 1e-9), 1),
@@ -346,13 +455,15 @@ def train(run: RunConfig) -> dict:
                         entry["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                     log.write(entry)
                     loss_sum.zero_()
+                    metric_sums = {}
                     loss_n, tokens, t_log = 0, 0, time.time()
                 if val_set and t.eval_strategy == "steps" and step % t.eval_steps == 0:
-                    loss_val = round(eval_loss(engine, val_set, t.per_device_eval_batch_size, pad_id, device), 4)
-                    logger.info("step %d: eval_loss %s", step, loss_val)
-                    log.write({"current_steps": step, "eval_loss": loss_val})
+                    evaluated = eval_metrics(engine, val_set, t.per_device_eval_batch_size, pad_id, device)
+                    logger.info("step %d: %s", step, evaluated)
+                    log.write({"current_steps": step, **evaluated})
                 if saving_now:
                     progress["loss_window"] = (mean_over_ranks(loss_sum), loss_n)
+                    progress["metrics_window"] = {k: mean_over_ranks(v) for k, v in metric_sums.items()}
                     save_checkpoint(engine, weights, out, progress, t.save_total_limit)
                 if step >= total_steps:
                     break
@@ -365,18 +476,20 @@ def train(run: RunConfig) -> dict:
     runtime = time.time() - start
     if t.save_strategy == "steps":
         progress["loss_window"] = (mean_over_ranks(loss_sum), loss_n)
+        progress["metrics_window"] = {k: mean_over_ranks(v) for k, v in metric_sums.items()}
         save_checkpoint(engine, weights, out, progress, t.save_total_limit)
     state = engine.weights_state_dict()
     check_finite(engine, state, "the final model was not saved", out)
     results = {"train_runtime": round(runtime, 2), "global_step": progress["global_step"],
                "train_loss": log.last_loss()}
     if val_set:
-        results["eval_loss"] = round(eval_loss(engine, val_set, t.per_device_eval_batch_size, pad_id, device), 4)
+        results.update(eval_metrics(engine, val_set, t.per_device_eval_batch_size, pad_id, device))
     if rank == 0:
         weights.save(engine.module, out, state)
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
         if f.plot_loss:
             plot_loss(out)
+            plot_metrics(out, list(getattr(engine.module, "metrics", {})))
         logger.info("done: %s; saved to %s", results, out)
     return results
 
@@ -386,7 +499,7 @@ def evaluate(run: RunConfig) -> dict:
     --model_name_or_path plus the adapters in --checkpoint_dir. Writes all_results.json."""
     from .evaluate import evaluate_loss, load_multiple_choice, predict, score_multiple_choice
 
-    m, d, t, g = run.model, run.data, run.training, run.generating
+    m, d, f, t, g = run.model, run.data, run.finetuning, run.training, run.generating
     set_seed(t.seed)  # sampled predictions (--temperature > 0) follow --seed, as LLaMA-Factory's eval does
     out = Path(t.output_dir)
     writable_output_dir(out)
@@ -404,10 +517,17 @@ def evaluate(run: RunConfig) -> dict:
     if t.do_eval:
         def split(val_size):
             return data.get_dataset(d.dataset, d.dataset_dir, tokenizer, template, d.cutoff_len, d.max_samples,
-                                    d.train_on_prompt, val_size, t.seed, d.identity_name, d.identity_author)
+                                    d.train_on_prompt, val_size, t.seed, d.identity_name, d.identity_author,
+                                    stage=f.stage)
         # no held-out split asked for: evaluate on the whole dataset, as --do_eval alone did
         val = split(d.val_size)[1] or split(0.0)[0]
-        results.update(evaluate_loss(model, val, tokenizer.pad_token_id, t.per_device_eval_batch_size))
+        if f.stage in PAIRWISE_STAGES:
+            objective = eval_objective(model, run, name, adapters, requested, device).eval()
+            results.update(pairwise_means(pairwise_sums(lambda batch: objective(**batch), objective, val,
+                                                        tokenizer.pad_token_id, t.per_device_eval_batch_size,
+                                                        device)))
+        else:
+            results.update(evaluate_loss(model, val, tokenizer.pad_token_id, t.per_device_eval_batch_size))
     if t.do_predict:
         rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author)
         results.update(predict(model, tokenizer, template, rows, t.per_device_eval_batch_size, g.max_new_tokens,
@@ -422,6 +542,40 @@ def evaluate(run: RunConfig) -> dict:
     (out / "all_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(results, indent=2, ensure_ascii=False))
     return results
+
+
+def eval_objective(model, run: RunConfig, name, adapters: str | None, dtype, device) -> stages.Objective:
+    """The pairwise objective `phift eval` scores held-out pairs with, around the model (its adapters merged in):
+    a reward model with the value head saved beside the last adapter (or the checkpoint); DPO with --ref_model as
+    its reference, else the model without the adapters (v0.3.3 used the model itself, whose rewards are all 0)."""
+    f = run.finetuning
+    adapters = [a for a in (adapters or "").split(",") if a]
+    if f.stage == "rm":
+        objective = stages.RewardModel(model).to(device)
+        stages.load_value_head(objective, Path(adapters[-1]) if adapters else resolve_checkpoint_dir(name))
+        return objective
+    if f.stage == "orpo":
+        return stages.ORPO(model, f.dpo_beta)
+    if f.ref_model:
+        reference = load_for_inference(f.ref_model, f.ref_model_checkpoint, dtype=dtype, device=device)[0]
+    elif adapters:
+        reference = load_for_inference(name, None, dtype=dtype, device=device)[0]
+    else:
+        logger.warning("--stage dpo evaluation without --ref_model or an adapter: the model is its own reference, "
+                       "so every reward is 0 (as in LLaMA-Factory)")
+        reference = model
+    return stages.DPO(model, f.dpo_beta, f.dpo_loss, f.dpo_label_smoothing, stages.FrozenReference(reference, device))
+
+
+def dataset_texts(run: RunConfig) -> list[str]:
+    """The dataset's texts, which a preset (random-init) model's demo tokenizer is trained on. Read before the model
+    loads, so that a dataset's error comes before a download."""
+    d, stage = run.data, run.finetuning.stage
+    if stage == "pt":
+        return data.load_texts(d.dataset, d.dataset_dir, d.max_samples)
+    rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author,
+                          ranking=stage in PAIRWISE_STAGES)
+    return [r[k] for r in rows for k in ("prompt", "response", "chosen", "rejected") if k in r]
 
 
 def run_summary(run: RunConfig) -> dict:

@@ -125,13 +125,17 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, revision: str | None
                               "*.safetensors, or a preset name for a random-init model (tiny, phi-1_5, ...)") from e
 
 
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"  # a reward model's head beside its weights (later LLaMA-Factory's name)
+
+
 def _weight_files(d: Path) -> dict[str, Path]:
     """checkpoint key → file holding it (single file or sharded with an index)."""
     index = d / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {k: d / f for k, f in weight_map.items()}
-    files = sorted(f for f in d.glob("*.safetensors") if not f.name.startswith("adapter_"))  # not LoRA files
+    files = sorted(f for f in d.glob("*.safetensors")  # not LoRA's files, nor a reward model's value head
+                   if not f.name.startswith("adapter_") and f.name != VALUE_HEAD_WEIGHTS)
     if not files:
         extra = " (it has pytorch_model.bin: phift loads safetensors only, never pickles)" if any(
             d.glob("*.bin")) else ""

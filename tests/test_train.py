@@ -112,7 +112,7 @@ def test_all_three_seed_commands_in_the_tutorial_parse(shared_data):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--stage", "rm"], "argument --stage: invalid choice: 'rm'"),
+    (["--stage", "ppo"], "argument --stage: invalid choice: 'ppo'"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
     (["--fp16", "maybe"], "argument --fp16: expected True or False, got 'maybe'"),
     (["--finetuning_type", "freeze"], "argument --finetuning_type: invalid choice: 'freeze'"),
