@@ -242,6 +242,7 @@ def crafted_optimizer_state(tmp_path, tiny_dir):
                                  "--output_dir", str(tmp_path)], "nothing to evaluate"),
     bad_utf8_dataset, truncated_weights, nan_weights, output_dir_under_a_file, crafted_optimizer_state,
 ], ids=["flag", "eval", "utf8", "truncated", "nan", "output_dir", "pickle"])
+@pytest.mark.integration  # a subprocess each (a few seconds of imports): the same paths run in-process in the spec tier
 def test_a_failure_leaves_the_cli_as_exactly_one_error_line(tiny_dir, tmp_path, make):
     argv, cause = make(tmp_path, tiny_dir)
     proc = run_cli(*argv)
