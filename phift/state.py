@@ -43,6 +43,7 @@ RUN_OUTPUTS = ("latest", "latest.tmp", "trainer_log.jsonl", "train_results.json"
                "predict_results.json", "generated_predictions.jsonl", "runs", "base_model", "config.json",
                "model.safetensors.index.json", lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG, VALUE_HEAD_WEIGHTS,
                *TOKENIZER_FILES)
+WRITE_PROBE = ".phift-write-test-"  # the file train writes to check that --output_dir is writable
 RUN_OUTPUT_PATTERNS = ("checkpoint-*", ".tmp-checkpoint-*", ".old-checkpoint-*", "model*.safetensors",
                        "training_*.png")
 
@@ -142,7 +143,8 @@ def prepare_output_dir(output_dir, resume_from: str | None, overwrite: bool) -> 
     out = Path(output_dir)
     resuming = _resuming(resume_from)
     if not resuming and not overwrite:
-        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        # another rank's write probe (or one a kill left behind) is not a previous run's output
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(WRITE_PROBE)) if out.is_dir() else []
         if held:
             raise FileExistsError(_occupied(out, held))
     barrier()  # every rank has looked before rank 0 changes anything

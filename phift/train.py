@@ -32,7 +32,7 @@ from .neftune import add_neftune
 from .plot import plot_loss, plot_metrics
 from .recompute import compile_blocks, recompute
 from .state import (TrainableWeights, check_finite, keep_optimizer_flags, last_checkpoint_note, load_checkpoint,
-                    optimizer_flags, prepare_output_dir, save_checkpoint, set_seed, write_atomic)
+                    optimizer_flags, prepare_output_dir, WRITE_PROBE, save_checkpoint, set_seed, write_atomic)
 from .tokenizer import load_tokenizer, train_demo_tokenizer
 from .tracking import Tracker
 from .weights import load_for_inference, load_model, resolve_checkpoint_dir, save_model
@@ -44,7 +44,7 @@ def writable_output_dir(out: Path) -> None:
     """Create --output_dir and write a file in it: a read-only directory fails now, not at the first checkpoint."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".phift-write-test-") as probe:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=WRITE_PROBE) as probe:
             probe.write(b"x")
             probe.flush()
     except OSError as e:

@@ -77,6 +77,15 @@ def test_a_non_empty_output_dir_is_refused_without_overwrite(tmp_path, leftover)
     assert all((out / name).read_text() == "{}" for name in leftover)
 
 
+def test_another_ranks_write_probe_does_not_make_the_output_dir_occupied(tmp_path):
+    # ranks start together: rank 0's writability probe may sit in the directory while rank 1 looks
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{state.WRITE_PROBE}abc123").write_bytes(b"x")
+    train_mod.train(run_args(tmp_path, max_steps=1))
+    assert (out / "latest").exists()
+
+
 def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path):
     train_mod.train(run_args(tmp_path, max_steps=2, save_strategy="no"))
     out = tmp_path / "out"
