@@ -305,25 +305,32 @@ def encode_pairwise(template: Template, tokenizer, row: dict, cutoff_len: int) -
 # v0.3.3's preprocess_pretrain_dataset ran under datasets' map(batched=True): its texts were joined and cut into blocks
 # a map batch (1,000 texts) at a time, each batch dropping its own remainder
 PRETRAIN_MAP_BATCH = 1000
-# v0.3.3 turned add_eos_token on where a tokenizer has it (LLaMA's) so that each text ends with eos; phi's tokenizer
-# (CodeGenTokenizerFast in the transformers of v0.3.3, < 4.35) has no such switch, and its post-processor adds no
-# special token either: phi-1/1.5/2 texts follow each other with nothing between them
-EOS_AFTER_TEXT = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+# v0.3.3 switched the tokenizer's add_eos_token on while it tokenized pre-training text, so that each text ends with
+# eos. Under the transformers of its day only LLaMA's tokenizers had that switch; under today's every tokenizer has it,
+# and later LLaMA-Factory appends eos to every text itself: here every text ends with eos, phi's too.
 
 
-def pretraining_ids(tokenizer, text: str) -> list[int]:
+def _adds_eos(tokenizer) -> bool:
+    """Whether the tokenizer's own special tokens already end a text with eos."""
+    eos = tokenizer.eos_token_id
+    with_special, plain = tokenizer.encode("a", add_special_tokens=True), tokenizer.encode("a")
+    return with_special[-1:] == [eos] and plain[-1:] != [eos]
+
+
+def pretraining_ids(tokenizer, text: str, adds_eos: bool | None = None) -> list[int]:
     """A text's ids as v0.3.3's pre-training stage took them: the tokenizer's own special tokens
-    (add_special_tokens=True), plus eos for the tokenizers in EOS_AFTER_TEXT."""
-    eos = [tokenizer.eos_token_id] if getattr(tokenizer, "tokenizer_class", None) in EOS_AFTER_TEXT else []
-    return tokenizer.encode(text, add_special_tokens=True) + eos
+    (add_special_tokens=True), then eos unless those already end with it."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    return ids if (_adds_eos(tokenizer) if adds_eos is None else adds_eos) else ids + [tokenizer.eos_token_id]
 
 
 def pretraining_blocks(texts: list[str], tokenizer, cutoff_len: int) -> list[dict]:
     """Texts joined and cut into blocks of exactly cutoff_len tokens, every token labelled (v0.3.3's
     preprocess_pretrain_dataset): a map batch of PRETRAIN_MAP_BATCH texts at a time, its remainder dropped."""
-    blocks = []
+    blocks, adds_eos = [], _adds_eos(tokenizer)
     for start in range(0, len(texts), PRETRAIN_MAP_BATCH):
-        ids = [t for text in texts[start:start + PRETRAIN_MAP_BATCH] for t in pretraining_ids(tokenizer, text)]
+        batch = texts[start:start + PRETRAIN_MAP_BATCH]
+        ids = [t for text in batch for t in pretraining_ids(tokenizer, text, adds_eos)]
         blocks += [ids[i:i + cutoff_len] for i in range(0, len(ids) // cutoff_len * cutoff_len, cutoff_len)]
     return [{"input_ids": b, "labels": list(b)} for b in blocks]
 

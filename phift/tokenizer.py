@@ -72,7 +72,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {p} (phift reads the fast-tokenizer file only)")
-    special, add_bos, tokenizer_class = {}, None, None
+    special, add_bos = {}, None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = file.parent / name
         if f.is_file():
@@ -81,14 +81,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                     special[k] = v["content"] if isinstance(v, dict) else v
                 elif k == "add_bos_token":  # false: plain templates then write no bos (data.encode_turns)
                     add_bos = bool(v)
-                elif k == "tokenizer_class":  # LLaMA's end each pre-training text with eos (data.pretraining_ids)
-                    tokenizer_class = v
     tokenizer = Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
                           bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))
     if add_bos is not None:
         tokenizer.add_bos_token = add_bos
-    if tokenizer_class is not None:
-        tokenizer.tokenizer_class = tokenizer_class
     return tokenizer
 
 

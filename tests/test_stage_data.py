@@ -45,9 +45,9 @@ def test_a_text_file_is_read_line_by_line_as_datasets_text_loader_reads_it(tmp_p
 
 @pytest.mark.parametrize("file, loader", [("wiki_demo.txt", "text"), ("c4_demo.jsonl", "json")])
 def test_the_shared_pretraining_demos_make_v033s_blocks(shared_data, tmp_path, file, loader):
-    """v0.3.3's preprocess_pretrain_dataset, its arithmetic written again over HF datasets and phi's transformers
-    tokenizer: texts tokenized with add_special_tokens=True (phi's adds nothing, and v0.3.3's add_eos_token switch
-    did not exist on it), joined a map batch at a time, cut into blocks of cutoff_len, the remainder dropped."""
+    """v0.3.3's preprocess_pretrain_dataset, its steps written again over HF datasets and phi's transformers tokenizer:
+    the tokenizer's add_eos_token switched on (every tokenizer has it under today's transformers), texts tokenized
+    with add_special_tokens=True, joined a map batch at a time, cut into blocks of cutoff_len, the remainder dropped."""
     datasets = pytest.importorskip("datasets")
     transformers = pytest.importorskip("transformers")
     if not (PHI_TOKENIZER_DIR / "tokenizer.json").is_file():
@@ -56,6 +56,9 @@ def test_the_shared_pretraining_demos_make_v033s_blocks(shared_data, tmp_path, f
 
     cutoff = 1024
     hf = transformers.AutoTokenizer.from_pretrained(str(PHI_TOKENIZER_DIR))
+    plain = [hf(text, add_special_tokens=False)["input_ids"] for text in ("one text", "another")]
+    if hasattr(hf, "add_eos_token"):
+        hf.add_eos_token = True
 
     def v033(examples):
         ids = list(chain(*hf(examples["text"], add_special_tokens=True)["input_ids"]))
@@ -69,23 +72,33 @@ def test_the_shared_pretraining_demos_make_v033s_blocks(shared_data, tmp_path, f
                                      load_tokenizer(PHI_TOKENIZER_DIR), cutoff)
     assert [b["input_ids"] for b in blocks] == expected and len(expected) > 100
     assert all(b["labels"] == b["input_ids"] for b in blocks)
-    # nothing between texts: the blocks are the texts' own ids, one after the other
-    joined = [t for text in raw["text"] for t in hf(text)["input_ids"]]
+    # each text is its own ids and one eos
+    eos = hf.eos_token_id
+    assert hf(["one text", "another"], add_special_tokens=True)["input_ids"] == [plain[0] + [eos], plain[1] + [eos]]
+    joined = [t for text in raw["text"] for t in hf(text, add_special_tokens=False)["input_ids"] + [eos]]
     assert list(chain(*expected)) == joined[:len(expected) * cutoff]
 
 
 def test_each_map_batch_of_texts_drops_its_own_remainder():
-    """1,001 texts of 5 tokens in blocks of 7: the first 1,000 give 714 blocks (2 tokens left over), the last text
-    alone none; joined whole they would give 715."""
+    """1,001 texts of 5 tokens and eos in blocks of 7: the first 1,000 give 857 blocks (1 token left over), the last
+    text alone none; joined whole they would give 858."""
     blocks = data.pretraining_blocks(["abcde"] * 1001, CharTokenizer(), 7)
-    assert len(blocks) == 714 and all(len(b["input_ids"]) == 7 for b in blocks)
+    assert len(blocks) == 857 and all(len(b["input_ids"]) == 7 for b in blocks)
+    assert blocks[0]["input_ids"] == [3 + ord(c) % 100 for c in "abcde"] + [2, 3 + ord("a") % 100]
 
 
-def test_a_llama_tokenizer_ends_each_text_with_eos_as_v033_made_it():
-    llama = CharTokenizer()
-    llama.tokenizer_class = "LlamaTokenizer"
-    assert data.pretraining_ids(llama, "ab") == [3 + 97, 3 + 98, 2]
-    assert data.pretraining_ids(CharTokenizer(), "ab") == [3 + 97, 3 + 98]
+class EosAddingTokenizer(CharTokenizer):
+    """A tokenizer whose special tokens already end each text with eos (LLaMA's with add_eos_token true)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return super().encode(text) + ([2] if add_special_tokens else [])
+
+
+def test_every_text_ends_with_one_eos():
+    assert data.pretraining_ids(CharTokenizer(), "ab") == [3 + 97, 3 + 98, 2]
+    assert data.pretraining_ids(EosAddingTokenizer(), "ab") == [3 + 97, 3 + 98, 2]  # not a second one
+    ids = [b["input_ids"] for b in data.pretraining_blocks(["ab", "cd"], EosAddingTokenizer(), 3)]
+    assert ids == [[3 + 97, 3 + 98, 2], [3 + ord("c") % 100, 3 + ord("d") % 100, 2]]
 
 
 def test_pretraining_reads_the_prompt_column_and_refuses_a_record_without_text(tmp_path):
