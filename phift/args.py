@@ -74,6 +74,8 @@ class DataArgs:
     val_size: float = arg(0.0, "fraction (<1) or number of samples held out")
     train_on_prompt: bool = arg(False, "also train on prompt tokens")
     packing: bool = arg(False, "padding-free packing of several samples per row (no cross-sample attention)")
+    system_prompt: str | None = arg(None, "the system text of every row that has none of its own: one for all "
+                                          "datasets, or one per dataset separated by | (v0.3.3's flag)")
     identity_name: str | None = arg(None, "replaces <NAME>/{{name}} in self_cognition data")
     identity_author: str | None = arg(None, "replaces <AUTHOR>/{{author}} in self_cognition data")
     mcq_files: str | None = arg(None, "comma-separated exam CSVs (input,output,A,B,C,D,...,multichoice) to score by "
@@ -273,6 +275,18 @@ def _fields(group: type):
     return [(f, _converter(hints[f.name])) for f in dataclasses.fields(group)]
 
 
+# LLaMA-Factory v0.3.3 flags phift does not take, and what to do instead
+NOT_TAKEN = {
+    "sft_packing": "phift's --packing packs whole rows without attention across them (v0.3.3 concatenated rows and "
+                   "cut them into cutoff_len blocks)",
+    "streaming": "phift reads a dataset whole",
+    "mix_strategy": "several datasets are concatenated, v0.3.3's default",
+    "interleave_probs": "several datasets are concatenated, v0.3.3's default",
+    "cache_path": "phift keeps no dataset cache",
+    "reserved_label_len": "phift keeps v0.3.3's default of 1",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one line at the CLI) where it would print its usage and exit, and reads
     `-1e-3` as a value: its own pattern takes only `-1` and `-.5` for negative numbers."""
@@ -282,7 +296,9 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
 
     def error(self, message):
-        raise ConfigError(message)
+        hints = [f"--{name}: {why}" for name, why in NOT_TAKEN.items()
+                 if re.search(rf"unrecognized arguments:.*--{name}\b", message)]
+        raise ConfigError("; ".join([message, *hints]))
 
 
 def parser(prog: str = "phift train", groups=GROUPS, description: str | None = None) -> argparse.ArgumentParser:
@@ -318,7 +334,8 @@ def _yaml_values(path: Path, groups) -> dict:
     for key, value in values.items():
         name = aliases.get(key, key)
         if name not in known:
-            raise ConfigError(f"{path}: unknown key {key!r} (the keys are phift train's flag names)")
+            hint = f"; {NOT_TAKEN[key]}" if key in NOT_TAKEN else ""
+            raise ConfigError(f"{path}: unknown key {key!r} (the keys are phift train's flag names){hint}")
         if isinstance(value, list):  # YAML lists for the comma-separated flags (dataset: [a, b])
             value = ",".join(map(str, value))
         try:

@@ -585,8 +585,19 @@ def _datasets(dataset_names: str | list[str], dataset_dir):
         yield dataset, info[dataset], path, _read_records(path, dataset)
 
 
+def system_prompts(system_prompt: str | None, n_datasets: int) -> list[str | None]:
+    """--system_prompt for each of n datasets, as v0.3.3 split it: texts separated by |, repeated over the datasets
+    (one for all, one each, or a pattern that divides their number)."""
+    prompts = system_prompt.split("|") if system_prompt else [None]
+    prompts = prompts * (n_datasets // len(prompts))
+    if len(prompts) != n_datasets:
+        raise ValueError(f"--system_prompt holds {len(system_prompt.split('|'))} texts separated by | for "
+                         f"{n_datasets} datasets: give one for all of them, or one for each")
+    return prompts
+
+
 def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | None = None, name: str | None = None,
-              author: str | None = None, ranking: bool = False) -> list[dict]:
+              author: str | None = None, ranking: bool = False, system_prompt: str | None = None) -> list[dict]:
     """Rows of the named datasets (comma-separated or a list), in order; the first max_samples of each.
 
     <NAME>/{{name}} and <AUTHOR>/{{author}} become `name` and `author` (both default to "phift").
@@ -594,9 +605,12 @@ def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | No
     ranking: preference pairs (the datasets' entries say "ranking": true, as v0.3.3 required for rm and dpo): each
     row has "chosen" and "rejected" in place of "response"; a pair without both, or with an empty or the same
     answer twice, is an error naming its record.
+    system_prompt: v0.3.3's --system_prompt, the system text of every row of a dataset (see system_prompts) that has
+    none of its own.
     """
     rows = []
-    for dataset, entry, path, records in _datasets(dataset_names, dataset_dir):
+    datasets = list(_datasets(dataset_names, dataset_dir))
+    for (dataset, entry, path, records), system in zip(datasets, system_prompts(system_prompt, len(datasets))):
         if bool(entry.get("ranking")) != ranking:
             raise ValueError(f"dataset {dataset!r} is a preference dataset (\"ranking\": true in dataset_info.json): "
                              "train on it with --stage rm, dpo or orpo" if entry.get("ranking") else
@@ -607,6 +621,9 @@ def load_rows(dataset_names: str | list[str], dataset_dir, max_samples: int | No
         formatted = [_format_row(record, columns, sharegpt, dataset, at, ranking)
                      for record, at in records[:max_samples]]
         kept = [r for r in formatted if r["prompt"] and (ranking or r["response"])]
+        for row in kept:
+            if system and not row.get("system"):
+                row["system"] = system
         if len(kept) < len(formatted):
             logger.warning("dataset %r: skipped %d of %d records with an empty prompt%s", dataset,
                            len(formatted) - len(kept), len(formatted), "" if ranking else " or response")
@@ -637,7 +654,7 @@ def load_texts(dataset_names: str | list[str], dataset_dir, max_samples: int | N
 def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str, cutoff_len: int = 1024,
                 max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
                 name: str | None = None, author: str | None = None,
-                stage: str = "sft") -> tuple[list[dict], list[dict]]:
+                stage: str = "sft", system_prompt: str | None = None) -> tuple[list[dict], list[dict]]:
     """(train, val) examples, shuffled with `seed`; val_size is a fraction (< 1) or a count. The examples of a stage:
     sft: {input_ids, labels} (encode_supervised); pt: blocks of cutoff_len tokens (pretraining_blocks); rm, dpo and
     orpo: {prompt_ids, chosen_ids, rejected_ids} (encode_pairwise)."""
@@ -650,10 +667,11 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
             raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold fewer tokens than one block of "
                              f"cutoff_len {cutoff_len}")
     elif stage == "sft":
-        rows = load_rows(dataset_names, dataset_dir, max_samples, name, author)
+        rows = load_rows(dataset_names, dataset_dir, max_samples, name, author, system_prompt=system_prompt)
         examples = [encode_supervised(template, tokenizer, row, cutoff_len, train_on_prompt) for row in rows]
     else:
-        rows = load_rows(dataset_names, dataset_dir, max_samples, name, author, ranking=True)
+        rows = load_rows(dataset_names, dataset_dir, max_samples, name, author, ranking=True,
+                         system_prompt=system_prompt)
         examples = [encode_pairwise(template, tokenizer, row, cutoff_len) for row in rows]
     if not examples:
         raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold no usable rows")

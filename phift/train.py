@@ -370,7 +370,7 @@ def train(run: RunConfig) -> dict:
                                              dataset_texts(run))
     train_set, val_set = data.get_dataset(d.dataset, d.dataset_dir, tokenizer, d.template, d.cutoff_len,
                                           d.max_samples, d.train_on_prompt, d.val_size, t.seed, d.identity_name,
-                                          d.identity_author, stage=f.stage)
+                                          d.identity_author, stage=f.stage, system_prompt=d.system_prompt)
     if not train_set:
         raise ValueError(f"dataset {d.dataset} gave no training samples")
     reference = dpo_reference(model, run, precision, device)
@@ -518,7 +518,7 @@ def evaluate(run: RunConfig) -> dict:
         def split(val_size):
             return data.get_dataset(d.dataset, d.dataset_dir, tokenizer, template, d.cutoff_len, d.max_samples,
                                     d.train_on_prompt, val_size, t.seed, d.identity_name, d.identity_author,
-                                    stage=f.stage)
+                                    stage=f.stage, system_prompt=d.system_prompt)
         # no held-out split asked for: evaluate on the whole dataset, as --do_eval alone did
         val = split(d.val_size)[1] or split(0.0)[0]
         if f.stage in PAIRWISE_STAGES:
@@ -529,7 +529,8 @@ def evaluate(run: RunConfig) -> dict:
         else:
             results.update(evaluate_loss(model, val, tokenizer.pad_token_id, t.per_device_eval_batch_size))
     if t.do_predict:
-        rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author)
+        rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author,
+                              system_prompt=d.system_prompt)
         results.update(predict(model, tokenizer, template, rows, t.per_device_eval_batch_size, g.max_new_tokens,
                                g.temperature, g.top_p, d.cutoff_len, out))
     if d.mcq_files:
@@ -574,7 +575,7 @@ def dataset_texts(run: RunConfig) -> list[str]:
     if stage == "pt":
         return data.load_texts(d.dataset, d.dataset_dir, d.max_samples)
     rows = data.load_rows(d.dataset, d.dataset_dir, d.max_samples, d.identity_name, d.identity_author,
-                          ranking=stage in PAIRWISE_STAGES)
+                          ranking=stage in PAIRWISE_STAGES, system_prompt=d.system_prompt)
     return [r[k] for r in rows for k in ("prompt", "response", "chosen", "rejected") if k in r]
 
 

@@ -69,9 +69,10 @@ def test_every_field_is_a_flag_with_a_default_and_a_help_line():
 
 def test_flags_land_in_their_groups_typed():
     run = parse_train_args([*BASE, "--cutoff_len", "512", "--learning_rate", "2e-4", "--fp16", "True",
-                            "--lora_target", "all", "--adapter_name_or_path", "a,b"])
+                            "--lora_target", "all", "--adapter_name_or_path", "a,b", "--system_prompt", "x|y"])
     assert run.data.cutoff_len == 512 and run.training.learning_rate == 2e-4 and run.training.fp16 is True
     assert run.finetuning.lora_target == "all" and run.model.checkpoint_dir == "a,b"
+    assert run.data.system_prompt == "x|y"
     assert run.finetuning.lora_alpha == 16.0 and run.training.eval_steps == run.training.save_steps  # resolved
 
 
@@ -185,5 +186,8 @@ def test_negative_numbers_are_read_as_values():
 def test_a_bad_flag_is_a_config_error_not_an_exit():
     with pytest.raises(ConfigError, match="unrecognized arguments: --no_such_flag"):
         parse_train_args([*BASE, "--no_such_flag", "1"])
+    with pytest.raises(ConfigError, match=r"unrecognized arguments: --sft_packing True; --sft_packing: phift's "
+                                          r"--packing packs whole rows"):
+        parse_train_args([*BASE, "--sft_packing", "True"])
     with pytest.raises(ConfigError, match="argument --cutoff_len: invalid int value: 'many'"):
         parse_train_args([*BASE, "--cutoff_len", "many"])

@@ -310,6 +310,45 @@ def test_name_and_author_fill_both_placeholder_styles_and_default_to_phift(tmp_p
     assert load_rows("me", d)[1]["response"] == "I am phift by phift."
 
 
+def _four_datasets(tmp_path):
+    names = "abcd"
+    records = {f"{n}.json": [{"instruction": f"{n}{i}", "input": "", "output": "x"} for i in range(2)] for n in names}
+    return dataset_dir(tmp_path, {n: {"file_name": f"{n}.json"} for n in names}, records)
+
+
+@pytest.mark.parametrize("system_prompt, expected", [
+    ("You are phift.", ["You are phift."] * 4),
+    ("A|B|C|D", ["A", "B", "C", "D"]),
+    ("A|B", ["A", "B", "A", "B"]),  # v0.3.3 repeated a pattern that divides the number of datasets
+])
+def test_system_prompt_gives_each_datasets_rows_their_system_text_as_v033_split_it(tmp_path, system_prompt,
+                                                                                      expected):
+    rows = load_rows("a,b,c,d", _four_datasets(tmp_path), system_prompt=system_prompt)
+    assert [r["system"] for r in rows] == [s for s in expected for _ in range(2)]
+    assert all("system" not in r for r in load_rows("a,b,c,d", _four_datasets(tmp_path)))
+
+
+@pytest.mark.parametrize("system_prompt", ["A|B|C", "A|B|C|D|E"])
+def test_system_prompts_that_do_not_share_out_over_the_datasets_are_an_error(tmp_path, system_prompt):
+    with pytest.raises(ValueError, match=r"--system_prompt holds \d texts separated by \| for 4 datasets"):
+        load_rows("a,b,c,d", _four_datasets(tmp_path), system_prompt=system_prompt)
+
+
+def test_system_prompt_fills_the_templates_system_slot_and_a_rows_own_system_text_wins(tmp_path):
+    conversations = [{"conversations": [{"from": "system", "value": "own"}, {"from": "human", "value": "q"},
+                                        {"from": "gpt", "value": "a"}]},
+                     {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]
+    d = dataset_dir(tmp_path, {"chat": {"file_name": "chat.json", "formatting": "sharegpt"}},
+                    {"chat.json": conversations})
+    rows = load_rows("chat", d, system_prompt="given")
+    assert [r["system"] for r in rows] == ["own", "given"]
+    default = get_template("default")
+    encoded = encode_supervised(default, TOK, rows[1], 1024, False)
+    assert encoded["input_ids"][:1 + len("given")] == [BOS] + TOK.encode("given")
+    train, _ = get_dataset("chat", d, TOK, "default", system_prompt="given")
+    assert sorted(e["input_ids"][1:1 + len("given")] == TOK.encode("given") for e in train) == [False, True]
+
+
 def test_max_samples_takes_the_first_rows_of_each_dataset(tmp_path):
     records = {f"{n}.json": [{"instruction": f"{n}{i}", "input": "", "output": "x"} for i in range(5)] for n in "ab"}
     d = dataset_dir(tmp_path, {"a": {"file_name": "a.json"}, "b": {"file_name": "b.json"}}, records)
