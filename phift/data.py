@@ -45,10 +45,10 @@ import hashlib
 import json
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .model import IGNORE_INDEX
@@ -655,7 +655,10 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
                 max_samples: int | None = None, train_on_prompt: bool = False, val_size: float = 0.0, seed: int = 42,
                 name: str | None = None, author: str | None = None,
                 stage: str = "sft", system_prompt: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(train, val) examples, shuffled with `seed`; val_size is a fraction (< 1) or a count. The examples of a stage:
+    """(train, val) examples; val_size is a fraction (< 1) or a count. The split is v0.3.3's, HF datasets'
+    train_test_split(test_size=val_size, seed=seed): a numpy permutation of the examples whose first ceil(val_size ×
+    n) (or val_size) go to validation and the rest, in that order, to training; without a split the examples keep their
+    order (the loop shuffles each epoch with the seed). The examples of a stage:
     sft: {input_ids, labels} (encode_supervised); pt: blocks of cutoff_len tokens (pretraining_blocks); rm, dpo and
     orpo: {prompt_ids, chosen_ids, rejected_ids} (encode_pairwise)."""
     if not val_size >= 0:
@@ -675,11 +678,13 @@ def get_dataset(dataset_names, dataset_dir, tokenizer, template: Template | str,
         examples = [encode_pairwise(template, tokenizer, row, cutoff_len) for row in rows]
     if not examples:
         raise ValueError(f"datasets {dataset_names!r} in {dataset_dir} hold no usable rows")
-    random.Random(seed).shuffle(examples)
     n_val = int(val_size) if val_size >= 1 else math.ceil(val_size * len(examples))
     if n_val >= len(examples):
         raise ValueError(f"val_size {val_size} leaves no training examples out of {len(examples)}")
-    return examples[n_val:], examples[:n_val]
+    if n_val == 0:
+        return examples, []
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
 # ---------------------------------------------------------------------------------------------------- batching

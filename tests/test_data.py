@@ -361,8 +361,27 @@ def test_val_size_is_a_fraction_or_a_count_and_the_split_follows_the_seed(tmp_pa
     train, val = get_dataset("d", d, TOK, "vanilla", val_size=0.2, seed=1)
     assert (len(train), len(val)) == (8, 2)
     assert [len(s) for s in get_dataset("d", d, TOK, "vanilla", val_size=3)] == [7, 3]
-    assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] == get_dataset("d", d, TOK, "vanilla", seed=1)[0]
-    assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] != get_dataset("d", d, TOK, "vanilla", seed=2)[0]
+    assert get_dataset("d", d, TOK, "vanilla", val_size=3, seed=1) == get_dataset("d", d, TOK, "vanilla", val_size=3,
+                                                                                  seed=1)
+    assert get_dataset("d", d, TOK, "vanilla", val_size=3, seed=1)[1] != get_dataset("d", d, TOK, "vanilla",
+                                                                                     val_size=3, seed=2)[1]
+    # no split: the rows in file order, as v0.3.3 passed them on (the loop shuffles each epoch)
+    assert get_dataset("d", d, TOK, "vanilla", seed=1)[0] == get_dataset("d", d, TOK, "vanilla", seed=2)[0]
+    assert [e["input_ids"][1:3] for e in get_dataset("d", d, TOK, "vanilla")[0]] == [TOK.encode(f"q{i}")
+                                                                                      for i in range(10)]
+
+
+@pytest.mark.parametrize("val_size, seed", [(0.1, 42), (0.25, 0), (7, 1234), (1, 3)])
+def test_the_validation_split_holds_the_examples_v033s_split_held(tmp_path, val_size, seed):
+    """v0.3.3 split with HF datasets' train_test_split(test_size=val_size, seed=seed)."""
+    datasets = pytest.importorskip("datasets")
+    records = [{"instruction": f"q{i:03d}", "input": "", "output": "a"} for i in range(103)]
+    d = dataset_dir(tmp_path, {"d": {"file_name": "d.json"}}, {"d.json": records})
+    train, val = get_dataset("d", d, TOK, "vanilla", val_size=val_size, seed=seed)
+    theirs = datasets.Dataset.from_dict({"i": list(range(103))}).train_test_split(test_size=val_size, seed=seed)
+    row = {tuple(e["input_ids"][1:5]): i for i, e in enumerate(get_dataset("d", d, TOK, "vanilla")[0])}
+    assert [row[tuple(e["input_ids"][1:5])] for e in val] == theirs["test"]["i"]
+    assert [row[tuple(e["input_ids"][1:5])] for e in train] == theirs["train"]["i"]
 
 
 def test_a_negative_val_size_is_refused_as_negative(tmp_path):
