@@ -8,7 +8,7 @@ Times, on the CPU the run is on: a large in-place host add (the memory bandwidth
 DeepSpeed's CPU Adam (what ZeRO-Offload runs) and of torch's fused CPU AdamW over `--params` fp32 parameters with
 fp32 gradients, at each thread count. An Adam step must read parameter, gradient and both moments and write back
 parameter and moments: 28 bytes a parameter at the least. The table gives each step's effective bandwidth against the
-stream's: near 1 means the step is at the memory wall, and recipe 3 (train-2 in bench/HISTORY.md: the step is the wall)
+stream's: near 1 means the step is at the memory wall, and recipe 3 (2026-11-28 d in bench/HISTORY.md: the step is the wall)
 can only go faster by moving fewer bytes or fewer parameters through the CPU.
 """
 from __future__ import annotations

@@ -137,7 +137,6 @@ SHAPES = {  # mode, batch × seq, precision, checkpointing
     "phi3.5-t4-lora-1x2048-fp16": dict(model="phi-3.5-mini", mode="lora", batch=1, seq=2048, precision="fp16",
                                        ckpt="full", mem_cap_gib=T4_GIB),
 }
-RENAMED = {"issue5-self-cognition": "self-cognition"}  # shape names in result files written before the rename
 
 
 def case(shape: str, family: str, **fields) -> Case:
@@ -215,4 +214,4 @@ def case_of(row: dict) -> Case:
     its shape and impl."""
     if "case" in row:
         return Case.from_dict(row["case"])
-    return BY_ID[f"{RENAMED.get(row['config'], row['config'])}/{row['impl']}"]
+    return BY_ID[f"{row['config']}/{row['impl']}"]

@@ -47,7 +47,7 @@ def record(jsonl: Path, name: str, commit: str | None, results: Path = report.RE
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("jsonl", type=Path, help="the run's rows, as its harness wrote them")
-    p.add_argument("--name", required=True, help="the run's name in the store and on the page")
+    p.add_argument("--name", required=True, help="the run's file name in the store (the page names runs by their date)")
     p.add_argument("--commit", help="the commit the run measured (default: this checkout's HEAD)")
     p.add_argument("--replace", action="store_true", help="overwrite a recorded run of the same name")
     p.add_argument("--results", type=Path, default=report.RESULTS)

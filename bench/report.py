@@ -36,11 +36,12 @@ PEAK_RULES = {  # rows measured under an earlier peak-memory rule say so in the 
 
 @dataclass
 class Run:
-    name: str
+    name: str  # the store's key (its file name)
     bench: str
     sequence: int
     header: dict
     rows: list[dict]
+    label: str = ""  # what the page calls it: its date and its place among that day's runs (a, b, ...)
 
     @property
     def device(self) -> str:
@@ -53,7 +54,16 @@ def load(results: Path) -> list[Run]:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         head = lines[0]
         runs.append(Run(head["run"], head["bench"], head["sequence"], head, lines[1:]))
-    return sorted(runs, key=lambda r: r.sequence)
+    runs.sort(key=lambda r: r.sequence)
+    for date in {r.header["meta"]["date"] for r in runs}:
+        for i, run in enumerate(r for r in runs if r.header["meta"]["date"] == date):
+            run.label = f"{date} {day_letters(i)}"
+    return runs
+
+
+def day_letters(i: int) -> str:
+    """a, b, ..., z, aa, ab, ...: the i-th run of a day."""
+    return (day_letters(i // 26 - 1) if i >= 26 else "") + "abcdefghijklmnopqrstuvwxyz"[i % 26]
 
 
 def measured(bench: str, row: dict) -> bool:
@@ -209,7 +219,7 @@ def train_table(rows: list[tuple[dict, Run]], compare: list[str]) -> list[str]:
         else:
             cells = [fmt(r["tokens_per_s"]), fmt(r["step_ms"], 1), peak(r), mfu(r, run),
                      *(comparison(w, r, c, run) for w in compare)]
-        lines.append(f"| {c.shape} | {c.impl} | " + " | ".join(cells) + f" | {run.name} | {run.device} |")
+        lines.append(f"| {c.shape} | {c.impl} | " + " | ".join(cells) + f" | {run.label} | {run.device} |")
     return lines
 
 
@@ -226,7 +236,7 @@ def phi3_answer(rows: list[tuple[dict, Run]]) -> list[str]:
             met = "—" if within is None else "**met**" if q >= 1.2 and within else "**missed**"
             lines.append(f"| {shape.rsplit('-', 1)[1].replace('x', ' × ')} | {fast['id']} | {fmt(fast['peak_gib'], 2)} "
                          f"| {peer['impl']} | {fmt(peer['peak_gib'], 2)} | {q:.2f} | ≥ 1.2× at ≤ memory: {met} | "
-                         f"{run.name} |")
+                         f"{run.label} |")
             break
         else:
             lines.append(f"| {shape.rsplit('-', 1)[1].replace('x', ' × ')} | not measured | — | — | — | — | — | — |")
@@ -239,7 +249,7 @@ def recipe_table(rows: list[tuple[dict, Run]]) -> list[str]:
     for r, run in rows:
         lines.append(f"| {r['impl']} | {fmt(r.get('step_ms'), 1)} | {fmt(r.get('tokens_per_s'))} | "
                      f"{fmt(r.get('peak_gib'), 2)} | {fmt(r.get('first_interval_s'), 1)} | "
-                     f"{fmt(r.get('wall_s'), 1)} | {r['status']} | {run.name} | {run.device} |")
+                     f"{fmt(r.get('wall_s'), 1)} | {r['status']} | {run.label} | {run.device} |")
     return lines
 
 
@@ -249,7 +259,7 @@ def law_table(rows: list[tuple[dict, Run]]) -> list[str]:
              "| run | device |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r, run in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['impl']} | " + "— | " * 7 + f"{r['status']} | {run.name} | {run.device} |")
+            lines.append(f"| {r['impl']} | " + "— | " * 7 + f"{r['status']} | {run.label} | {run.device} |")
             continue
         if "recipe_wall_s" in r:  # transcribed as the run printed it
             five, was_measured = r["recipe_wall_s"], r["recipe_wall_measured"]
@@ -261,13 +271,13 @@ def law_table(rows: list[tuple[dict, Run]]) -> list[str]:
         lines.append(f"| {r['impl']} | {'on' if r['checkpointing'] else 'off'} | {run.header['meta']['epochs']} | "
                      f"{fmt(r['wall_s'], 1)} | {fmt(r['tokens_per_s'])} | {fmt(r['steady_tokens_per_s'])} | "
                      f"{fmt(five)}{'' if was_measured or five is None else ' (extrapolated)'} | "
-                     f"{fmt(r['peak_gib'], 2)} | {', '.join(notes)} | {run.name} | {run.device} |")
+                     f"{fmt(r['peak_gib'], 2)} | {', '.join(notes)} | {run.label} | {run.device} |")
     return lines
 
 
 def host_table(rows: list[tuple[dict, Run]]) -> list[str]:
     lines = ["| case | step ms | run | device |", "| --- | ---: | --- | --- |"]
-    lines += [f"| {r['case']} | {r['step_ms']:.2f} | {run.name} | {run.device} |" for r, run in rows]
+    lines += [f"| {r['case']} | {r['step_ms']:.2f} | {run.label} | {run.device} |" for r, run in rows]
     return lines
 
 
@@ -279,14 +289,14 @@ def adam_tables(rows: list[tuple[dict, Run]]) -> list[str]:
             lines.append(f"| {r['params']:,} | {r['threads']} | {r['step']} | {r['stream_gbs']:.1f} | "
                          + (f"{r['step_ms']:.4g} | {r['effective_gbs']:.1f} | {r['ratio']:.2f} |"
                             if r["step_ms"] is not None else f"— | — | {r['error']} |")
-                         + f" {run.name} | {run.device} |")
+                         + f" {run.label} | {run.device} |")
     copies = [(r, run) for r, run in rows if "copy" in r]
     if copies:
         lines += ["", "GPU ↔ host copies of fp16 data the size of the model, on the same hosts:", "",
                   "| copy | host memory | GiB | ms | GB/s | run | device |",
                   "| --- | --- | ---: | ---: | ---: | --- | --- |"]
         lines += [f"| {r['copy']} | {r['host_memory']} | {r['gib']:.2f} | {r['ms']:.4g} | {r['gbs']:.1f} | "
-                  f"{run.name} | {run.device} |" for r, run in copies]
+                  f"{run.label} | {run.device} |" for r, run in copies]
     return lines
 
 
@@ -296,7 +306,7 @@ def kernel_table(rows: list[tuple[dict, Run]]) -> list[str]:
              "| --- | --- |"]
     lines += [f"| {r['layer']} | {r['tokens']} | {r['in']}→{r['out']} | {r['r']} | {r['dtype']} | {r['p']} | "
               f"{r['base_ms']:.3f} | {r['composite_ms']:.3f} | {r['fused_ms']:.3f} | {r['fused_over_base']:.3f} | "
-              f"{r['composite_over_fused']:.2f} | {run.name} | {run.device} |" for r, run in rows]
+              f"{r['composite_over_fused']:.2f} | {run.label} | {run.device} |" for r, run in rows]
     return lines
 
 
@@ -350,12 +360,11 @@ def page(runs: list[Run]) -> str:
             "rate, the step is at the memory wall. `+ conversions`: with the bf16 gradient and weight conversions an "
             "offloaded half model needs.",
             newest_first(latest(runs, "cpu_adam")), adam_tables)
-    out += ["## Runs", "", "| run | device | date | command | commit | recorded from |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    out += ["## Runs", "", "| run | device | command | commit | recorded from |", "| --- | --- | --- | --- | --- |"]
     for run in sorted((r for r in runs if r.name in named), key=lambda r: -r.sequence):
         meta = run.header["meta"]
         command = code(meta["command"]) + (f" {meta['command_note']}" if meta.get("command_note") else "")
-        out.append(f"| {run.name} | {run.device} | {meta['date']} | {command} | {run.header.get('commit') or '—'} | "
+        out.append(f"| {run.label} | {run.device} | {command} | {run.header.get('commit') or '—'} | "
                    f"{run.header.get('source', 'its harness output')} |")
     return "\n".join(out) + "\n"
 

@@ -47,7 +47,7 @@ def test_a_field_only_phift_has_is_refused_for_a_peer():
 
 
 def test_rows_written_before_they_carried_their_case_find_it_by_shape_and_impl():
-    row = {"id": "issue5-self-cognition/phift train", "config": "issue5-self-cognition", "impl": "phift train"}
+    row = {"id": "self-cognition/phift train", "config": "self-cognition", "impl": "phift train"}
     assert cases.case_of(row) is cases.BY_ID["self-cognition/phift train"]
 
 

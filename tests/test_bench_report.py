@@ -71,15 +71,15 @@ def test_page_has_a_table_per_question_and_every_row_names_its_run(tmp_path):
     lora, recipe3, host = sections[1], sections[2], sections[3]
     # the later run's phift row replaces the earlier one; hf is measured only in the earlier run
     assert "| lora-6x1024 | phift | 80,000 |" in lora and "60,000" not in lora
-    assert "| lora-6x1024 | hf | 30,000 | 204.8 | 9.50 | " in lora and lora.count("| first | H100 |") == 1
-    assert "| lora-6x1024 | phift | 80,000 | 76.8 | 9.50 | 80.0 % | — | — | second | H200 |" in lora
+    assert "| lora-6x1024 | hf | 30,000 | 204.8 | 9.50 | " in lora and lora.count("| 2026-11-01 a | H100 |") == 1
+    assert "| lora-6x1024 | phift | 80,000 | 76.8 | 9.50 | 80.0 % | — | — | 2026-11-02 a | H200 |" in lora
     # comparisons only within one run: phift+offload against the seed's row of its own run
-    assert "| recipe3-full-1x1024-zero2 | phift+offload | 2,200 |" in recipe3 and "| 2.20 | second | H200 |" in recipe3
-    assert "| full, no checkpointing | 40.00 | host | CPU (x86_64) |" in host
+    assert "| recipe3-full-1x1024-zero2 | phift+offload | 2,200 |" in recipe3 and "| 2.20 | 2026-11-02 a | H200 |" in recipe3
+    assert "| full, no checkpointing | 40.00 | 2026-11-03 a | CPU (x86_64) |" in host
     assert "skipped" not in text and "full-1x1024-ckpt" not in text
     runs = sections[4]
-    assert "| second | H200 | 2026-11-02 | `python bench/bench_train.py --only a\\|b` | abc1234 |" in runs
-    assert "| host | CPU (x86_64) | 2026-11-03 |" in runs
+    assert "| 2026-11-02 a | H200 | `python bench/bench_train.py --only a\\|b` | abc1234 |" in runs
+    assert "| 2026-11-03 a | CPU (x86_64) | `python bench/bench_host_overhead.py` |" in runs
 
 
 def test_a_row_measured_under_the_old_peak_rule_says_so(tmp_path):
@@ -109,8 +109,12 @@ def test_phi3_5_minis_question_compares_phifts_fastest_within_the_peers_memory(t
                             rows, ceiling={"tflops": 800.0}), "phi3", "abc1234", store)
     text = report.page(report.load(store))
     section = text.split("\n## Phi-3.5-mini: phift against the peers\n")[1].split("\n## ")[0]
-    assert "| phi3.5-lora-4x1024-ckpt | phift+compile | 12,500 |" in section and "| 1.25 | phi3 | H200 |" in section
+    assert "| phi3.5-lora-4x1024-ckpt | phift+compile | 12,500 |" in section and "| 1.25 | 2026-12-01 a | H200 |" in section
     assert ("| 4 × 1024 | phi3.5-lora-4x1024-ckpt/phift+compile | 12.00 | hf+compile | 30.00 | 1.25 | "
-            "≥ 1.2× at ≤ memory: **met** | phi3 |") in section
+            "≥ 1.2× at ≤ memory: **met** | 2026-12-01 a |") in section
     assert "| 1 × 2048 | not measured |" in section
     assert "phi3.5" not in text.split("\n## Phi-3.5-mini")[0]  # phi-1_5's tables keep to phi-1_5
+
+
+def test_runs_are_named_by_their_day_and_their_place_in_it():
+    assert [report.day_letters(i) for i in (0, 1, 25, 26, 27, 52)] == ["a", "b", "z", "aa", "ab", "ba"]

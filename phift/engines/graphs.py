@@ -1,7 +1,7 @@
 """A micro-batch's forward and backward replayed as a CUDA graph (`--cuda_graphs`).
 
 A full fine-tuning step of phi-1_5 on one 1×1024 sample is bound by the host, not the GPU: about 1,500 kernel
-launches, each a few microseconds of Python, dispatcher and autograd (bench/HISTORY.md, `host_overhead-2`: ~55 ms a
+launches, each a few microseconds of Python, dispatcher and autograd (bench/HISTORY.md, `2026-11-28 t`: ~55 ms a
 step of a 24-block phi with no math at all). A CUDA graph records those launches once and replays them with one
 call. What it needs, and how this module gives it:
 
