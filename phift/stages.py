@@ -250,19 +250,25 @@ class DPO(Objective):
             reference_logps = self.reference_logps(input_ids, labels, label_rows)
         logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows)
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), reference_logps.to(logps.dtype).chunk(2)
-        (chosen_tokens, rejected_tokens), (chosen_logits, rejected_logits) = tokens.chunk(2), logit_sums.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,
                                                             self.loss, self.label_smoothing, chosen_tokens,
                                                             rejected_tokens)
-        self.metrics = {
-            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
-            # TRL's: the mean logit over the vocabulary, averaged over every answer token of the batch
-            "logits/chosen": chosen_logits.sum() / chosen_tokens.sum(),
-            "logits/rejected": rejected_logits.sum() / rejected_tokens.sum()}
+        self.metrics = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, logit_sums, tokens)
         return losses.mean()
+
+
+def preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, logit_sums, tokens) -> dict:
+    """What TRL logs for a preference step; logit_sums and tokens hold the chosen half, then the rejected one."""
+    (chosen_tokens, rejected_tokens), (chosen_logits, rejected_logits) = tokens.chunk(2), logit_sums.chunk(2)
+    return {
+        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean(),
+        # TRL's: the mean logit over the vocabulary, averaged over every answer token of the batch
+        "logits/chosen": chosen_logits.sum() / chosen_tokens.sum(),
+        "logits/rejected": rejected_logits.sum() / rejected_tokens.sum()}
 
 
 class ORPO(Objective):
@@ -278,14 +284,7 @@ class ORPO(Objective):
         logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows)
         chosen, rejected = (logps / tokens).chunk(2)
         losses, log_odds = orpo_loss(chosen, rejected, self.beta)
-        (chosen_tokens, rejected_tokens), (chosen_logits, rejected_logits) = tokens.chunk(2), logit_sums.chunk(2)
         chosen_rewards, rejected_rewards = self.beta * chosen.detach(), self.beta * rejected.detach()
-        self.metrics = {
-            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
-            "logits/chosen": chosen_logits.sum() / chosen_tokens.sum(),
-            "logits/rejected": rejected_logits.sum() / rejected_tokens.sum(),
-            "nll_loss": -chosen.detach().mean(), "log_odds_ratio": log_odds.mean()}
+        self.metrics = {**preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, logit_sums, tokens),
+                        "nll_loss": -chosen.detach().mean(), "log_odds_ratio": log_odds.mean()}
         return losses.mean()
