@@ -145,6 +145,7 @@ class TrainingArgs:
     adam_beta2: float = arg(0.999, "AdamW beta2")
     adam_epsilon: float = arg(1e-8, "AdamW epsilon")
     seed: int = arg(42, "seeds every generator at the start of the run")
+    full_determinism: bool = arg(False, "deterministic GPU kernels too, so a GPU run repeats bit for bit (slower)")
     fp16: bool = arg(False, "fp16 mixed precision with dynamic loss scaling (CUDA)")
     bf16: bool = arg(False, "bf16 mixed precision")
     pure_bf16: bool = arg(False, "train the model itself in bf16, without autocast (implies --bf16); full "

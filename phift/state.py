@@ -57,12 +57,22 @@ class NonFiniteWeights(RuntimeError):
     """The weights hold a NaN or an inf: nothing is saved."""
 
 
-def set_seed(seed: int):
+def set_seed(seed: int, deterministic: bool = False):
     """Seed every generator a run draws from (Python, numpy, torch on the CPU and every GPU), as the HF Trainer's
-    set_seed does before the model is built: LoRA's initialisation, dropout masks and NEFTune noise follow --seed."""
+    set_seed does before the model is built: LoRA's initialisation, dropout masks and NEFTune noise follow --seed.
+
+    deterministic (--full_determinism): also pick deterministic GPU kernels, as the HF Trainer's flag of that name
+    does. Seeds alone repeat a run on the CPU; on a GPU, attention's backward (flash and memory-efficient) and
+    cuBLAS's split reductions add in a varying order, so the same seed drifts in the last bits from the first step.
+    An op with no deterministic kernel warns (naming it) instead of stopping the run."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first runs in the process
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def rng_state() -> dict:

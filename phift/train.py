@@ -355,7 +355,7 @@ class SkippedSteps:
 # ---------------------------------------------------------------------------------------------------- the loop
 def train(run: RunConfig) -> dict:
     m, d, f, t = run.model, run.data, run.finetuning, run.training
-    set_seed(t.seed)
+    set_seed(t.seed, t.full_determinism)
     rank, world, device = distributed.start(bool(t.deepspeed), t.ddp_timeout)
     precision = decide_precision(run, device)
     check_runtime(run, world, device, precision)

@@ -42,6 +42,18 @@ def _no_cpp_build_in_the_spec_tier(request):
     if not request.config.getoption("--integration"):
         kernels.DISABLED = kernels.DISABLED | {"adamw"}
 
+
+@pytest.fixture(autouse=True)
+def _deterministic_mode_stays_in_its_test():
+    """--full_determinism switches torch's process-wide deterministic mode on; a test that trains with it in-process
+    leaves the next test in the same worker as it found it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

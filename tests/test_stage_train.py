@@ -95,7 +95,7 @@ def test_a_reference_model_of_its_own_and_a_copy_of_the_same_weights_agree(tmp_p
     runs = []
     for name, extra in (("copy", {}), ("ref", dict(ref_model=str(tmp_path / "base"))),
                         ("offloaded", dict(dpo_ref_model=str(tmp_path / "base"), dpo_ref_offload=True))):
-        args = stage_args(tmp_path / name, "dpo", finetuning_type="full", max_steps=4,
+        args = stage_args(tmp_path / name, "dpo", finetuning_type="full", max_steps=4, full_determinism=True,
                           model_name_or_path=str(tmp_path / "base"), **extra)
         train_mod.train(args)
         runs.append(log_entries(args.training.output_dir))

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
-from phift import lora
+from phift import kernels, lora
 from phift import train as train_mod
 from phift.args import ConfigError, Precision, decide_precision, parse_train_args
 from phift.weights import save_model
@@ -201,13 +201,14 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_log(tmp_pa
     every 2 steps and saving every 3 makes it) covers the steps the uninterrupted run's did."""
     flags = dict(model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", lora_target="all",
                  lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, logging_steps=2,
-                 learning_rate=3e-3)
+                 learning_rate=3e-3, full_determinism=True)  # on a GPU, bit-equal logs need deterministic kernels
     uninterrupted = run_args(tmp_path / "whole", **flags)
     train_mod.train(uninterrupted)
     killed = run_args(tmp_path / "killed", **flags)
     argv = [sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path / "killed", **flags)]
-    proc = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # the child runs the ops this process runs (the spec tier turns the C++ AdamW off here)
+    env = subprocess_env(PHIFT_DISABLE_KERNELS=",".join(sorted(kernels.DISABLED)))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = Path(killed.training.output_dir)
     deadline = time.time() + 300
     # killed once a checkpoint exists and a step past it has been logged (that line must not survive the resume)
@@ -222,6 +223,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_log(tmp_pa
     resumed = run_args(tmp_path / "killed", **flags, resume_from_checkpoint="latest")
     train_mod.train(resumed)
     assert log_entries(out) == log_entries(uninterrupted.training.output_dir)
+
+
+def test_full_determinism_picks_deterministic_kernels_for_the_run(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so the teardown puts back what was there
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    args = run_args(tmp_path, model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", max_steps=1)
+    train_mod.train(args)
+    assert not torch.are_deterministic_algorithms_enabled()  # off unless asked for
+    args = run_args(tmp_path / "d", model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", max_steps=1,
+                    full_determinism=True)
+    train_mod.train(args)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
 def last_logged_step(out_dir) -> int:
