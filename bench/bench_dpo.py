@@ -296,7 +296,8 @@ def main(argv=None):
 
     lengths = TINY if a.tiny else dict(prompt=PROMPT, answer=ANSWER)
     device_name = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else a.device
-    meta = {"date": datetime.date.today().isoformat(), "device_name": device_name, "tiny": a.tiny,
+    meta = {"date": datetime.date.today().isoformat(), "device": device_name, "device_name": device_name,
+            "command": "python bench/bench_dpo.py " + " ".join(argv if argv is not None else sys.argv[1:]), "tiny": a.tiny,
             "warmup": a.warmup, "steps": a.steps, "checkpointing": a.checkpointing, **lengths,
             "row_tokens": lengths["prompt"] + lengths["answer"], "versions": versions()}
     rows = []
@@ -307,7 +308,7 @@ def main(argv=None):
             rows.append(run_impl(impl, spec, a.timeout_s))
             print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [{"meta": meta}, *rows]))
+    a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [{"bench": "dpo", "meta": meta}, *rows]))
     a.out.write_text(report(meta, rows))
     print(a.out.read_text())
 

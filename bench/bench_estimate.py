@@ -27,6 +27,7 @@ bench/README.md); its CPU Adam builds on first use.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -146,6 +147,14 @@ def write_ds_configs(directory: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ the worker
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{os.uname().machine}, {os.cpu_count()} logical CPUs"
+
+
 def _rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -278,7 +287,11 @@ def main(argv=None):
     start, rows = time.time(), []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl, log = args.out.with_suffix(".jsonl"), args.out.with_suffix(".log")
+    command = "python bench/bench_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp, jsonl.open("w") as jf, log.open("w") as lf:
+        jf.write(json.dumps({"bench": "estimate", "meta": {
+            "device": device_name(args.device), "date": datetime.date.today().isoformat(), "command": command,
+            "tiny": args.tiny, "steps": args.steps}}) + "\n")
         directory = Path(tmp)
         write_ds_configs(directory)
         for case in cases:
@@ -310,7 +323,7 @@ def main(argv=None):
             jf.flush()
             print(f"{case.name}: {row['status']} {judge(row) if row['status'] == 'ok' else ''}", flush=True)
     header = (f"### phift estimate against measured memory ({args.device}{', tiny' if args.tiny else ''})\n\n"
-              f"Command: `python bench/bench_estimate.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+              f"Command: `{command}`. "
               f"Random-weight presets, random tokens, every position labelled; {args.steps} measured optimizer "
               "steps after a warm-up step; peak = torch.cuda.max_memory_allocated over the measured steps. "
               f"Harness wall {time.time() - start:.0f} s.")

@@ -137,7 +137,10 @@ def main(argv=None):
         engine.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows, header))
-    args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [header, *rows]) + "\n")
+    meta = {**header, "command": "python bench/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "tiny": args.tiny}
+    args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"bench": "serve", "meta": meta},
+                                                                                  *rows]) + "\n")
     print(args.out.read_text())
 
 

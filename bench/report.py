@@ -4,12 +4,13 @@ measured it and naming that run.
     python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
 
 The store holds one file per recorded run, `bench/results/<run>.jsonl` (bench/record.py writes them): a header line
-    {"run": NAME, "bench": "train" | "law" | "host_overhead" | "cpu_adam" | "lora_kernel", "sequence": N,
+    {"run": NAME, "bench": "train" | "law" | "host_overhead" | "cpu_adam" | "lora_kernel" | "estimate" | "dpo" |
+     "serve", "sequence": N,
      "commit": SHA or null, "meta": {"device", "date", "command", ...}, ...}
 then the harness's rows. `sequence` orders the runs (the order they were recorded in): a row of a later run replaces
 the same row of an earlier one. A row is the same row when its key is: a training case's id, a law impl, a
 host-overhead case on the same kind of device, a CPU Adam step kind at the same parameter and thread counts, a fused
-LoRA shape. A row that was never measured shows its latest failure (timeout, OOM, ...), never a skip.
+LoRA shape, an estimate case, a DPO impl, a server client count. A row that was never measured shows its latest failure (timeout, OOM, ...), never a skip.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_law  # noqa: E402
+from bench import bench_estimate, bench_law  # noqa: E402
 from bench.cases import CASES, T4_GIB, Case, case_of  # noqa: E402
 from bench.harness import PHI3_LORA_SHAPES, compiled_peer, fmt, hf_eager, phi3_question  # noqa: E402
 
@@ -67,8 +68,10 @@ def day_letters(i: int) -> str:
 
 
 def measured(bench: str, row: dict) -> bool:
-    if bench in ("train", "law"):
+    if bench in ("train", "law", "estimate", "dpo"):
         return row.get("status") == "ok"
+    if bench == "serve":
+        return row.get("tokens_per_s") is not None
     if bench == "lora_kernel":
         return row.get("fused_ms") is not None
     return row.get("ms" if "copy" in row else "step_ms") is not None
@@ -77,8 +80,12 @@ def measured(bench: str, row: dict) -> bool:
 def key(bench: str, row: dict):
     if bench == "train":
         return case_of(row).id
-    if bench == "law":
+    if bench in ("law", "dpo"):
         return row["impl"]
+    if bench == "estimate":
+        return row["case"]
+    if bench == "serve":
+        return row["clients"]
     if bench == "host_overhead":
         return row["device"], row["case"]
     if bench == "cpu_adam":
@@ -310,6 +317,55 @@ def kernel_table(rows: list[tuple[dict, Run]]) -> list[str]:
     return lines
 
 
+def estimate_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    def gib(b):
+        return "—" if b is None else f"{b / bench_estimate.GIB:.2f}"
+
+    lines = ["| case | predicted GiB | measured GiB | error | within target | host predicted / peak RSS GiB | pinned "
+             "predicted / measured GiB | peak phase | run | device |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | --- |"]
+    for r, run in rows:
+        p, m = r.get("predicted") or {}, r.get("measured") or {}
+        if r["status"] != "ok":
+            lines.append(f"| {r['case']} | " + "— | " * 6 + f"{r['status']} | {run.label} | {run.device} |")
+            continue
+        err = p["allocated"] - m["allocated"]
+        lines.append(f"| {r['case']} | {gib(p['allocated'])} | {gib(m['allocated'])} | {err / bench_estimate.GIB:+.2f} "
+                     f"({100 * err / m['allocated']:+.1f} %) | {bench_estimate.judge(r)} | {gib(p.get('host'))} / "
+                     f"{gib(m.get('host_peak'))} | {gib(p.get('pinned'))} / {gib(m.get('pinned'))} | "
+                     f"{p.get('phase', '—')} | {run.label} | {run.device} |")
+    ok = [r for r, _ in rows if r["status"] == "ok"]
+    inside = sum(bench_estimate.judge(r) == "ok" for r in ok)
+    missing = [c.name for c in bench_estimate.CASES if c.name not in {r["case"] for r in ok}]
+    lines += ["", f"{inside} of {len(ok)} measured cases within ±10 % or ±0.5 GiB of the measured peak; "
+                  f"{len(ok)} of {len(bench_estimate.CASES)} cases of the harness measured"
+                  + (f" (not yet: {', '.join(missing)})." if missing else ".")]
+    return lines
+
+
+def dpo_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| impl | pairs/s | step ms | peak GiB | trainable parameters | × TRL | run | device |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r, run in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['impl']} | " + "— | " * 5 + f"{r['status']} | {run.label} | {run.device} |")
+            continue
+        trl = next((o for o in run.rows if o["impl"] == "trl" and o["status"] == "ok"), None)
+        q = "—" if trl is None or r is trl else f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}"
+        lines.append(f"| {r['impl']} | {r['pairs_per_s']:.2f} | {r['step_ms']:.1f} | {fmt(r['peak_gib'], 2)} | "
+                     f"{r['trainable']:,} | {q} | {run.label} | {run.device} |")
+    return lines
+
+
+def serve_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT ms | run "
+             "| device |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines += [f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} | {run.label} | {run.device} |"
+              for r, run in rows]
+    return lines
+
+
 # ============================================================================================ the page
 def page(runs: list[Run]) -> str:
     out = ["# Benchmarks", "",
@@ -344,6 +400,25 @@ def page(runs: list[Run]) -> str:
             train_rows(train, lambda c: c.recipe), recipe_table)
     title, text, want, compare = asked[5]
     section(title, text, train_rows(train, want), lambda rows: train_table(rows, compare))
+    section("Will it fit? `phift estimate` against the measured peak",
+            "`bench/bench_estimate.py`: each case of the harness (LoRA and full; fp16, bf16, pure bf16; recomputation "
+            "off, full, mlp; plain, DeepSpeed ZeRO-2/3, CPU offload; phi-1 to Phi-4-mini) in a fresh process on "
+            "random-weight presets and random tokens: `phift estimate`'s predicted peak allocated GPU memory against "
+            "torch.cuda.max_memory_allocated over 2 optimizer steps after a warm-up step, and the predicted host "
+            "memory against the process's peak RSS. Target: within ±10 % or ±0.5 GiB, whichever is larger.",
+            latest(runs, "estimate"), estimate_table)
+    section("DPO: phift against TRL",
+            "`bench/bench_dpo.py`: a DPO LoRA step on a random-weight phi-1_5, 4 pairs a step, rows of 1024 tokens "
+            "(prompt 512 + answer 512), bf16, AdamW, LoRA r 8 α 16 on the attention's q/k/v, activation "
+            "checkpointing on both sides, 3 warm-up + 10 timed steps; the same pairs on both sides. TRL: its "
+            "DPOTrainer with PEFT, the reference being the model with its adapter off, as in phift. Goal: phift ≥ 2× "
+            "TRL's pairs/s at no more memory.",
+            latest(runs, "dpo"), dpo_table)
+    section("Serving: `phift api` under concurrent clients",
+            "`bench/bench_serve.py`: `phift api` on a random-weight phi-1_5 with the real tokenizer, streaming "
+            "greedy chat completions from the official `openai` client; each client sends its requests one after "
+            "another, all clients at once; tokens/s = every generated token over the row's wall time.",
+            latest(runs, "serve"), serve_table)
     section("The fused LoRA linear: forward + backward",
             "`bench/bench_lora_kernel.py`: the fused op against the frozen base linear (forward + input gradient) and "
             "the PyTorch composite (forward + dx, dA, dB), median of CUDA-event timings over input sets cycled so "

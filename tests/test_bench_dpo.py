@@ -19,6 +19,7 @@ def test_tiny_run_times_phift_and_trl_on_the_same_pairs(tmp_path):
     bench_dpo.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "2", "--out", str(out)])
     lines = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
     meta, rows = lines[0]["meta"], {r["impl"]: r for r in lines[1:]}
+    assert lines[0]["bench"] == "dpo" and meta["command"].startswith("python bench/bench_dpo.py --device cpu")
     assert set(rows) == {"phift", "trl"} and all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["phift"]["data_checksum"] == rows["trl"]["data_checksum"]
     assert all(r["pairs_per_s"] > 0 and r["tokens_per_step"] == 4 * 2 * meta["row_tokens"] for r in rows.values())

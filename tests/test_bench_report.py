@@ -118,3 +118,37 @@ def test_phi3_5_minis_question_compares_phifts_fastest_within_the_peers_memory(t
 
 def test_runs_are_named_by_their_day_and_their_place_in_it():
     assert [report.day_letters(i) for i in (0, 1, 25, 26, 27, 52)] == ["a", "b", "z", "aa", "ab", "ba"]
+
+
+def test_estimate_dpo_and_server_runs_get_their_own_tables(tmp_path):
+    from bench import bench_estimate
+
+    gib = bench_estimate.GIB
+    store = tmp_path / "results"
+    estimate = [{"case": "recipe1-lora-fp16-6x1024", "status": "ok", "predicted": {
+                    "allocated": 4.4 * gib, "host": 2.5 * gib, "pinned": 0, "phase": "backward, first block"},
+                 "measured": {"allocated": 4.0 * gib, "host_peak": 1.5 * gib, "pinned": 0}},
+                {"case": "full-bf16-1x1024", "status": "ok", "predicted": {
+                    "allocated": 30.0 * gib, "host": 2.5 * gib, "pinned": 0, "phase": "optimizer step"},
+                 "measured": {"allocated": 20.0 * gib, "host_peak": 1.4 * gib, "pinned": 0}},
+                {"case": "phi2-full-pure-1x2048", "status": "skipped: time budget"}]
+    dpo = [{"impl": "phift", "status": "ok", "pairs_per_s": 20.0, "step_ms": 200.0, "peak_gib": 4.5,
+            "trainable": 1572864},
+           {"impl": "trl", "status": "ok", "pairs_per_s": 8.0, "step_ms": 500.0, "peak_gib": 5.5, "trainable": 2359296}]
+    serve = [{"clients": 8, "requests": 16, "tokens": 2048, "wall_s": 4.0, "tokens_per_s": 512.0,
+              "stream_tokens_per_s": 64.0, "ttft_ms_median": 30.0}]
+    for name, bench, rows in (("e", "estimate", estimate), ("d", "dpo", dpo), ("s", "serve", serve)):
+        record.record(write_run(tmp_path / f"{name}.jsonl", bench, meta("H200", "2026-12-04", f"python {name}"), rows),
+                      name, "abc1234", store)
+    text = report.page(report.load(store))
+    fit = text.split("\n## Will it fit? `phift estimate` against the measured peak\n")[1].split("\n## ")[0]
+    # +0.40 GiB is inside 0.5 GiB though +10 %; +10 GiB is outside both
+    assert "| recipe1-lora-fp16-6x1024 | 4.40 | 4.00 | +0.40 (+10.0 %) | ok | 2.50 / 1.50 |" in fit
+    assert "| full-bf16-1x1024 | 30.00 | 20.00 | +10.00 (+50.0 %) | off |" in fit
+    assert f"1 of 2 measured cases within ±10 % or ±0.5 GiB of the measured peak; 2 of {len(bench_estimate.CASES)} " \
+           "cases of the harness measured (not yet: " in fit and "phi2-full-pure-1x2048" in fit.split("not yet")[1]
+    assert "| phi2-full-pure-1x2048 |" not in fit  # a skip is not a row
+    dpo_section = text.split("\n## DPO: phift against TRL\n")[1].split("\n## ")[0]
+    assert "| phift | 20.00 | 200.0 | 4.50 | 1,572,864 | 2.50 | 2026-12-04 b | H200 |" in dpo_section
+    assert "| trl | 8.00 | 500.0 | 5.50 | 2,359,296 | — |" in dpo_section
+    assert "| 8 | 16 | 2048 | 4.00 | 512.0 | 64.0 | 30.0 | 2026-12-04 c | H200 |" in text

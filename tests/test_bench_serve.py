@@ -20,6 +20,7 @@ def test_serve_bench_smoke_run_writes_a_row_per_client_count(tmp_path):
     bench_serve.main(["--device", "cpu", "--tiny", "--clients", "1,4", "--requests_per_client", "1",
                       "--prompt_tokens", "16", "--max_tokens", "8", "--max_batch_size", "4", "--out", str(out)])
     header, *rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    assert header["model"] == "tiny" and [r["clients"] for r in rows] == [1, 4]
+    assert header["bench"] == "serve" and header["meta"]["command"].startswith("python bench/bench_serve.py --device")
+    assert header["meta"]["model"] == "tiny" and [r["clients"] for r in rows] == [1, 4]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "| 4 | 4 |" in out.read_text()

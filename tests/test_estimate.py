@@ -480,7 +480,8 @@ def test_bench_estimate_runs_its_tiny_cases_on_the_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_estimate.py"), "--device", "cpu", "--tiny",
                            "--out", str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert header["bench"] == "estimate" and header["meta"]["tiny"] and "--tiny" in header["meta"]["command"]
     assert [r["status"] for r in rows] == ["ok"] * 6
     assert all(r["predicted"]["allocated"] > 0 and r["measured"]["host_peak"] > 0 for r in rows)
     assert "| tiny-full-bf16-2x64-offload |" in out.read_text() and "| tiny-phi4-full-pure-2x64-offload |" in \
