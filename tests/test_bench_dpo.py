@@ -20,10 +20,12 @@ def test_tiny_run_times_phift_and_trl_on_the_same_pairs(tmp_path):
     lines = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
     meta, rows = lines[0]["meta"], {r["impl"]: r for r in lines[1:]}
     assert lines[0]["bench"] == "dpo" and meta["command"].startswith("python bench/bench_dpo.py --device cpu")
-    assert set(rows) == {"phift", "trl"} and all(r["status"] == "ok" for r in rows.values()), rows
-    assert rows["phift"]["data_checksum"] == rows["trl"]["data_checksum"]
+    assert set(rows) == {"phift", "phift+compile", "trl", "trl+compile"}, rows
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert len({r["data_checksum"] for r in rows.values()}) == 1
     assert all(r["pairs_per_s"] > 0 and r["tokens_per_step"] == 4 * 2 * meta["row_tokens"] for r in rows.values())
     # a fresh adapter: each side's first DPO loss is log 2
     assert rows["phift"]["loss_first"] == pytest.approx(0.6931, abs=1e-3)
+    assert rows["phift+compile"]["loss_first"] == pytest.approx(0.6931, abs=1e-3)
     text = out.read_text()
     assert "TINY SMOKE TEST" in text and "Same pairs on every side: yes" in text and "| phift |" in text

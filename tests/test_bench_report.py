@@ -151,4 +151,5 @@ def test_estimate_dpo_and_server_runs_get_their_own_tables(tmp_path):
     dpo_section = text.split("\n## DPO: phift against TRL\n")[1].split("\n## ")[0]
     assert "| phift | 20.00 | 200.0 | 4.50 | 1,572,864 | 2.50 | 2026-12-04 b | H200 |" in dpo_section
     assert "| trl | 8.00 | 500.0 | 5.50 | 2,359,296 | — |" in dpo_section
+    assert "phift ÷ trl = 2.50× (goal ≥ 2×: **met**); TRL compiled was not measured in that run." in dpo_section
     assert "| 8 | 16 | 2048 | 4.00 | 512.0 | 64.0 | 30.0 | 2026-12-04 c | H200 |" in text
