@@ -22,9 +22,24 @@ ENDOFTEXT = "<|endoftext|>"
 DEMO_MAX_RUN = 64
 
 
+# transformers' clean_up_tokenization: the spaces a word-level detokenizer left before punctuation and English
+# contractions. Its tokenizers applied it on decode while tokenizer_config.json's clean_up_tokenization_spaces was
+# true, the default of the transformers LLaMA-Factory v0.3.3 ran on; phi-1_5's config sets it, Phi-3's clears it.
+CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    for spaced, joined in CLEAN_UP:
+        text = text.replace(spaced, joined)
+    return text
+
+
 class Tokenizer:
     """A thin wrapper that speaks in plain lists of ids; adds special tokens only when asked (the tokenizer.json's
     post-processor, as transformers' add_special_tokens=True)."""
+
+    clean_up_tokenization_spaces = True  # tokenizer_config.json's, where it says (load_tokenizer)
 
     def __init__(self, tok: _HFTokenizer, eos_token: str = ENDOFTEXT, bos_token: str | None = ENDOFTEXT,
                  pad_token: str | None = None, source: str = ""):
@@ -48,8 +63,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
+        """The text of `ids`; clean_up_tokenization_spaces applies transformers' clean-up when the tokenizer's config
+        asks for it (scores compare text as LLaMA-Factory v0.3.3 decoded it)."""
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if clean_up_tokenization_spaces and self.clean_up_tokenization_spaces \
+            else text
 
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
@@ -72,7 +91,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {p} (phift reads the fast-tokenizer file only)")
-    special, add_bos = {}, None
+    special, add_bos, clean_up = {}, None, None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = file.parent / name
         if f.is_file():
@@ -81,10 +100,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                     special[k] = v["content"] if isinstance(v, dict) else v
                 elif k == "add_bos_token":  # false: plain templates then write no bos (data.encode_turns)
                     add_bos = bool(v)
+                elif k == "clean_up_tokenization_spaces":
+                    clean_up = bool(v)
     tokenizer = Tokenizer(_HFTokenizer.from_file(str(file)), eos_token=special.get("eos_token") or ENDOFTEXT,
                           bos_token=special.get("bos_token"), pad_token=special.get("pad_token"), source=str(file))
     if add_bos is not None:
         tokenizer.add_bos_token = add_bos
+    if clean_up is not None:
+        tokenizer.clean_up_tokenization_spaces = clean_up
     return tokenizer
 
 

@@ -116,6 +116,28 @@ def test_a_long_prompt_keeps_its_end(model, tok):
     assert record["prompt"] == tok.decode(full[-10:])
 
 
+def test_the_label_is_the_encoded_answer_cut_to_cutoff_len_and_scores_are_on_cleaned_up_text(model, tok, tmp_path,
+                                                                                               monkeypatch):
+    """v0.3.3 scored decode(answer ids[:cutoff_len]) against decode(generated ids), both with transformers' clean-up
+    where the tokenizer's config asked for it; its predictions file kept the label as decoded, the answer cleaned."""
+    from phift import evaluate
+
+    template = get_template("alpaca")
+    rows = [{"prompt": "the cat", "response": "the cat sat , on the mat . the cat sat", "history": []}]
+    answer = tok.encode(rows[0]["response"]) + [tok.eos_token_id]
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True)
+    monkeypatch.setattr(evaluate, "cut_at_stop_words", lambda text, stop: "a b , c .")  # a fixed 'generated' text
+    results = predict(model, tok, template, rows, max_new_tokens=2, cutoff_len=6, output_dir=tmp_path)
+    record = json.loads((tmp_path / "generated_predictions.jsonl").read_text(encoding="utf-8"))
+    assert len(answer) > 6 and record["label"] == tok.decode(answer[:6]) != rows[0]["response"]
+    assert " ," in record["label"] and record["predict"] == "a b, c."
+    expected = compute_metrics(["a b, c."], [tok.decode(answer[:6]).replace(" ,", ",").replace(" .", ".")])
+    assert {k: results[f"predict_{k}"] for k in expected} == expected
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", False)  # Phi-3's config: text as decoded
+    records = generate_predictions(model, tok, template, rows, max_new_tokens=2)
+    assert records[0]["label"] == rows[0]["response"] and records[0]["predict"] == "a b , c ."
+
+
 def test_rows_without_prompt_or_response_are_refused(model, tok):
     with pytest.raises(ValueError, match="row 0 has no response"):
         generate_predictions(model, tok, get_template("default"), [{"prompt": "hi", "output": "x"}])

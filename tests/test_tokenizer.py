@@ -48,3 +48,30 @@ def test_demo_tokenizer_leaves_words_of_ordinary_length_whole():
     texts = ["a quick brown fox jumps over the lazy dog", "internationalization"] * 50
     tok = train_demo_tokenizer(texts, vocab_size=400)
     assert len(tok.encode("internationalization")) == 1
+
+
+def test_clean_up_follows_the_config_and_equals_transformers_forced_clean_up(shared_data, tmp_path):
+    """phi-1_5's tokenizer_config.json says clean_up_tokenization_spaces: the transformers LLaMA-Factory v0.3.3 ran on
+    applied it on decode; today's skips it for BPE unless forced, so the reference is the forced form."""
+    import json
+    import shutil
+
+    import pytest
+    transformers = pytest.importorskip("transformers")
+
+    d = shared_data / "phi-1_5"
+    hf = transformers.AutoTokenizer.from_pretrained(
+        d, clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    tok = load_tokenizer(d)
+    assert tok.clean_up_tokenization_spaces
+    for text in ["Hello , world . Is it ? Yes ! it 's we 've they 're I 'm; do n't", "a ' b", "x n't y", "法律 。"]:
+        ids = hf.encode(text)
+        assert tok.decode(ids, clean_up_tokenization_spaces=True) == hf.decode(ids, skip_special_tokens=True)
+        assert tok.decode(ids) == text  # not asked for: the text as it was
+    # a config that clears it (Phi-3's do) leaves the text alone
+    copy = tmp_path / "tok"
+    shutil.copytree(d, copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": False}))
+    ids = hf.encode("Hello , world .")
+    assert load_tokenizer(copy).decode(ids, clean_up_tokenization_spaces=True) == "Hello , world ."
