@@ -265,7 +265,7 @@ def report(meta: dict, rows: list[dict]) -> str:
     lines = [f"# DPO LoRA step: phift vs TRL ({meta['date']})", ""]
     if meta["tiny"]:
         lines += ["**TINY SMOKE TEST** (2-layer model, short rows): the numbers say nothing about speed.", ""]
-    lines += [f"Device: {meta['device_name']}. {PAIRS_PER_STEP} pairs a step, rows of {meta['row_tokens']} tokens "
+    lines += [f"Device: {meta['device']}. {PAIRS_PER_STEP} pairs a step, rows of {meta['row_tokens']} tokens "
               f"(prompt {meta['prompt']} + answer {meta['answer']}), bf16, AdamW, LoRA r 8 α 16 on q/k/v, "
               f"activation checkpointing {meta['checkpointing']}, {meta['warmup']} warm-up + {meta['steps']} timed "
               f"steps. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "",
@@ -318,8 +318,8 @@ def main(argv=None):
 
     lengths = TINY if a.tiny else dict(prompt=PROMPT, answer=ANSWER)
     device_name = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else a.device
-    meta = {"date": datetime.date.today().isoformat(), "device": device_name, "device_name": device_name,
-            "command": "python bench/bench_dpo.py " + " ".join(argv if argv is not None else sys.argv[1:]), "tiny": a.tiny,
+    command = "python bench/bench_dpo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"date": datetime.date.today().isoformat(), "device": device_name, "command": command, "tiny": a.tiny,
             "warmup": a.warmup, "steps": a.steps, "checkpointing": a.checkpointing, **lengths,
             "row_tokens": lengths["prompt"] + lengths["answer"], "versions": versions()}
     rows = []
@@ -330,7 +330,8 @@ def main(argv=None):
             rows.append(run_impl(impl, spec, a.timeout_s))
             print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [{"bench": "dpo", "meta": meta}, *rows]))
+    header = {"bench": "dpo", "meta": meta}
+    a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [header, *rows]))
     a.out.write_text(report(meta, rows))
     print(a.out.read_text())
 

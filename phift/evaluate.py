@@ -26,7 +26,6 @@ from .chat import cut_at_stop_words
 from .data import collate, encode_prompt, encode_turns, read_utf8, stop_token_ids
 from .generate import generate
 from .model import IGNORE_INDEX
-from .tokenizer import clean_up_tokenization
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def generate_predictions(model, tokenizer, template, rows: list[dict], batch_siz
                          max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
                          cutoff_len: int | None = None) -> list[dict]:
     """{"prompt", "label", "predict"} per row, in order: batched generation, text cut at the template's stop words
-    and cleaned up as the tokenizer's config says (label_text, clean_up: what v0.3.3's predictions file held).
+    and cleaned up as the tokenizer's config says (label_text, Tokenizer.clean_up: v0.3.3's predictions file).
 
     A prompt longer than cutoff_len keeps its last cutoff_len tokens, so it still ends where the answer starts
     (LLaMA-Factory v0.3.3 kept the head and could cut that cue away).
@@ -107,7 +106,7 @@ def generate_predictions(model, tokenizer, template, rows: list[dict], batch_siz
             new = generate(model, [prompts[i] for i in batch], max_new_tokens, stop_token_ids(template, tokenizer),
                            tokenizer.pad_token_id, temperature, top_p)
             for i, ids in zip(batch, new):
-                answers[i] = clean_up(tokenizer, cut_at_stop_words(tokenizer.decode(ids), template.stop_words))
+                answers[i] = tokenizer.clean_up(cut_at_stop_words(tokenizer.decode(ids), template.stop_words))
             bar.update(len(batch))
     return [{"prompt": tokenizer.decode(p), "label": label_text(template, tokenizer, row, cutoff_len), "predict": a}
             for p, row, a in zip(prompts, rows, answers)]
@@ -116,13 +115,8 @@ def generate_predictions(model, tokenizer, template, rows: list[dict], batch_siz
 def label_text(template, tokenizer, row: dict, cutoff_len: int | None) -> str:
     """The reference answer as v0.3.3 scored it: the response's ids as the template encodes them, cut to cutoff_len
     tokens, decoded without special tokens (so a long answer is scored on what fits, and eos is not text)."""
-    ids = encode_turns(template, tokenizer, row["prompt"], row["response"], row.get("history"), row.get("system"))[-1][1]
-    return tokenizer.decode(ids[:cutoff_len] if cutoff_len is not None else ids)
-
-
-def clean_up(tokenizer, text: str) -> str:
-    """transformers' clean-up of decoded text, where the tokenizer's config asks for it (phi-1_5's does)."""
-    return clean_up_tokenization(text) if getattr(tokenizer, "clean_up_tokenization_spaces", False) else text
+    turns = encode_turns(template, tokenizer, row["prompt"], row["response"], row.get("history"), row.get("system"))
+    return tokenizer.decode(turns[-1][1][:cutoff_len])  # a slice to None keeps every id
 
 
 def predict(model, tokenizer, template, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 512,
@@ -138,7 +132,7 @@ def predict(model, tokenizer, template, rows: list[dict], batch_size: int = 8, m
     records = generate_predictions(model, tokenizer, template, rows, batch_size, max_new_tokens, temperature,
                                    top_p, cutoff_len)
     # v0.3.3 scored the cleaned-up label; its generated_predictions.jsonl kept the label as decoded
-    metrics = compute_metrics([r["predict"] for r in records], [clean_up(tokenizer, r["label"]) for r in records])
+    metrics = compute_metrics([r["predict"] for r in records], [tokenizer.clean_up(r["label"]) for r in records])
     runtime = time.perf_counter() - start
     results = {f"predict_{k}": v for k, v in metrics.items()}
     results.update(predict_runtime=round(runtime, 4), predict_samples_per_second=round(len(rows) / runtime, 3))

@@ -67,8 +67,11 @@ class Tokenizer:
         """The text of `ids`; clean_up_tokenization_spaces applies transformers' clean-up when the tokenizer's config
         asks for it (scores compare text as LLaMA-Factory v0.3.3 decoded it)."""
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return clean_up_tokenization(text) if clean_up_tokenization_spaces and self.clean_up_tokenization_spaces \
-            else text
+        return self.clean_up(text) if clean_up_tokenization_spaces else text
+
+    def clean_up(self, text: str) -> str:
+        """Decoded text with transformers' clean-up where tokenizer_config.json asks for it (phi-1_5's does)."""
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
