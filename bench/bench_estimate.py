@@ -162,6 +162,42 @@ def _rss() -> int:
     return 0
 
 
+def predict(case: Case, device_name: str, directory: Path) -> dict:
+    """What `phift estimate` says of the case (CPU arithmetic: no GPU, no weights)."""
+    from phift import estimate
+    from phift.args import parse_train_args
+
+    e = estimate.estimate(estimate.read_config(case.model), parse_train_args(case.flags(directory)),
+                          device=device_name)
+    return {"allocated": e.gpu_allocated, "gpu_total": e.gpu_total, "host": e.host_total,
+            "pinned": sum(e.pinned.values()), "phase": e.peak_phase, "phases": e.phases, "terms": e.gpu}
+
+
+def repredict(source: Path, out: Path, command: str) -> None:
+    """The measurements of an earlier run, each row's prediction made again by this checkout's estimate: how a change
+    to the memory model fares on peaks already measured, without the GPU."""
+    head, *rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    if head.get("bench") != "estimate":
+        raise SystemExit(f"{source}: not a bench_estimate.py result (its header says {head.get('bench')!r})")
+    by_name = {c.name: c for c in TINY + CASES}
+    meta = {**head["meta"], "command": command, "measured_by": head["meta"]["command"]}
+    device = "cpu" if "--device cpu" in head["meta"]["command"] else "cuda"  # what the measured run estimated for
+    with tempfile.TemporaryDirectory() as tmp:
+        write_ds_configs(Path(tmp))
+        for row in rows:
+            if row.get("status") == "ok":
+                if row["case"] not in by_name:
+                    raise SystemExit(f"{source}: case {row['case']!r} is no longer in the harness")
+                row["predicted"] = predict(by_name[row["case"]], device, Path(tmp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"bench": "estimate", "meta": meta}, *rows])
+                                         + "\n")
+    header = (f"### phift estimate against measured memory, predictions made again\n\nCommand: `{command}`. "
+              f"Measured by `{head['meta']['command']}` on {head['meta']['device']}, {head['meta']['date']}.")
+    out.write_text(render(rows, header))
+    print(out.read_text())
+
+
 def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     import torch
 
@@ -174,10 +210,7 @@ def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     row = {"case": case.name, **{k: v for k, v in asdict(case).items() if k != "name"}}
     run = parse_train_args(case.flags(directory))
     config = estimate.read_config(case.model)
-    e = estimate.estimate(config, run, device=device_name)
-    row["predicted"] = {"allocated": e.gpu_allocated, "gpu_total": e.gpu_total, "host": e.host_total,
-                        "pinned": sum(e.pinned.values()), "phase": e.peak_phase, "phases": e.phases,
-                        "terms": e.gpu}
+    row["predicted"] = predict(case, device_name, directory)
     t0 = time.time()
     rank, world, device = distributed.start(bool(run.training.deepspeed), run.training.ddp_timeout)
     if device_name == "cuda" and device.type != "cuda":
@@ -273,10 +306,16 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting cases after this many seconds")
     ap.add_argument("--timeout-s", type=float, default=150.0, help="one case's limit")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--repredict", type=Path, default=None, metavar="RUN.jsonl",
+                    help="predict the measured rows of an earlier run again with this checkout (no GPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cases = [c for c in (TINY if args.tiny else CASES) if not args.only or re.search(args.only, c.name)]
+    if args.repredict:
+        repredict(args.repredict, args.out,
+                  "python bench/bench_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        return
     if args.worker:
         case = next(c for c in TINY + CASES if c.name == args.worker)
         print("ROW " + json.dumps(worker(case, args.device, args.steps, args.dir)), flush=True)

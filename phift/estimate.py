@@ -60,7 +60,7 @@ HOST_DEEPSPEED = 512 * MIB  # DeepSpeed's import and its CPU Adam extension, per
 LORA_AUGMENT_COLUMNS = 64
 DS_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "contiguous_gradients": True,
                "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
-               "stage3_param_persistence_threshold": 1e5}
+               "stage3_param_persistence_threshold": 1e5, "sub_group_size": 1e9}
 
 # The fit table: (name, GiB the card has, whether it has bf16); host memory of the seed's Colab runtimes.
 GPUS = (("T4", 15, False), ("L4", 22, True), ("A10", 24, True), ("A100-40", 40, True), ("A100-80", 80, True),
@@ -94,6 +94,24 @@ class Params:
     def groups(self) -> tuple[int, int]:
         """Trainable numel in AdamW's two groups (phift.engines.param_groups): matrices, then the rest."""
         return (sum(n for n, t, d in self.tensors if t and d >= 2), sum(n for n, t, d in self.tensors if t and d < 2))
+
+    def largest_sub_group(self, world: int, sub_group_size: int) -> int:
+        """ZeRO-3 steps the optimizer one sub-group at a time (stage3's _create_fp16_sub_groups): each group's
+        parameters, in order, are cut once their partitions reach sub_group_size. The most elements one sub-group
+        holds on a rank."""
+        largest = 0
+        for matrices in (True, False):
+            parts = [math.ceil(n / world) for n, t, d in self.tensors if t and (d >= 2) == matrices]
+            if sum(parts) <= sub_group_size:
+                largest = max(largest, sum(parts))
+                continue
+            run = 0
+            for n in parts:
+                run += n
+                if run >= sub_group_size:
+                    largest, run = max(largest, run), 0
+            largest = max(largest, run)
+        return largest
 
 
 def count_parameters(config: Config, run: RunConfig) -> Params:
@@ -144,6 +162,7 @@ class Zero:
     prefetch_bucket: int
     max_live: int
     persistence_threshold: int
+    sub_group_size: int = int(DS_DEFAULTS["sub_group_size"])
 
     @classmethod
     def from_config(cls, cfg: dict) -> Zero:
@@ -161,7 +180,8 @@ class Zero:
                    contiguous_gradients=bool(z.get("contiguous_gradients", True)),
                    allgather_bucket=get("allgather_bucket_size"), prefetch_bucket=get("stage3_prefetch_bucket_size"),
                    max_live=get("stage3_max_live_parameters"),
-                   persistence_threshold=get("stage3_param_persistence_threshold"))
+                   persistence_threshold=get("stage3_param_persistence_threshold"),
+                   sub_group_size=get("sub_group_size"))
 
 
 @dataclass(frozen=True)
@@ -567,6 +587,8 @@ class States:
     grads_all: int = 0  # at the end of backward
     grads_embedding: int = 0  # the last to arrive
     step: dict[str, int] = field(default_factory=dict)  # what the optimizer step adds on the GPU
+    step_grads: int | None = None  # the gradients live at the step, when not grads_all
+    step_frees: tuple[str, ...] = ()  # `gpu` terms no longer live at the step
     model_states_gpu: int = 0  # weights + gradients + master weights + moments, DeepSpeed's sense of the word
     model_states_host: int = 0
 
@@ -665,8 +687,16 @@ def _deepspeed_states(c: Config, params: Params, p: Plan, s: States, in_flight: 
     else:
         s.gpu["fp32 master weights"] = int(4 * part)
         s.gpu[f"{lora}optimizer states (AdamW moments)"] = int(8 * part)
-        s.step["fp32 gradients (optimizer step)"] = int(4 * part)
-        s.step["flattened half gradients (optimizer step)"] = int(2 * part)
+        if z.stage < 3:
+            s.step["fp32 gradients (optimizer step)"] = int(4 * part)
+            s.step["flattened half gradients (optimizer step)"] = int(2 * part)
+        else:  # one sub-group's half gradients flattened, then cast to fp32, freed before the next; by then every
+            # gathered module is partitioned again and the per-parameter gradients cleared (stage3's step)
+            sub = params.largest_sub_group(g, z.sub_group_size)
+            s.step["fp32 gradients (optimizer step, largest sub-group)"] = 4 * sub
+            s.step["flattened half gradients (optimizer step, largest sub-group)"] = 2 * sub
+            s.step_grads = s.grads_carried
+            s.step_frees = tuple(k for k in s.gpu if k.startswith(("gathered module", "gathered weights")))
     # DeepSpeed's sense of model states: its estimator's terms, for the parameters that train here
     frozen = total - nt
     if z.stage < 3:
@@ -746,9 +776,10 @@ def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_c
         "backward, last block": {grads: s.grads_all - s.grads_embedding, saved_name: act.first_layer[p.policy],
                                  "recomputation (one block)": rerun, "block backward gradients": bwd_grads,
                                  "attention backward workspace": workspace},
-        "optimizer step": {grads: s.grads_all, **s.step},
+        "optimizer step": {grads: s.grads_all if s.step_grads is None else s.step_grads, **s.step,
+                           **{k: 0 for k in s.step_frees}},
     }
-    phases = {name: sum(base.values()) + sum(t.values()) for name, t in phases_terms.items()}
+    phases = {name: sum({**base, **t}.values()) for name, t in phases_terms.items()}  # a 0 term: freed by then
     peak = max(phases, key=phases.get)
     gpu = {k: v for k, v in {**base, **phases_terms[peak]}.items() if v}
     allocated = sum(gpu.values())

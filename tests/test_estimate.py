@@ -2,6 +2,7 @@
 model states against hand arithmetic and DeepSpeed's own estimator, the report's parts against its totals."""
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -486,3 +487,69 @@ def test_bench_estimate_runs_its_tiny_cases_on_the_cpu(tmp_path):
     assert all(r["predicted"]["allocated"] > 0 and r["measured"]["host_peak"] > 0 for r in rows)
     assert "| tiny-full-bf16-2x64-offload |" in out.read_text() and "| tiny-phi4-full-pure-2x64-offload |" in \
         out.read_text()
+
+    # the same measurements predicted again by the same code: the same predictions, the measurements kept
+    again = tmp_path / "again" / "estimate.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_estimate.py"), "--repredict",
+                           str(out.with_suffix(".jsonl")), "--out", str(again)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head, *redone = [json.loads(line) for line in again.with_suffix(".jsonl").read_text().splitlines()]
+    assert head["meta"]["measured_by"] == header["meta"]["command"] and "--repredict" in head["meta"]["command"]
+    assert [r["predicted"] for r in redone] == [r["predicted"] for r in rows]
+    assert [r["measured"] for r in redone] == [r["measured"] for r in rows]
+
+
+def test_zero3_sub_groups_are_cut_where_deepspeed_cuts_them():
+    """By hand: the matrices group [100, 50, 70] under sub_group_size 120 is cut after 100 + 50 (the running sum
+    reaches 120 there), leaving 70; the 1-d group is one sub-group. On two ranks each partition is half, rounded up."""
+    p = E.Params(tensors=((100, True, 2), (50, True, 2), (70, True, 2), (10, True, 1), (999, False, 2)),
+                 largest_module=100, lm_head=0, adapted=())
+    assert p.largest_sub_group(1, 120) == 150
+    assert p.largest_sub_group(2, 120) == 110  # 50 + 25 + 35: the whole group fits one sub-group
+    assert p.largest_sub_group(1, 10**9) == 220
+
+
+SUB_GROUPS = """
+import json, sys, deepspeed, torch
+from phift import families
+from phift.config import PhiConfig
+from phift.engines import param_groups
+torch.manual_seed(0)
+model = families.build(PhiConfig.from_name("tiny"))
+cfg = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+       "zero_optimization": {"stage": 3, "sub_group_size": int(sys.argv[1])}}
+opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+print("SUBGROUPS", json.dumps([int(n) for n in engine.optimizer.fp16_partitioned_groups_flat_numel]))
+"""
+
+
+@pytest.mark.integration
+def test_zero3_optimizer_step_counts_the_largest_sub_group_deepspeed_makes(tmp_path):
+    """DeepSpeed's ZeRO-3 step casts one sub-group's gradients to fp32 at a time (stage3.step): the estimate's step
+    transient is 6 bytes times the largest sub-group DeepSpeed itself builds for phift's parameter groups."""
+    pytest.importorskip("deepspeed")
+    from phift.config import PhiConfig
+
+    config = PhiConfig.from_name("tiny")
+    params = E.count_parameters(config, run_of("--finetuning_type", "full", model="tiny"))
+    size = max(params.groups()) // 3  # several sub-groups in the matrices group
+    script = tmp_path / "sub_groups.py"
+    script.write_text(SUB_GROUPS)
+    env = subprocess_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, str(script), str(size)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    numels = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SUBGROUPS"))[10:])
+    assert len(numels) > 2 and sum(numels) == params.trainable
+    assert params.largest_sub_group(1, size) == max(numels)
+
+    run = run_of("--finetuning_type", "full", "--bf16", "True", "--deepspeed", str(tmp_path / "unused.json"),
+                 model="tiny")
+    plan = E.plan_for(run, "cuda", 1, 1, {"zero_optimization": {"stage": 3, "sub_group_size": size}}, config)
+    s = E.states(config, params, plan)
+    assert s.step == {"fp32 gradients (optimizer step, largest sub-group)": 4 * max(numels),
+                      "flattened half gradients (optimizer step, largest sub-group)": 2 * max(numels)}
+    assert s.step_frees and all(k.startswith("gathered") for k in s.step_frees)
