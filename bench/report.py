@@ -447,6 +447,10 @@ def page(runs: list[Run]) -> str:
     for run in sorted((r for r in runs if r.name in named), key=lambda r: -r.sequence):
         meta = run.header["meta"]
         command = code(meta["command"]) + (f" {meta['command_note']}" if meta.get("command_note") else "")
+        source = next((r for r in runs if meta.get("measured_by") and r.bench == run.bench
+                       and r.header["meta"]["command"] == meta["measured_by"]), None)
+        if source is not None:  # bench_estimate.py --repredict: an earlier run's measurements, predicted again
+            command += f": the measurements of {source.label}, predicted again at this commit"
         out.append(f"| {run.label} | {run.device} | {command} | {run.header.get('commit') or '—'} | "
                    f"{run.header.get('source', 'its harness output')} |")
     return "\n".join(out) + "\n"
