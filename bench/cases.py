@@ -198,6 +198,9 @@ CASES = [
     case("phi3.5-lora-1x2048", "litgpt", compile=True),
     case("phi3.5-lora-1x2048", "phift"), case("phi3.5-lora-1x2048", "phift", compile=True),
     case("phi3.5-lora-1x2048-ckpt", "phift"), case("phi3.5-lora-1x2048-ckpt", "phift", compile=True),
+    # compiled with the PyTorch LoRA math in place of the fused op: does the [W | s·B] GEMM pay at Phi-3.5's width?
+    case("phi3.5-lora-4x1024", "phift", compile=True, kernels_off=("lora",), quick=False),
+    case("phi3.5-lora-1x2048", "phift", compile=True, kernels_off=("lora",), quick=False),
     case("phi3.5-t4-lora-1x2048-fp16", "phift"),
     case("phi3.5-full-1x2048-ckpt-offload", "phift"),
 ]
