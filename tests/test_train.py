@@ -198,18 +198,28 @@ def test_the_same_seed_gives_the_same_lora_run_on_a_loaded_checkpoint(tmp_path, 
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_log(tmp_path, tiny_checkpoint):
     """The resumed run's trainer_log.jsonl is the uninterrupted one's, line for line: the killed run's lines past the
     checkpoint are dropped, and the loss logged first after it (its window straddles the checkpoint, as logging
-    every 2 steps and saving every 3 makes it) covers the steps the uninterrupted run's did."""
+    every 2 steps and saving every 3 makes it) covers the steps the uninterrupted run's did.
+
+    All three runs are fresh `phift train` processes with one environment: on a GPU, bit-equal logs need the same
+    cuBLAS workspace setting (--full_determinism sets it, but only before a process's first cuBLAS call) and so the
+    same kernels in every run."""
     flags = dict(model_name_or_path=str(tiny_checkpoint), finetuning_type="lora", lora_target="all",
                  lora_dropout=0.1, num_train_epochs=1000, max_steps=40, save_steps=3, logging_steps=2,
-                 learning_rate=3e-3, full_determinism=True)  # on a GPU, bit-equal logs need deterministic kernels
-    uninterrupted = run_args(tmp_path / "whole", **flags)
-    train_mod.train(uninterrupted)
-    killed = run_args(tmp_path / "killed", **flags)
-    argv = [sys.executable, "-m", "phift.cli", "train", *run_argv(tmp_path / "killed", **flags)]
-    # the child runs the ops this process runs (the spec tier turns the C++ AdamW off here)
+                 learning_rate=3e-3, full_determinism=True)
+    # every run takes the ops this process runs (the spec tier turns the C++ AdamW off here)
     env = subprocess_env(PHIFT_DISABLE_KERNELS=",".join(sorted(kernels.DISABLED)))
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    out = Path(killed.training.output_dir)
+
+    def train_argv(out, **more):
+        return [sys.executable, "-m", "phift.cli", "train", *run_argv(out, **flags, **more)]
+
+    def train_to_the_end(out, **more):
+        proc = subprocess.run(train_argv(out, **more), env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    train_to_the_end(tmp_path / "whole")
+    proc = subprocess.Popen(train_argv(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "killed" / "out"
     deadline = time.time() + 300
     # killed once a checkpoint exists and a step past it has been logged (that line must not survive the resume)
     while proc.poll() is None and time.time() < deadline and not (
@@ -220,9 +230,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_log(tmp_pa
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
     at = int((out / "latest").read_text().split("-")[1])
     assert at < 40 and max(e["current_steps"] for e in log_entries(out)) > at
-    resumed = run_args(tmp_path / "killed", **flags, resume_from_checkpoint="latest")
-    train_mod.train(resumed)
-    assert log_entries(out) == log_entries(uninterrupted.training.output_dir)
+    train_to_the_end(tmp_path / "killed", resume_from_checkpoint="latest")
+    assert log_entries(out) == log_entries(tmp_path / "whole" / "out")
 
 
 def test_full_determinism_picks_deterministic_kernels_for_the_run(tmp_path, tiny_checkpoint, monkeypatch):
