@@ -29,3 +29,17 @@ def test_the_phi3_5_mini_cases_run_on_the_tiny_phi3_shape(tmp_path):
     assert "tiny-phi3-shaped models" in text
     assert "| Phi-3.5-mini LoRA 4×1024: phift fastest (at no more memory) ÷ best compiled peer |" in text
     assert "| T4 budget (15 GiB cap): Phi-3.5-mini LoRA fp16 1×2048 | ok |" in text
+
+
+def test_the_build_step_compiles_phifts_ops_before_any_timed_run():
+    """What the harness runs beside its first steps on a GPU builds phift's extensions (a check that only asked
+    whether they were loaded would leave the build to the first timed run): here, the CPU AdamW op."""
+    import subprocess
+
+    from bench import harness
+    from conftest import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", harness.BUILD_PHIFT_KERNEL], capture_output=True, text=True,
+                          cwd=ROOT, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "phift CPU AdamW op: True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
