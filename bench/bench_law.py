@@ -265,12 +265,11 @@ def launch(spec: dict, env: dict) -> subprocess.Popen:
 
 
 def prebuild(cases: list[Case], env) -> list[str]:
-    """The fused kernels and DeepSpeed's CPU Adam are built once per machine, not inside a timed run."""
+    """phift's ops and DeepSpeed's CPU Adam are built once per machine, not inside a timed run."""
     notes = []
     codes = []
     if any(c.family == "phift" for c in cases):
-        codes.append(("phift kernels",
-                      "import phift.kernels as k; print('fused kernels available:', k.kernels_enabled())"))
+        codes.append(("phift kernels", harness.BUILD_PHIFT_KERNEL))
     if any(c.engine == "deepspeed" for c in cases):
         codes.append(("DeepSpeed CPU Adam",
                       "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); print('built')"))
