@@ -5,6 +5,7 @@ The first run JIT-builds DeepSpeed's CPU ops (a minute or two), cached in TORCH_
 """
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,13 @@ def test_deepspeed_skips_non_finite_steps_and_the_run_stops_after_five(tmp_path)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+def free_port() -> int:
+    """A port no other run is listening on (tests in parallel workers launch at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(tmp_path, name, world, *extra, stage=2):
     """`world` processes of one DeepSpeed run over gloo, as the deepspeed launcher would start them."""
     out = tmp_path / name
@@ -79,7 +87,7 @@ def launch(tmp_path, name, world, *extra, stage=2):
            "--seed", "0", "--disable_gradient_checkpointing", "True", "--save_steps", "4",
            "--deepspeed", str(cfg), "--output_dir", str(out), *extra]
     base = subprocess_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + world + len(name)), WORLD_SIZE=str(world))
+                          MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
     procs = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = [p.communicate(timeout=1200)[0] for p in procs]
