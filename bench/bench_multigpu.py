@@ -5,7 +5,10 @@ trainer_log.jsonl, and reports tokens/s, the N-GPU speed-up, peak memory and the
 run (same seed and data order, so the curves should coincide up to bf16 noise). Data: synthetic samples long
 enough that every row is cut to exactly `cutoff_len` tokens.
 
-    python bench/bench_multigpu.py --tokenizer DIR --out $OUT/multigpu.md [--gpus 2]
+    python bench/bench_multigpu.py --tokenizer DIR --out $OUT/multigpu.md [--gpus 2] [--only REGEX]
+
+phi-family cases tokenize with --tokenizer (phi-1_5's); a Phi-3-family model's vocabulary is smaller than phi-1_5's
+ids, so its cases use a byte-level BPE trained here on the synthetic data (random weights either way).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import datetime
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,18 +33,34 @@ CASES = [  # name, model preset, finetuning type, micro batch, cutoff, ZeRO stag
     ("LoRA r8 6×1024", "phi-1_5", "lora", 6, 1024, 2, 50),
     ("full 4×1024", "phi-1_5", "full", 4, 1024, 2, 15),
     ("phi-2 full 2×1024 ZeRO-3", "phi-2", "full", 2, 1024, 3, 6),
+    ("Phi-3.5-mini LoRA r8 4×1024", "phi-3.5-mini", "lora", 4, 1024, 2, 30),
+    ("Phi-4-mini full 1×1024 ZeRO-3", "phi-4-mini", "full", 1, 1024, 3, 8),
 ]
 
 
-def synthetic_dataset(directory: Path, n: int = 600, words: int = 1400):
+def synthetic_dataset(directory: Path, n: int = 600, words: int = 1400) -> list[dict]:
     rng = random.Random(0)
     rows = [{"instruction": " ".join(rng.choices(WORDS, k=words // 2)), "input": "",
              "output": " ".join(rng.choices(WORDS, k=words // 2))} for _ in range(n)]
     (directory / "synthetic.json").write_text(json.dumps(rows, ensure_ascii=False))
     (directory / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
+    return rows
 
 
-def run(name, gpus, accum, case, args, data_dir, work):
+def tokenizer_for(preset: str, args, rows: list[dict], work: Path) -> str:
+    """phi-1_5's tokenizer for the phi family; for Phi-3's (32,064 ids and fewer than phi-1_5's), a small BPE."""
+    from phift import families
+    from phift.tokenizer import train_demo_tokenizer
+
+    if families.family_of(families.preset(preset)).name == "phi":
+        return args.tokenizer
+    directory = work / "tokenizer-small"
+    if not directory.exists():
+        train_demo_tokenizer([r["instruction"] + " " + r["output"] for r in rows[:50]], 4096).save(directory)
+    return str(directory)
+
+
+def run(name, gpus, accum, case, args, data_dir, work, tokenizer):
     _, preset, ft, micro, cutoff, stage, steps = case
     cfg = work / f"ds_z{stage}.json"
     cfg.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
@@ -53,7 +73,7 @@ def run(name, gpus, accum, case, args, data_dir, work):
            str(accum), "--cutoff_len", str(cutoff), "--max_steps", str(steps), "--logging_steps", "1",
            "--save_strategy", "no", "--learning_rate", "1e-4" if ft == "full" else "2e-4", "--bf16", "True",
            "--lora_dropout", "0", "--disable_gradient_checkpointing", "True", "--output_dir", str(out),
-           "--overwrite_output_dir", "True", "--tokenizer_name_or_path", args.tokenizer]
+           "--overwrite_output_dir", "True", "--tokenizer_name_or_path", tokenizer]
     t = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.run_timeout)
@@ -80,18 +100,20 @@ def main():
     p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
     p.add_argument("--log_dir", default=tempfile.gettempdir())
     p.add_argument("--run_timeout", type=int, default=150)
+    p.add_argument("--only", default=None, help="a regular expression over case names")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
-    synthetic_dataset(work)
+    rows = synthetic_dataset(work)
     n = args.gpus
     lines = [f"Multi-GPU scaling (`bench/bench_multigpu.py`), {torch.cuda.get_device_name(0)} × {n}, torch "
              f"{torch.__version__}, {datetime.date.today()}. Same global batch on 1 GPU (accumulation {n}) and on "
              f"{n} GPUs; bf16; tokens/s over the last two thirds of the steps; peak = max_memory_allocated.", "",
              f"| case | 1 GPU tok/s | {n} GPUs tok/s | speed-up | peak GiB 1 / {n} | max loss diff |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for case in CASES:
-        one = run(f"{case[0]}-1", 1, n, case, args, work, work) if case[1] != "phi-2" else {"skipped": True}
-        many = run(f"{case[0]}-{n}", n, 1, case, args, work, work)
+    for case in [c for c in CASES if args.only is None or re.search(args.only, c[0])]:
+        tokenizer = tokenizer_for(case[1], args, rows, work)
+        one = run(f"{case[0]}-1", 1, n, case, args, work, work, tokenizer) if case[1] != "phi-2" else {"skipped": True}
+        many = run(f"{case[0]}-{n}", n, 1, case, args, work, work, tokenizer)
         if "error" in many or "error" in one:
             lines.append(f"| {case[0]} | {one.get('error', '')} | {many.get('error', '')} | failed | | |")
             continue
