@@ -93,7 +93,7 @@ def run(name, gpus, accum, case, args, data_dir, work, tokenizer):
             "losses": [e["loss"] for e in log], "wall": time.time() - t}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
@@ -101,32 +101,60 @@ def main():
     p.add_argument("--log_dir", default=tempfile.gettempdir())
     p.add_argument("--run_timeout", type=int, default=150)
     p.add_argument("--only", default=None, help="a regular expression over case names")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp())
     rows = synthetic_dataset(work)
     n = args.gpus
-    lines = [f"Multi-GPU scaling (`bench/bench_multigpu.py`), {torch.cuda.get_device_name(0)} × {n}, torch "
-             f"{torch.__version__}, {datetime.date.today()}. Same global batch on 1 GPU (accumulation {n}) and on "
-             f"{n} GPUs; bf16; tokens/s over the last two thirds of the steps; peak = max_memory_allocated.", "",
-             f"| case | 1 GPU tok/s | {n} GPUs tok/s | speed-up | peak GiB 1 / {n} | max loss diff |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    meta = {"device": device, "gpus": n, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "command": "python bench/bench_multigpu.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    results = []
     for case in [c for c in CASES if args.only is None or re.search(args.only, c[0])]:
         tokenizer = tokenizer_for(case[1], args, rows, work)
         one = run(f"{case[0]}-1", 1, n, case, args, work, work, tokenizer) if case[1] != "phi-2" else {"skipped": True}
         many = run(f"{case[0]}-{n}", n, 1, case, args, work, work, tokenizer)
+        row = {"case": case[0], "model": case[1], "finetuning": case[2], "micro_batch": case[3], "cutoff": case[4],
+               "zero_stage": case[5], "steps": case[6], "gpus": n}
         if "error" in many or "error" in one:
-            lines.append(f"| {case[0]} | {one.get('error', '')} | {many.get('error', '')} | failed | | |")
-            continue
-        if "skipped" in one:
-            lines.append(f"| {case[0]} | not run | {many['tok_s']:,.0f} | | – / {many['mem']:.1f} | |")
-            continue
-        diff = max(abs(a - b) / a for a, b in zip(one["losses"], many["losses"]))
-        lines.append(f"| {case[0]} | {one['tok_s']:,.0f} | {many['tok_s']:,.0f} | {many['tok_s'] / one['tok_s']:.2f}× "
-                     f"| {one['mem']:.1f} / {many['mem']:.1f} | {100 * diff:.2f} % |")
-        print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    Path(args.out).write_text(text)
+            row["status"] = f"failed: 1 GPU: {one.get('error', 'ok')}; {n} GPUs: {many.get('error', 'ok')}"
+        else:
+            row.update(status="ok", tokens_per_s=many["tok_s"], peak_gib=many["mem"],
+                       one_gpu_tokens_per_s=one.get("tok_s"), one_gpu_peak_gib=one.get("mem"))
+            if "skipped" not in one:
+                row["speedup"] = many["tok_s"] / one["tok_s"]
+                row["max_loss_diff"] = max(abs(a - b) / a for a, b in zip(one["losses"], many["losses"]))
+        results.append(row)
+        print(row, flush=True)
+    out = Path(args.out)
+    out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"bench": "multigpu", "meta": meta},
+                                                                          *results]) + "\n")
+    text = "\n".join([f"Multi-GPU scaling (`bench/bench_multigpu.py`), {device} × {n}, torch {torch.__version__}, "
+                      f"{meta['date']}. Same global batch on 1 GPU (accumulation {n}) and on {n} GPUs; bf16; tokens/s "
+                      "over the last two thirds of the steps; peak = max_memory_allocated.", "",
+                      *table([(r, None) for r in results], n)]) + "\n"
+    out.write_text(text)
     print(text)
+
+
+def table(rows: list[tuple[dict, object]], gpus: int | None = None) -> list[str]:
+    """The rows as a markdown table; with runs (bench/report.py), each row names its run and device."""
+    runs = any(run is not None for _, run in rows)
+    n = gpus or "N"
+    lines = [f"| case | GPUs | 1 GPU tok/s | {n} GPUs tok/s | speed-up | peak GiB 1 / {n} | max loss diff |"
+             + (" run | device |" if runs else ""),
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |" + (" --- | --- |" if runs else "")]
+    for r, run in rows:
+        def num(key, fmt):
+            return "—" if r.get(key) is None else format(r[key], fmt)
+        cells = ([r["case"], str(r["gpus"]), "—", r["status"], "", "", ""] if r["status"] != "ok" else
+                 [r["case"], str(r["gpus"]), num("one_gpu_tokens_per_s", ",.0f"), num("tokens_per_s", ",.0f"),
+                  num("speedup", ".2f") + ("×" if r.get("speedup") else ""),
+                  f"{num('one_gpu_peak_gib', '.1f')} / {num('peak_gib', '.1f')}",
+                  "—" if r.get("max_loss_diff") is None else f"{100 * r['max_loss_diff']:.2f} %"])
+        if runs:
+            cells += [run.label, run.device]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ measured it and naming that run.
 
 The store holds one file per recorded run, `bench/results/<run>.jsonl` (bench/record.py writes them): a header line
     {"run": NAME, "bench": "train" | "law" | "host_overhead" | "cpu_adam" | "lora_kernel" | "estimate" | "dpo" |
-     "serve", "sequence": N,
+     "serve" | "multigpu", "sequence": N,
      "commit": SHA or null, "meta": {"device", "date", "command", ...}, ...}
 then the harness's rows. `sequence` orders the runs (the order they were recorded in): a row of a later run replaces
 the same row of an earlier one. A row is the same row when its key is: a training case's id, a law impl, a
 host-overhead case on the same kind of device, a CPU Adam step kind at the same parameter and thread counts, a fused
-LoRA shape, an estimate case, a DPO impl, a server client count. A row that was never measured shows its latest
+LoRA shape, an estimate case, a DPO impl, a server client count, a multi-GPU case at its GPU count. A row that was never measured shows its latest
 failure (timeout, OOM, ...), never a skip.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_dpo, bench_estimate, bench_law  # noqa: E402
+from bench import bench_dpo, bench_estimate, bench_law, bench_multigpu  # noqa: E402
 from bench.cases import CASES, T4_GIB, Case, case_of  # noqa: E402
 from bench.harness import PHI3_LORA_SHAPES, compiled_peer, fmt, hf_eager, phi3_question  # noqa: E402
 
@@ -69,7 +69,7 @@ def day_letters(i: int) -> str:
 
 
 def measured(bench: str, row: dict) -> bool:
-    if bench in ("train", "law", "estimate", "dpo"):
+    if bench in ("train", "law", "estimate", "dpo", "multigpu"):
         return row.get("status") == "ok"
     if bench == "serve":
         return row.get("tokens_per_s") is not None
@@ -85,6 +85,8 @@ def key(bench: str, row: dict):
         return row["impl"]
     if bench == "estimate":
         return row["case"]
+    if bench == "multigpu":
+        return row["case"], row["gpus"]
     if bench == "serve":
         return row["clients"]
     if bench == "host_overhead":
@@ -427,6 +429,11 @@ def page(runs: list[Run]) -> str:
             "greedy chat completions from the official `openai` client; each client sends its requests one after "
             "another, all clients at once; tokens/s = every generated token over the row's wall time.",
             latest(runs, "serve"), serve_table)
+    section("Several GPUs: the DeepSpeed launcher against one GPU",
+            "`bench/bench_multigpu.py`: `phift train` under `deepspeed --num_gpus N` against one GPU on the same "
+            "global batch (accumulation N), bf16, random weights, synthetic rows cut to the cutoff; tokens/s over the "
+            "last two thirds of the steps; max loss diff = the largest relative gap between the two loss curves.",
+            latest(runs, "multigpu"), bench_multigpu.table)
     section("The fused LoRA linear: forward + backward",
             "`bench/bench_lora_kernel.py`: the fused op against the frozen base linear (forward + input gradient) and "
             "the PyTorch composite (forward + dx, dA, dB), median of CUDA-event timings over input sets cycled so "
