@@ -162,13 +162,12 @@ def _rss() -> int:
     return 0
 
 
-def predict(case: Case, device_name: str, directory: Path) -> dict:
-    """What `phift estimate` says of the case (CPU arithmetic: no GPU, no weights)."""
+def predict(case: Case, device: str, directory: Path) -> dict:
+    """What `phift estimate` says of the case for `device` ("cuda" or "cpu"): CPU arithmetic, no weights."""
     from phift import estimate
     from phift.args import parse_train_args
 
-    e = estimate.estimate(estimate.read_config(case.model), parse_train_args(case.flags(directory)),
-                          device=device_name)
+    e = estimate.estimate(estimate.read_config(case.model), parse_train_args(case.flags(directory)), device=device)
     return {"allocated": e.gpu_allocated, "gpu_total": e.gpu_total, "host": e.host_total,
             "pinned": sum(e.pinned.values()), "phase": e.peak_phase, "phases": e.phases, "terms": e.gpu}
 
@@ -312,9 +311,9 @@ def main(argv=None):
     ap.add_argument("--dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cases = [c for c in (TINY if args.tiny else CASES) if not args.only or re.search(args.only, c.name)]
+    command = "python bench/bench_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.repredict:
-        repredict(args.repredict, args.out,
-                  "python bench/bench_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        repredict(args.repredict, args.out, command)
         return
     if args.worker:
         case = next(c for c in TINY + CASES if c.name == args.worker)
@@ -326,7 +325,6 @@ def main(argv=None):
     start, rows = time.time(), []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl, log = args.out.with_suffix(".jsonl"), args.out.with_suffix(".log")
-    command = "python bench/bench_estimate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp, jsonl.open("w") as jf, log.open("w") as lf:
         jf.write(json.dumps({"bench": "estimate", "meta": {
             "device": device_name(args.device), "date": datetime.date.today().isoformat(), "command": command,

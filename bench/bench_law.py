@@ -271,8 +271,7 @@ def prebuild(cases: list[Case], env) -> list[str]:
     if any(c.family == "phift" for c in cases):
         codes.append(("phift kernels", harness.BUILD_PHIFT_KERNEL))
     if any(c.engine == "deepspeed" for c in cases):
-        codes.append(("DeepSpeed CPU Adam",
-                      "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); print('built')"))
+        codes.append(("DeepSpeed CPU Adam", harness.BUILD_CPU_ADAM))
     for name, code in codes:
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,

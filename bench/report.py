@@ -10,8 +10,8 @@ The store holds one file per recorded run, `bench/results/<run>.jsonl` (bench/re
 then the harness's rows. `sequence` orders the runs (the order they were recorded in): a row of a later run replaces
 the same row of an earlier one. A row is the same row when its key is: a training case's id, a law impl, a
 host-overhead case on the same kind of device, a CPU Adam step kind at the same parameter and thread counts, a fused
-LoRA shape, an estimate case, a DPO impl, a server client count, a multi-GPU case at its GPU count. A row that was never measured shows its latest
-failure (timeout, OOM, ...), never a skip.
+LoRA shape, an estimate case, a DPO impl, a server client count, a multi-GPU case at its GPU count. A row that was
+never measured shows its latest failure (timeout, OOM, ...), never a skip.
 """
 from __future__ import annotations
 
