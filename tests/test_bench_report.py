@@ -153,3 +153,17 @@ def test_estimate_dpo_and_server_runs_get_their_own_tables(tmp_path):
     assert "| trl | 8.00 | 500.0 | 5.50 | 2,359,296 | — |" in dpo_section
     assert "phift ÷ trl = 2.50× (goal ≥ 2×: **met**); TRL compiled was not measured in that run." in dpo_section
     assert "| 8 | 16 | 2048 | 4.00 | 512.0 | 64.0 | 30.0 | 2026-12-04 c | H200 |" in text
+
+
+def test_dpo_question_says_missed_when_every_phift_row_needs_more_memory_than_trls_fastest(tmp_path):
+    store = tmp_path / "results"
+    dpo = [{"impl": "phift", "status": "ok", "pairs_per_s": 23.0, "step_ms": 174.0, "peak_gib": 4.78,
+            "trainable": 1572864},
+           {"impl": "trl", "status": "ok", "pairs_per_s": 8.7, "step_ms": 458.0, "peak_gib": 5.42, "trainable": 2359296},
+           {"impl": "trl+compile", "status": "ok", "pairs_per_s": 14.6, "step_ms": 273.0, "peak_gib": 4.44,
+            "trainable": 2359296}]
+    record.record(write_run(tmp_path / "d.jsonl", "dpo", meta("H200", "2026-12-04", "python d"), dpo), "d", "abc1234",
+                  store)
+    section = report.page(report.load(store)).split("\n## DPO: phift against TRL\n")[1].split("\n## ")[0]
+    assert ("in the latest run: none: trl+compile peaks at 4.44 GiB and every phift row above it (goal ≥ 2× at no "
+            "more memory: **missed**; phift is 1.58× at 4.78 GiB).") in section
