@@ -3,8 +3,9 @@
     python bench/bench_serve.py --tokenizer DIR --out $OUT/serve.md [--dtype bf16] [--max_tokens 128]
     python bench/bench_serve.py --device cpu --tiny --out /tmp/serve.md   # CPU smoke test (tests/test_bench_serve.py)
 
-The server is phift's own (`phift.serve`: the batching engine behind FastAPI + uvicorn) on 127.0.0.1, in this
-process; the clients are the official `openai` client's async streams, each asking for `--max_tokens` tokens from a
+The server is `phift api` on 127.0.0.1, started as its own process on the model saved to a temporary directory, as a
+user runs it (`--server thread`: phift.serve's engine and app in this process, beside the clients, whose Python
+then shares one interpreter lock with the server's); the clients are the official `openai` client's async streams, each asking for `--max_tokens` tokens from a
 prompt of `--prompt_tokens` tokens (random weights rarely say eos: the usage counts say how many came). A row's
 tokens/s is every generated token over the wall time from the first request to the last answer; TTFT is the time to
 a stream's first text. DIR holds the real phi-1_5 tokenizer (tokenizer.json); `--tiny` takes a 2-layer model, and
@@ -16,10 +17,15 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +37,9 @@ from phift.data import get_template  # noqa: E402
 from phift.model import Phi  # noqa: E402
 from phift.serve import BackgroundServer, Engine, create_app  # noqa: E402
 from phift.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
+from phift.weights import save_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
         "once or twice she had peeped into the book her sister was reading, but it had no pictures or "
@@ -81,6 +90,62 @@ async def run_clients(url: str, clients: int, requests_each: int, prompt: str, m
             "stream_tokens_per_s": sum(tokens) / wall / clients}
 
 
+@contextmanager
+def api_thread(model, tok, args):
+    engine = Engine(model, tok, max_batch_size=args.max_batch_size, max_queue=4096).start_thread()
+    server = BackgroundServer(create_app(engine, get_template("vanilla"), "bench"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        engine.stop()
+
+
+@contextmanager
+def api_process(model, tok, args):
+    """`phift api` on the model saved in its dtype, until the block ends; its stderr is shown if it fails."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        save_model(model, Path(tmp) / "model")
+        tok.save(Path(tmp) / "model")
+        model.to("meta")  # the server process holds the weights now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        if not args.device.startswith("cuda"):
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        log = Path(tmp) / "api.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "phift.cli", "api", "--model_name_or_path",
+                                     str(Path(tmp) / "model"), "--served_model_name", "bench", "--dtype", args.dtype,
+                                     "--port", str(port), "--max_batch_size", str(args.max_batch_size),
+                                     "--max_queue", "4096", "--max_new_tokens", str(args.max_tokens)],
+                                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 600
+            while not _up(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"phift api did not come up:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _up(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def markdown(rows: list[dict], header: dict) -> str:
     lines = [f"phift api on {header['device']} ({header['model']}, {header['dtype']}), prompt "
              f"{header['prompt_tokens']} tokens, {header['max_tokens']} generated per request, greedy, streamed; "
@@ -90,8 +155,9 @@ def markdown(rows: list[dict], header: dict) -> str:
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} "
                      f"| {r['tokens_per_s']:.1f} | {r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} |")
-    lines += ["", f"torch {header['torch']}, max_batch_size {header['max_batch_size']}; tokens/s: all generated "
-                  "tokens over the wall time of the row"]
+    lines += ["", f"torch {header['torch']}, max_batch_size {header['max_batch_size']}, server "
+                  f"{header.get('server', 'in the clients process')}; tokens/s: all generated tokens over the wall "
+                  "time of the row"]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +174,8 @@ def main(argv=None):
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--max_batch_size", type=int, default=32)
+    p.add_argument("--server", default="process", choices=("process", "thread"),
+                   help="process: `phift api` on its own (as users run it); thread: inside this process")
     args = p.parse_args(argv)
     if args.dtype is None:
         cuda = args.device.startswith("cuda")
@@ -118,23 +186,19 @@ def main(argv=None):
     model, tok = build(args)
     ids = (tok.encode(TEXT) * (1 + args.prompt_tokens // max(1, len(tok.encode(TEXT)))))[:args.prompt_tokens]
     prompt = tok.decode(ids)
-    engine = Engine(model, tok, max_batch_size=args.max_batch_size, max_queue=4096).start_thread()
-    server = BackgroundServer(create_app(engine, get_template("vanilla"), "bench"))
     header = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
               or "cpu", "model": "tiny" if args.tiny else "phi-1_5 (random weights)", "dtype": args.dtype,
               "torch": torch.__version__, "python": platform.python_version(),
               "date": datetime.date.today().isoformat(), "prompt_tokens": len(tok.encode(prompt)),
-              "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size}
+              "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
+              "server": {"process": "phift api, its own process", "thread": "in the clients' process"}[args.server]}
     rows = []
-    try:
-        asyncio.run(run_clients(server.url, 1, 1, prompt, 8))  # warm-up: first allocations, kernel selection
+    with (api_process if args.server == "process" else api_thread)(model, tok, args) as url:
+        asyncio.run(run_clients(url, 1, 1, prompt, 8))  # warm-up: first allocations, kernel selection
         for clients in (int(c) for c in args.clients.split(",")):
-            row = asyncio.run(run_clients(server.url, clients, args.requests_per_client, prompt, args.max_tokens))
+            row = asyncio.run(run_clients(url, clients, args.requests_per_client, prompt, args.max_tokens))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    finally:
-        server.stop()
-        engine.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown(rows, header))
     meta = {**header, "command": "python bench/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),

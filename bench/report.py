@@ -376,10 +376,13 @@ def dpo_table(rows: list[tuple[dict, Run]]) -> list[str]:
 
 
 def serve_table(rows: list[tuple[dict, Run]]) -> list[str]:
-    lines = ["| clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT ms | run "
-             "| device |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = ["| clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT ms | server "
+             "| run | device |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    # runs recorded before the harness could start `phift api` on its own served from the clients' process
+    default = "in the clients' process"
     lines += [f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} | {run.label} | {run.device} |"
+              f"{r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} | "
+              f"{run.header['meta'].get('server', default)} | {run.label} | {run.device} |"
               for r, run in rows]
     return lines
 
@@ -435,8 +438,10 @@ def page(runs: list[Run]) -> str:
             latest(runs, "dpo"), dpo_table)
     section("Serving: `phift api` under concurrent clients",
             "`bench/bench_serve.py`: `phift api` on a random-weight phi-1_5 with the real tokenizer, streaming "
-            "greedy chat completions from the official `openai` client; each client sends its requests one after "
-            "another, all clients at once; tokens/s = every generated token over the row's wall time.",
+            "greedy completions to the official `openai` client; each client sends "
+            "its requests one after another, all clients at once; tokens/s = every generated token over the row's "
+            "wall time. Server: where `phift api` ran — its own process, as users run it, or inside the clients' "
+            "process, where the clients' Python shares one interpreter lock with the server's.",
             latest(runs, "serve"), serve_table)
     section("Several GPUs: the DeepSpeed launcher against one GPU",
             "`bench/bench_multigpu.py`: `phift train` under `deepspeed --num_gpus N` against one GPU on the same "

@@ -15,12 +15,16 @@ from bench import bench_serve  # noqa: E402
 pytestmark = pytest.mark.integration  # the bench harness's smoke runs
 
 
-def test_serve_bench_smoke_run_writes_a_row_per_client_count(tmp_path):
+@pytest.mark.parametrize("server,where", [("process", "phift api, its own process"),
+                                          ("thread", "in the clients' process")])
+def test_serve_bench_smoke_run_writes_a_row_per_client_count(tmp_path, server, where):
     out = tmp_path / "serve.md"
     bench_serve.main(["--device", "cpu", "--tiny", "--clients", "1,4", "--requests_per_client", "1",
-                      "--prompt_tokens", "16", "--max_tokens", "8", "--max_batch_size", "4", "--out", str(out)])
+                      "--prompt_tokens", "16", "--max_tokens", "8", "--max_batch_size", "4", "--server", server,
+                      "--out", str(out)])
     header, *rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert header["bench"] == "serve" and header["meta"]["command"].startswith("python bench/bench_serve.py --device")
+    assert header["meta"]["server"] == where
     assert header["meta"]["model"] == "tiny" and [r["clients"] for r in rows] == [1, 4]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "| 4 | 4 |" in out.read_text()

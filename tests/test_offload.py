@@ -60,7 +60,7 @@ def test_same_updates_as_the_pure_bf16_engine(tiny_config, tmp_path, device):
                     assert torch.equal(theirs[key], mine[key]), (step, key)
                 else:  # the CUDA op against the C++ one, one step from the same state
                     torch.testing.assert_close(theirs[key], mine[key].cpu(), rtol=1e-6, atol=1e-7,
-                                               msg=lambda m: f"step {step}, {key}: {m}")
+                                               msg=lambda m, s=step, k=key: f"step {s}, {k}: {m}")
                 mine[key].copy_(theirs[key])
             assert torch.equal(q.detach().cpu(), theirs["master"].to(torch.bfloat16))  # rounded master in the model
             p.data.copy_(q.data)
