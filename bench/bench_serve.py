@@ -4,11 +4,13 @@
     python bench/bench_serve.py --device cpu --tiny --out /tmp/serve.md   # CPU smoke test (tests/test_bench_serve.py)
 
 The server is `phift api` on 127.0.0.1, started as its own process on the model saved to a temporary directory, as a
-user runs it (`--server thread`: phift.serve's engine and app in this process, beside the clients, whose Python
-then shares one interpreter lock with the server's); the clients are the official `openai` client's async streams, each asking for `--max_tokens` tokens from a
-prompt of `--prompt_tokens` tokens (random weights rarely say eos: the usage counts say how many came). A row's
-tokens/s is every generated token over the wall time from the first request to the last answer; TTFT is the time to
-a stream's first text. DIR holds the real phi-1_5 tokenizer (tokenizer.json); `--tiny` takes a 2-layer model, and
+user runs it (`--server thread`: phift.serve's engine and app in this process, beside the clients, whose Python then
+shares one interpreter lock with the server's); the clients are the official `openai` client's async streams, each
+asking for `--max_tokens` tokens from a prompt of `--prompt_tokens` tokens (random weights rarely say eos: the usage
+counts say how many came). Before the server starts, the same load goes straight to phift.serve's batching engine in
+this process ("engine alone"): what decoding costs without HTTP, so that the API's own cost shows as the difference.
+A row's tokens/s is every generated token over the wall time from the first request to the last answer; TTFT is the
+time to a stream's first text. DIR holds the real phi-1_5 tokenizer (tokenizer.json); `--tiny` takes a 2-layer model, and
 without DIR a demo tokenizer. Rows go to OUT (markdown) and OUT.jsonl (first line: versions, device, date).
 """
 from __future__ import annotations
@@ -35,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from phift.config import PhiConfig  # noqa: E402
 from phift.data import get_template  # noqa: E402
 from phift.model import Phi  # noqa: E402
-from phift.serve import BackgroundServer, Engine, create_app  # noqa: E402
+from phift.serve import BackgroundServer, Engine, Request, create_app  # noqa: E402
 from phift.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
 from phift.weights import save_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+VIA = {"http": "HTTP API", "engine": "engine alone"}  # how a row's requests reached the batching engine
 
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
         "once or twice she had peeped into the book her sister was reading, but it had no pictures or "
@@ -59,31 +62,60 @@ def build(args):
 
 
 async def run_clients(url: str, clients: int, requests_each: int, prompt: str, max_tokens: int) -> dict:
+    """`clients` streams at once through the HTTP API, each sending its requests one after another."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    ttft, tokens = [], []
 
     async def one():
-        start, first = time.perf_counter(), None
+        start, first, tokens = time.perf_counter(), None, 0
         stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, stream=True,
                                                  temperature=0, stream_options={"include_usage": True})
         async for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter() - start
             if chunk.usage:
-                tokens.append(chunk.usage.completion_tokens)
-        ttft.append(first if first is not None else float("nan"))
+                tokens = chunk.usage.completion_tokens
+        return first, tokens
+
+    try:
+        return {"via": "http", **await timed(one, clients, requests_each)}
+    finally:
+        await client.close()
+
+
+async def run_engine(engine: Engine, clients: int, requests_each: int, prompt: list[int], max_tokens: int) -> dict:
+    """The same load handed straight to the batching engine: decoding without the HTTP layer."""
+    loop = asyncio.get_running_loop()
+
+    async def one():
+        start, first = time.perf_counter(), None
+        request = Request(prompt=prompt, max_tokens=max_tokens, loop=loop, events=asyncio.Queue())
+        engine.submit(request)
+        while True:
+            _, text, finish = await request.events.get()
+            if finish == "error":
+                raise RuntimeError(text)
+            if first is None and text:
+                first = time.perf_counter() - start
+            if finish:
+                return first, request.completion_tokens
+
+    return {"via": "engine", **await timed(one, clients, requests_each)}
+
+
+async def timed(one, clients: int, requests_each: int) -> dict:
+    """Run `one()` (-> time to first text or None, tokens) requests_each times in each of `clients` loops at once."""
+    ttft, tokens = [], []
 
     async def client_loop():
         for _ in range(requests_each):
-            await one()
+            first, n = await one()
+            ttft.append(first if first is not None else float("nan"))
+            tokens.append(n)
 
     start = time.perf_counter()
-    try:
-        await asyncio.gather(*(client_loop() for _ in range(clients)))
-    finally:
-        await client.close()
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
     wall = time.perf_counter() - start
     return {"clients": clients, "requests": clients * requests_each, "tokens": sum(tokens), "wall_s": wall,
             "tokens_per_s": sum(tokens) / wall, "ttft_ms_median": 1000 * statistics.median(ttft),
@@ -150,10 +182,10 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines = [f"phift api on {header['device']} ({header['model']}, {header['dtype']}), prompt "
              f"{header['prompt_tokens']} tokens, {header['max_tokens']} generated per request, greedy, streamed; "
              f"{header['date']}", "",
-             "| clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT ms |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| through | clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT "
+             "ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} "
+        lines.append(f"| {VIA[r['via']]} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} "
                      f"| {r['tokens_per_s']:.1f} | {r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} |")
     lines += ["", f"torch {header['torch']}, max_batch_size {header['max_batch_size']}, server "
                   f"{header.get('server', 'in the clients process')}; tokens/s: all generated tokens over the wall "
@@ -193,9 +225,19 @@ def main(argv=None):
               "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
               "server": {"process": "phift api, its own process", "thread": "in the clients' process"}[args.server]}
     rows = []
+    counts = [int(c) for c in args.clients.split(",")]
+    # first the engine alone, in this process: what decoding costs without HTTP, the event loop and the clients
+    engine = Engine(model, tok, max_batch_size=args.max_batch_size, max_queue=4096).start_thread()
+    try:
+        asyncio.run(run_engine(engine, 1, 1, ids, 8))  # warm-up
+        for clients in counts:
+            rows.append(asyncio.run(run_engine(engine, clients, args.requests_per_client, ids, args.max_tokens)))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        engine.stop()
     with (api_process if args.server == "process" else api_thread)(model, tok, args) as url:
         asyncio.run(run_clients(url, 1, 1, prompt, 8))  # warm-up: first allocations, kernel selection
-        for clients in (int(c) for c in args.clients.split(",")):
+        for clients in counts:
             row = asyncio.run(run_clients(url, clients, args.requests_per_client, prompt, args.max_tokens))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -87,8 +87,8 @@ def key(bench: str, row: dict):
         return row["case"]
     if bench == "multigpu":
         return row["case"], row["gpus"]
-    if bench == "serve":
-        return row["clients"]
+    if bench == "serve":  # rows recorded before the harness timed the engine alone all went through HTTP
+        return row.get("via", "http"), row["clients"]
     if bench == "host_overhead":
         return row["device"], row["case"]
     if bench == "cpu_adam":
@@ -375,15 +375,18 @@ def dpo_table(rows: list[tuple[dict, Run]]) -> list[str]:
     return lines
 
 
+SERVE_VIA = {"http": "HTTP API", "engine": "engine alone"}  # bench_serve's VIA, without importing the server
+
+
 def serve_table(rows: list[tuple[dict, Run]]) -> list[str]:
-    lines = ["| clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT ms | server "
-             "| run | device |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
-    # runs recorded before the harness could start `phift api` on its own served from the clients' process
-    default = "in the clients' process"
-    lines += [f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} | "
-              f"{run.header['meta'].get('server', default)} | {run.label} | {run.device} |"
-              for r, run in rows]
+    lines = ["| through | clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT "
+             "ms | server | run | device |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for r, run in rows:
+        # runs recorded before the harness could start `phift api` on its own served from the clients' process
+        server = "—" if r.get("via") == "engine" else run.header["meta"].get("server", "in the clients' process")
+        lines.append(f"| {SERVE_VIA[r.get('via', 'http')]} | {r['clients']} | {r['requests']} | {r['tokens']} | "
+                     f"{r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | {r['stream_tokens_per_s']:.1f} | "
+                     f"{r['ttft_ms_median']:.1f} | {server} | {run.label} | {run.device} |")
     return lines
 
 
@@ -440,8 +443,10 @@ def page(runs: list[Run]) -> str:
             "`bench/bench_serve.py`: `phift api` on a random-weight phi-1_5 with the real tokenizer, streaming "
             "greedy completions to the official `openai` client; each client sends "
             "its requests one after another, all clients at once; tokens/s = every generated token over the row's "
-            "wall time. Server: where `phift api` ran — its own process, as users run it, or inside the clients' "
-            "process, where the clients' Python shares one interpreter lock with the server's.",
+            "wall time. Through: the HTTP API, or the same load handed straight to the batching engine in the harness's "
+            "process (no HTTP: what decoding alone costs). Server: where `phift api` ran — its own process, as users "
+            "run it, or inside the clients' process, where the clients' Python shares one interpreter lock with the "
+            "server's.",
             latest(runs, "serve"), serve_table)
     section("Several GPUs: the DeepSpeed launcher against one GPU",
             "`bench/bench_multigpu.py`: `phift train` under `deepspeed --num_gpus N` against one GPU on the same "

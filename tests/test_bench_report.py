@@ -153,7 +153,8 @@ def test_estimate_dpo_and_server_runs_get_their_own_tables(tmp_path):
     assert "| trl | 8.00 | 500.0 | 5.50 | 2,359,296 | — |" in dpo_section
     assert "phift ÷ trl = 2.50× (goal ≥ 2×: **met**); TRL compiled was not measured in that run." in dpo_section
     # a run whose header does not say where the server ran is from before the harness could start it on its own
-    assert "| 8 | 16 | 2048 | 4.00 | 512.0 | 64.0 | 30.0 | in the clients' process | 2026-12-04 c | H200 |" in text
+    assert "| HTTP API | 8 | 16 | 2048 | 4.00 | 512.0 | 64.0 | 30.0 | in the clients' process | 2026-12-04 c | H200 |" \
+        in text
 
 
 def test_dpo_question_says_missed_when_every_phift_row_needs_more_memory_than_trls_fastest(tmp_path):

@@ -25,6 +25,8 @@ def test_serve_bench_smoke_run_writes_a_row_per_client_count(tmp_path, server, w
     header, *rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert header["bench"] == "serve" and header["meta"]["command"].startswith("python bench/bench_serve.py --device")
     assert header["meta"]["server"] == where
-    assert header["meta"]["model"] == "tiny" and [r["clients"] for r in rows] == [1, 4]
+    assert header["meta"]["model"] == "tiny"
+    # the engine alone first, then the same client counts through the HTTP API
+    assert [(r["via"], r["clients"]) for r in rows] == [("engine", 1), ("engine", 4), ("http", 1), ("http", 4)]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
-    assert "| 4 | 4 |" in out.read_text()
+    assert "| engine alone | 4 | 4 |" in out.read_text() and "| HTTP API | 4 | 4 |" in out.read_text()
