@@ -40,7 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-IMPLS = ("phift", "phift+compile", "trl", "trl+compile")
+IMPLS = ("phift", "phift+compile", "trl", "trl+compile", "phift (no LoRA kernel)", "phift+compile (no LoRA kernel)")
+# phift's fused LoRA op keeps a [W | s·B] copy of each adapted weight (Wqkv: 0.58 GiB at phi-1_5's size); without it
+# phift takes the PyTorch LoRA math, as PEFT does, and less memory
+NO_LORA_KERNEL = " (no LoRA kernel)"
 PAIRS_PER_STEP, PROMPT, ANSWER, BETA, LR = 4, 512, 512, 0.1, 5e-6
 TINY = dict(prompt=24, answer=24)  # the smoke test's lengths
 
@@ -134,6 +137,7 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
         engine.step(True)
         timer.after_step()
     return {"loss_first": float(losses[0]), "loss_last": float(losses[-1]), "cuda_kernels": kernels.kernels_enabled(),
+            "kernels_off": sorted(kernels.DISABLED),
             "trainable": sum(p.numel() for p in objective.parameters() if p.requires_grad)}
 
 
@@ -210,7 +214,7 @@ def worker(impl: str, spec: dict) -> dict:
     pairs = make_pairs(steps * PAIRS_PER_STEP, lengths["prompt"], lengths["answer"],
                        model_config(spec["tiny"]).vocab_size, spec["seed"])
     timer = Timer(device, spec["warmup"], spec["steps"])
-    spec = {**spec, "compile": impl.endswith("+compile")}
+    spec = {**spec, "compile": "+compile" in impl}
     extra = (run_phift if impl.startswith("phift") else run_trl)(spec, pairs, device, timer)
     pairs_timed = spec["steps"] * PAIRS_PER_STEP
     return {"impl": impl, "status": "ok", "pairs_per_s": round(pairs_timed / timer.seconds, 3),
@@ -234,6 +238,8 @@ def versions() -> dict:
 def run_impl(impl: str, spec: dict, timeout_s: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--spec", json.dumps(spec)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if impl.endswith(NO_LORA_KERNEL):  # read when phift is imported
+        env["PHIFT_DISABLE_KERNELS"] = ",".join(filter(None, [env.get("PHIFT_DISABLE_KERNELS"), "lora"]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -298,7 +304,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="the markdown report (rows go beside it as .jsonl)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the 2-layer model on short rows: a smoke test")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated among " + ", ".join(IMPLS))
+    p.add_argument("--impls", default=",".join(IMPLS[:4]), help="comma-separated among " + ", ".join(IMPLS))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--checkpointing", choices=("on", "off"), default="on")

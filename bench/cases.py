@@ -201,6 +201,9 @@ CASES = [
     # compiled with the PyTorch LoRA math in place of the fused op: does the [W | s·B] GEMM pay at Phi-3.5's width?
     case("phi3.5-lora-4x1024", "phift", compile=True, kernels_off=("lora",), quick=False),
     case("phi3.5-lora-1x2048", "phift", compile=True, kernels_off=("lora",), quick=False),
+    # compiled with the PyTorch rotary math, which Inductor may fuse with the q/k/v split, instead of the opaque op
+    case("phi3.5-lora-4x1024", "phift", compile=True, kernels_off=("rotary",), quick=False),
+    case("phi3.5-lora-1x2048", "phift", compile=True, kernels_off=("rotary",), quick=False),
     case("phi3.5-t4-lora-1x2048-fp16", "phift"),
     case("phi3.5-full-1x2048-ckpt-offload", "phift"),
 ]

@@ -29,3 +29,12 @@ def test_tiny_run_times_phift_and_trl_on_the_same_pairs(tmp_path):
     assert rows["phift+compile"]["loss_first"] == pytest.approx(0.6931, abs=1e-3)
     text = out.read_text()
     assert "TINY SMOKE TEST" in text and "Same pairs on every side: yes" in text and "| phift |" in text
+
+
+def test_the_no_lora_kernel_row_runs_phift_with_the_lora_op_switched_off(tmp_path):
+    out = tmp_path / "dpo.md"
+    bench_dpo.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "1", "--impls",
+                    "phift,phift (no LoRA kernel)", "--out", str(out)])
+    rows = {r["impl"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines()[1:])}
+    assert rows["phift"]["status"] == rows["phift (no LoRA kernel)"]["status"] == "ok", rows
+    assert "lora" not in rows["phift"]["kernels_off"] and "lora" in rows["phift (no LoRA kernel)"]["kernels_off"]
