@@ -10,8 +10,8 @@ asking for `--max_tokens` tokens from a prompt of `--prompt_tokens` tokens (rand
 counts say how many came). Before the server starts, the same load goes straight to phift.serve's batching engine in
 this process ("engine alone"): what decoding costs without HTTP, so that the API's own cost shows as the difference.
 A row's tokens/s is every generated token over the wall time from the first request to the last answer; TTFT is the
-time to a stream's first text. DIR holds the real phi-1_5 tokenizer (tokenizer.json); `--tiny` takes a 2-layer model, and
-without DIR a demo tokenizer. Rows go to OUT (markdown) and OUT.jsonl (first line: versions, device, date).
+time to a stream's first text. DIR holds the real phi-1_5 tokenizer (tokenizer.json); `--tiny` takes a 2-layer
+model, and without DIR a demo tokenizer. Rows go to OUT (markdown) and OUT.jsonl (first line: versions, device, date).
 """
 from __future__ import annotations
 
@@ -182,8 +182,8 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines = [f"phift api on {header['device']} ({header['model']}, {header['dtype']}), prompt "
              f"{header['prompt_tokens']} tokens, {header['max_tokens']} generated per request, greedy, streamed; "
              f"{header['date']}", "",
-             "| through | clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT "
-             "ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| through | clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | "
+             "median TTFT ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {VIA[r['via']]} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} "
                      f"| {r['tokens_per_s']:.1f} | {r['stream_tokens_per_s']:.1f} | {r['ttft_ms_median']:.1f} |")

@@ -161,7 +161,8 @@ def test_dpo_question_says_missed_when_every_phift_row_needs_more_memory_than_tr
     store = tmp_path / "results"
     dpo = [{"impl": "phift", "status": "ok", "pairs_per_s": 23.0, "step_ms": 174.0, "peak_gib": 4.78,
             "trainable": 1572864},
-           {"impl": "trl", "status": "ok", "pairs_per_s": 8.7, "step_ms": 458.0, "peak_gib": 5.42, "trainable": 2359296},
+           {"impl": "trl", "status": "ok", "pairs_per_s": 8.7, "step_ms": 458.0, "peak_gib": 5.42,
+            "trainable": 2359296},
            {"impl": "trl+compile", "status": "ok", "pairs_per_s": 14.6, "step_ms": 273.0, "peak_gib": 4.44,
             "trainable": 2359296}]
     record.record(write_run(tmp_path / "d.jsonl", "dpo", meta("H200", "2026-12-04", "python d"), dpo), "d", "abc1234",
