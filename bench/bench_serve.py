@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from phift.config import PhiConfig  # noqa: E402
 from phift.data import get_template  # noqa: E402
@@ -41,7 +42,6 @@ from phift.serve import BackgroundServer, Engine, Request, create_app  # noqa: E
 from phift.tokenizer import load_tokenizer, train_demo_tokenizer  # noqa: E402
 from phift.weights import save_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 VIA = {"http": "HTTP API", "engine": "engine alone"}  # how a row's requests reached the batching engine
 
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
@@ -136,13 +136,11 @@ def api_thread(model, tok, args):
 @contextmanager
 def api_process(model, tok, args):
     """`phift api` on the model saved in its dtype, until the block ends; its stderr is shown if it fails."""
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+    with tempfile.TemporaryDirectory() as tmp:
         save_model(model, Path(tmp) / "model")
         tok.save(Path(tmp) / "model")
         model.to("meta")  # the server process holds the weights now
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = free_port()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if not args.device.startswith("cuda"):
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -167,6 +165,12 @@ def api_process(model, tok, args):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _up(url: str) -> bool:

@@ -379,8 +379,9 @@ SERVE_VIA = {"http": "HTTP API", "engine": "engine alone"}  # bench_serve's VIA,
 
 
 def serve_table(rows: list[tuple[dict, Run]]) -> list[str]:
-    lines = ["| through | clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | median TTFT "
-             "ms | server | run | device |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    lines = ["| through | clients | requests | generated tokens | wall s | tokens/s | tokens/s per stream | "
+             "median TTFT ms | server | run | device |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r, run in rows:
         # runs recorded before the harness could start `phift api` on its own served from the clients' process
         server = "—" if r.get("via") == "engine" else run.header["meta"].get("server", "in the clients' process")
@@ -441,10 +442,10 @@ def page(runs: list[Run]) -> str:
             latest(runs, "dpo"), dpo_table)
     section("Serving: `phift api` under concurrent clients",
             "`bench/bench_serve.py`: `phift api` on a random-weight phi-1_5 with the real tokenizer, streaming "
-            "greedy completions to the official `openai` client; each client sends "
-            "its requests one after another, all clients at once; tokens/s = every generated token over the row's "
-            "wall time. Through: the HTTP API, or the same load handed straight to the batching engine in the harness's "
-            "process (no HTTP: what decoding alone costs). Server: where `phift api` ran — its own process, as users "
+            "greedy completions to the official `openai` client; each client sends its requests one after another, "
+            "all clients at once; tokens/s = every generated token over the row's wall time. Through: the HTTP API, "
+            "or the same load handed straight to the batching engine in the harness's process (no HTTP: what "
+            "decoding alone costs). Server: where `phift api` ran — its own process, as users "
             "run it, or inside the clients' process, where the clients' Python shares one interpreter lock with the "
             "server's.",
             latest(runs, "serve"), serve_table)
