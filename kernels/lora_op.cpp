@@ -49,13 +49,15 @@ double dropout_coef(double scaling, int64_t threshold) { return scaling / (1.0 -
 
 // [W | coef·B] as one [N, K + R] matrix, kept for each frozen W. Copying W into it on every call would cost about
 // as much as all the LoRA math, so W's part is copied once (the price: one more copy of each adapted weight in
-// memory); the forward pass rewrites the B columns every call, inside the prep kernel. A W changed in place
+// memory), unless W already lives in such a matrix (lives_in_augmented_matrix: phift.lora puts LoRA base weights
+// there); the forward pass rewrites the B columns every call, inside the prep kernel. A W changed in place
 // (merge, unmerge) has a new version and is copied again; entries of freed weights are dropped.
 using WeakTensorRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
 struct Augmented {
   WeakTensorRef weight;
   int64_t version;
+  bool in_place;  // matrix is W's own storage (lives_in_augmented_matrix), not a copy
   at::Tensor matrix;
   const void* written_b;  // the B (data pointer) and coef that the B columns hold now
   double written_coef;
@@ -63,18 +65,36 @@ struct Augmented {
 std::mutex augmented_mutex;
 std::map<const c10::TensorImpl*, Augmented> augmented_weights;
 
+// Whether W already is the first K columns of a [N, K + kWidth] matrix of its own, as phift.kernels.
+// home_for_fused_lora leaves a LoRA base weight: a storage holding exactly that matrix, W at its start, rows
+// K + kWidth apart. Then that matrix is the augmented one, and W is never copied.
+bool lives_in_augmented_matrix(const at::Tensor& weight) {
+  if (weight.dim() != 2 || weight.stride(1) != 1) return false;
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const size_t bytes = static_cast<size_t>(n * (k + kWidth) * weight.element_size());
+  return weight.stride(0) == k + kWidth && weight.storage_offset() == 0 && weight.storage().nbytes() == bytes;
+}
+
 Augmented& augmented_weight(const at::Tensor& weight) {
-  const int64_t version = weight.is_inference() ? 0 : weight._version();
+  const bool in_place = lives_in_augmented_matrix(weight);
+  // a copy must follow W's in-place changes (merge, unmerge); W's own matrix changes with it
+  const int64_t version = in_place || weight.is_inference() ? 0 : weight._version();
   const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
   auto it = augmented_weights.find(key);
-  if (it == augmented_weights.end() || it->second.weight.expired() || it->second.version != version) {
+  if (it == augmented_weights.end() || it->second.weight.expired() || it->second.version != version ||
+      it->second.in_place != in_place) {
     for (auto i = augmented_weights.begin(); i != augmented_weights.end();)
       i = i->second.weight.expired() ? augmented_weights.erase(i) : std::next(i);
     const c10::InferenceMode normal_tensors(false);  // a cache made under inference mode must serve training
     const int64_t n = weight.size(0), k = weight.size(1);
-    at::Tensor matrix = at::zeros({n, k + kWidth}, weight.options());
-    matrix.narrow(1, 0, k).copy_(weight);
-    const Augmented entry{WeakTensorRef(weight.getIntrusivePtr()), version, matrix, nullptr, 0};
+    at::Tensor matrix;
+    if (in_place) {  // a tensor of its own over W's storage, not a view of W: writing B must not count as changing W
+      matrix = at::empty({0}, weight.options()).set_(weight.storage(), 0, {n, k + kWidth}, {k + kWidth, 1});
+    } else {
+      matrix = at::zeros({n, k + kWidth}, weight.options());
+      matrix.narrow(1, 0, k).copy_(weight);
+    }
+    const Augmented entry{WeakTensorRef(weight.getIntrusivePtr()), version, in_place, matrix, nullptr, 0};
     it = augmented_weights.insert_or_assign(key, entry).first;
   }
   return it->second;

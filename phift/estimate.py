@@ -606,8 +606,14 @@ def states(c: Config, params: Params, p: Plan) -> States:
     head = params.lm_head if p.full else 0
     in_flight = 2 * params.largest_trainable * p.trainable  # one gradient being made, one leaving
     if p.fused and p.weight == 2 and p.lora_rank <= 32:
-        s.gpu["fused LoRA [W | s·B] copies"] = sum(o * (i + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted
-                                                   if i % 8 == 0)
+        # without DeepSpeed LoRA base weights live in [W | s·B] matrices of their own (phift.kernels.
+        # home_lora_weights): only the extra columns are more; under DeepSpeed the op keeps a copy of each W
+        if p.zero is not None:
+            s.gpu["fused LoRA [W | s·B] copies"] = sum(o * (i + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted
+                                                       if i % 8 == 0)
+        else:
+            s.gpu["fused LoRA s·B columns beside W"] = sum(o * LORA_AUGMENT_COLUMNS * 2 for i, o in params.adapted
+                                                           if i % 8 == 0)
     if p.engine == "plain":
         s.gpu[f"{lora}weights" if p.full else "LoRA adapters"] = nt * p.trainable
         s.gpu[f"{lora}optimizer states (AdamW moments)"] = 8 * nt

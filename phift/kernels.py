@@ -9,8 +9,9 @@ term into the base matrix products instead of running its own: with u = dropout(
                dx = dx_base + mask ⊙ (g A),   dA = gᵀ (mask ⊙ x),   dB = dyᵀ (s · u)
 (s = scaling / (1 - p)). Two CUDA passes do the rest: one reads x and writes [x | u]; the other reads dx_base and x
 once for both the dx correction and dA. cuBLAS does the three big products. Neither the dropout mask nor mask ⊙ x
-is stored: backward regenerates the mask from its Philox seed, and autograd keeps x itself. The op keeps one
-[W | s·B] copy of each adapted frozen weight on the GPU.
+is stored: backward regenerates the mask from its Philox seed, and autograd keeps x itself. [W | s·B] is W's own
+storage when W lives in the first columns of such a matrix (`home_lora_weights`, what `phift train` does without
+DeepSpeed); for a weight elsewhere the op keeps one copy of it on the GPU.
 
 The LM head's chunked loss calls `cross_entropy_grad_`; its fused op `phift::cross_entropy_grad_` reads a chunk's
 fp16/bf16 logits once and writes softmax − onehot over them, where PyTorch makes about eight passes over an fp32 copy.
@@ -62,6 +63,43 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, tra
     y = F.linear(x, weight, bias)
     h = F.dropout(x, dropout, training) if dropout > 0 else x
     return y + scaling * F.linear(F.linear(h, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+
+
+# The fused op keeps s·B in this many columns beside each adapted W (kernels/lora_op.cpp's kWidth)
+FUSED_EXTRA_COLUMNS = 64
+
+
+def fused_home_applies(weight: torch.Tensor, rank: int) -> bool:
+    """Whether a frozen LoRA base weight goes into a padded matrix for the fused op (`home_for_fused_lora`): when
+    the op will run on it (a half-precision CUDA weight, its rank taken, the op loaded)."""
+    return (weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16) and weight.dim() == 2
+            and weight.shape[1] % 8 == 0 and rank <= MAX_KERNEL_RANK and kernels_enabled("lora"))
+
+
+def home_lora_weights(model: torch.nn.Module) -> int:
+    """Move the base weight of each LoRA layer the fused op will serve into its [W | s·B] matrix
+    (`home_for_fused_lora`); the number moved. For the plain and offload engines: DeepSpeed broadcasts, flattens and
+    partitions weights as dense tensors, and ZeRO-3 gathers them afresh anyway."""
+    moved = 0
+    for module in model.modules():
+        rank = getattr(module, "r", None)
+        if isinstance(getattr(module, "lora_A", None), torch.Tensor) and fused_home_applies(module.weight, rank):
+            home_for_fused_lora(module.weight)
+            moved += 1
+    return moved
+
+
+def home_for_fused_lora(weight: torch.Tensor) -> None:
+    """Move `weight` [N, K] into the first K columns of a zeroed [N, K + 64] matrix, in place (its .data becomes
+    that view). The fused op writes s·B into the other columns and multiplies by the whole matrix, instead of
+    keeping a [W | s·B] copy of W beside it: one adapted weight's worth of memory less. Plain products read the view
+    as any weight (cuBLAS takes the row stride)."""
+    n, k = weight.shape
+    if weight.stride() == (k + FUSED_EXTRA_COLUMNS, 1):
+        return  # already there
+    matrix = weight.new_zeros(n, k + FUSED_EXTRA_COLUMNS)
+    matrix[:, :k].copy_(weight.detach())
+    weight.data = matrix[:, :k]
 
 
 def fused_applies(x, weight, bias, lora_A, lora_B) -> bool:

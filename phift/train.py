@@ -89,6 +89,8 @@ def prepare_model(model, run: RunConfig, precision: Precision):
         else:
             lora.inject(model, f.lora_target, r=f.lora_rank, alpha=f.lora_alpha, dropout=f.lora_dropout,
                         use_rslora=f.use_rslora)
+        if not run.training.deepspeed:  # the fused op then keeps no copy of W (DeepSpeed wants dense weights)
+            kernels.home_lora_weights(model)
     elif precision.upcast_trainable:
         model.float()  # full fine-tuning under autocast keeps fp32 master weights (else the optimizer keeps them)
     if f.upcast_layernorm:

@@ -240,7 +240,16 @@ def test_lora_fp16_keeps_half_weights_fp32_adapters_and_their_adamw_states():
     assert e.gpu["weights (frozen base)"] == 2 * PHI_1_5
     assert e.gpu["LoRA adapters"] == 4 * LORA_R8_WQKV
     assert e.gpu["LoRA optimizer states (AdamW moments)"] == 8 * LORA_R8_WQKV
-    assert e.gpu["fused LoRA [W | s·B] copies"] == 24 * 6144 * (2048 + 64) * 2  # kernels/lora_op.cpp's copy of W
+    # W lives in its [W | s·B] matrix (phift.kernels.home_lora_weights): only the 64 columns beside it are more
+    assert e.gpu["fused LoRA s·B columns beside W"] == 24 * 6144 * 64 * 2
+    assert "fused LoRA [W | s·B] copies" not in e.gpu
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_under_deepspeed_the_fused_lora_op_keeps_a_copy_of_each_weight(tmp_path, stage):
+    run = run_of("--fp16", "True", "--deepspeed", str(tmp_path / "unused.json"))
+    e = E.estimate(E.read_config("phi-1_5"), run, ds_config={"zero_optimization": {"stage": stage}})
+    assert e.gpu["fused LoRA [W | s·B] copies"] == 24 * 6144 * (2048 + 64) * 2
 
 
 @pytest.mark.parametrize("flags, weights, grads, masters", [

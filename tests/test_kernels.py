@@ -281,3 +281,50 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
 def test_op_registration_passes_opcheck(fused_op):
     x, w, b, A, B = make_inputs((3, 5), 64, 48, 8, torch.bfloat16, "cuda")
     torch.library.opcheck(fused_op.default, (x, w, b, A, B, 0.5, 0.0))
+
+
+@needs_cuda
+def test_a_lora_base_weight_lives_in_the_ops_matrix_and_is_never_copied(phift_extension):
+    """On CUDA a LoRALinear's half W moves into a [W | s·B] matrix of its own (kernels.home_lora_weights): the op
+    multiplies by that matrix, where a weight elsewhere costs it a kept copy. Same outputs and gradients either way,
+    merged, unmerged and with the adapter off."""
+    from phift import lora
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(2048, 6144, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    homed = lora.LoRALinear(base, r=8, alpha=16)
+    assert kernels.home_lora_weights(homed) == 1  # as phift train does without DeepSpeed
+    assert homed.weight.stride() == (2048 + kernels.FUSED_EXTRA_COLUMNS, 1)
+    elsewhere = lora.LoRALinear(torch.nn.Linear(2048, 6144, device="cuda", dtype=torch.bfloat16), r=8, alpha=16)
+    elsewhere.weight.data = homed.weight.detach().clone(memory_format=torch.contiguous_format)  # a plain weight
+    elsewhere.bias.data.copy_(homed.bias)
+    with torch.no_grad():
+        torch.nn.init.normal_(homed.lora_B)
+        elsewhere.lora_A.copy_(homed.lora_A)
+        elsewhere.lora_B.copy_(homed.lora_B)
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    grown = {}
+    for name, module in (("homed", homed), ("elsewhere", elsewhere)):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = module(x)
+        del y
+        torch.cuda.synchronize()
+        grown[name] = torch.cuda.memory_allocated() - before
+    w_bytes = 6144 * 2048 * 2
+    assert grown["homed"] < w_bytes / 8 <= w_bytes <= grown["elsewhere"], grown
+    dy = torch.randn(512, 6144, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for module in (homed, elsewhere):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        outs.append((y, *torch.autograd.grad(y, (xi, module.lora_A, module.lora_B), dy)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    for module in (homed, elsewhere):
+        module.merge()
+    assert torch.equal(homed(x), elsewhere(x))
+    for module in (homed, elsewhere):
+        module.unmerge()
+    with lora.disabled(homed), lora.disabled(elsewhere):
+        assert torch.equal(homed(x), elsewhere(x))

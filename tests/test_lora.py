@@ -381,3 +381,65 @@ def test_merging_adapters_into_a_loaded_model_forgets_its_checkpoint_as_the_base
     lora.inject(ours, "fc1", verbose=False)
     with pytest.raises(ValueError, match="base_model_name_or_path"):
         lora.export_peft(ours, tmp_path / "adapter")
+
+
+# ------------------------------------------------- a LoRA base weight inside the fused op's [W | s·B] matrix
+def test_a_weight_moved_into_a_padded_matrix_keeps_its_values_and_every_use(tiny_config):
+    """kernels.home_for_fused_lora (run on CUDA half weights when the op is loaded): W becomes the first K columns
+    of a zeroed [N, K + 64] matrix. On the CPU the move is made by hand; forward, merge, unload and saving must not
+    notice it."""
+    from phift import kernels
+
+    torch.manual_seed(0)
+    model, reference = Phi(tiny_config).eval(), Phi(tiny_config).eval()
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        lora.inject(m, "Wqkv", r=4, alpha=8)
+    torch.manual_seed(1)
+    for name, module in lora.lora_modules(model).items():
+        torch.nn.init.normal_(module.lora_B)
+        other = lora.lora_modules(reference)[name]
+        other.lora_A.data.copy_(module.lora_A.data)
+        other.lora_B.data.copy_(module.lora_B.data)
+        n, k = module.weight.shape
+        kernels.home_for_fused_lora(module.weight)
+        assert module.weight.stride() == (k + kernels.FUSED_EXTRA_COLUMNS, 1)
+        assert module.weight.untyped_storage().nbytes() == n * (k + 64) * module.weight.element_size()
+        storage = module.weight.untyped_storage().data_ptr()
+        kernels.home_for_fused_lora(module.weight)  # already there: not moved again
+        assert module.weight.untyped_storage().data_ptr() == storage
+        assert torch.equal(module.weight, other.weight)
+        padding = torch.as_strided(module.weight, (n, 64), (k + 64, 1), module.weight.storage_offset() + k)
+        assert not padding.any()
+    ids = torch.randint(0, 100, (2, 12))
+    assert torch.equal(model(ids), reference(ids))
+    lora.set_merged(model, True)
+    lora.set_merged(reference, True)
+    assert torch.equal(model(ids), reference(ids))
+    lora.set_merged(model, False)
+    lora.set_merged(reference, False)
+    model, reference = lora.unload(model, merge=True), lora.unload(reference, merge=True)
+    assert torch.equal(model(ids), reference(ids))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_saving_a_padded_weight_writes_the_weight_alone(tmp_path, tiny_config):
+    from phift import kernels
+
+    torch.manual_seed(0)
+    model = Phi(tiny_config)
+    kernels.home_for_fused_lora(model.layers[0].attn.Wqkv.weight)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_only_weights_the_fused_op_will_serve_are_moved(monkeypatch):
+    from phift import kernels
+
+    module = lora.LoRALinear(nn.Linear(64, 48).to(torch.bfloat16), r=8, alpha=16)
+    assert kernels.home_lora_weights(module) == 0 and module.weight.is_contiguous()  # the CPU: no op there
+    monkeypatch.setattr(kernels, "fused_home_applies", lambda weight, rank: rank <= kernels.MAX_KERNEL_RANK)
+    wide = lora.LoRALinear(nn.Linear(64, 48).to(torch.bfloat16), r=64, alpha=16)
+    assert kernels.home_lora_weights(nn.Sequential(module, wide, nn.Linear(8, 8))) == 1  # not rank 64, not plain
+    assert module.weight.stride() == (64 + 64, 1) and wide.weight.is_contiguous()
