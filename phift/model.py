@@ -6,9 +6,12 @@ Attention uses a fused Wqkv projection (rows q;k;v), rotary embedding on the fir
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import PhiConfig
 from .kernels import cross_entropy_grad_, rotary_qkv
@@ -79,6 +82,17 @@ def attend(q, k, v, mask, dropout_p: float):
     # CUDA kernels (flash, memory-efficient, cuDNN) accumulate the softmax in fp32
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                                           enable_gqa=gqa)
+
+
+# cuDNN's attention (PyTorch's first choice on Hopper) builds a plan for each new shape, ~35 ms on an H200, then
+# reuses it: free for training's repeated shapes, but generation's keys grow a column every step, so each decode step
+# would pay it (46 ms a step at phi-1_5 against 10 ms with the memory-efficient kernel; bench/profile_decode.py)
+GENERATION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(kv_cache):
+    """The attention kernels a forward may use: all of them, or with a KV cache (generating) all but cuDNN's."""
+    return contextlib.nullcontext() if kv_cache is None else sdpa_kernel(GENERATION_KERNELS)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -335,8 +349,9 @@ class Phi(nn.Module):
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         # no mask: plain causal attention (flash kernels); a single new token sees the whole cache
         mask = build_attention_mask(attention_mask, T, past) if attention_mask is not None else None
-        for block in self.layers:
-            x = block(x, cos, sin, mask, kv_cache)
+        with attention_kernels(kv_cache):
+            for block in self.layers:
+                x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         if hidden_only:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import Phi3Config
 from .kernels import rotary_qkv
-from .model import LMHead, attend, build_attention_mask
+from .model import LMHead, attend, attention_kernels, build_attention_mask
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,8 +160,9 @@ class Phi3(nn.Module):
         # no mask: plain causal attention (flash kernels); a single new token sees the whole cache
         mask = (build_attention_mask(attention_mask, T, past, window if windowed else None)
                 if attention_mask is not None else None)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, kv_cache)
+        with attention_kernels(kv_cache):
+            for block in self.layers:
+                x = block(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         if hidden_only:

@@ -138,3 +138,37 @@ def test_top_p_keeps_only_the_nucleus():
     draws = {sample_next(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(200)}
     assert draws == {0, 1}
     assert sample_next(logits).item() == 0
+
+
+# ------------------------------------------------------------ generation never asks cuDNN's attention for a kernel
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+def test_a_forward_over_a_kv_cache_leaves_cudnn_attention_out_and_training_keeps_it(family, monkeypatch):
+    """cuDNN's attention plans per shape (~35 ms on an H200): with a cache, whose keys grow every step, each decode
+    step paid it (bench/profile_decode.py: 46 against 10 ms). Generation's forwards run with it switched off; other
+    forwards see PyTorch's own choice, and the switch is restored after."""
+    from phift.config import Phi3Config, PhiConfig
+    from phift.model import KVCache
+    from phift.phi3 import Phi3
+
+    torch.manual_seed(0)
+    model = (Phi(PhiConfig.from_name("tiny")) if family == "phi"
+             else Phi3(Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, rotary_dim=8, max_position_embeddings=64,
+                                  eos_token_id=127, pad_token_id=127))).eval()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(torch.backends.cuda.cudnn_sdp_enabled()) or sdpa(*a, **kw))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    ids = torch.randint(0, 100, (2, 6))
+    model(ids)
+    assert seen and all(seen)  # training's shapes repeat: cuDNN's plans pay off there
+    seen.clear()
+    cache = KVCache(model.config, 2, 10)
+    model(ids, kv_cache=cache)
+    model(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), kv_cache=cache)
+    assert len(seen) == 2 * model.config.num_layers and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    seen.clear()
+    generate(model, ids.tolist(), max_new_tokens=3)
+    assert seen and not any(seen)
