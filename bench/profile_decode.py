@@ -7,12 +7,15 @@ For each batch size: ms per decode step over a KV cache that grows one column a 
 phift.serve's engine and phift.generate decode, under PyTorch's own choice of attention kernel and with each kernel
 forced; the same with the key length held fixed (a kernel that plans per shape is slow only when the shape moves);
 which kernel PyTorch picks for the decode, a padded prefill and the training step's shapes; and the top ops of the
-default decode under torch.profiler. This informs the levers; it is not a benchmark.
+default decode under torch.profiler. The timings also go to OUT.jsonl (first line: versions, device, date), which
+bench/record.py records.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,10 +36,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+RUNS = iter(range(1, 1 << 20))
+
+
 def decode_ms(model, batch: int, prompt: int, steps: int, backend: str | None, grow: bool) -> float:
-    """ms per decode step after a prompt of `prompt` tokens; grow=False rewinds the cache every step."""
+    """ms per decode step after a prompt of `prompt` tokens; grow=False rewinds the cache every step. Each call's cache
+    has a width of its own (spare columns): a kernel that plans per shape and strides finds no plan of an earlier call."""
     device, config = model.wte.weight.device, model.config
-    cache = KVCache(config, batch, prompt + steps + 1, device, model.wte.weight.dtype)
+    cache = KVCache(config, batch, prompt + steps + 1 + next(RUNS), device, model.wte.weight.dtype)
     mask = torch.ones(batch, prompt + steps + 1, dtype=torch.long, device=device)
     mask[0, :prompt // 2] = 0  # one left-padded row, as a server's batch has: an explicit mask, as the engine passes
     ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
@@ -93,6 +100,7 @@ def main(argv=None):
               f"- training, 1024 causal, no mask: {choice(sq, sq, sq, None, True)}", ""]
 
     lines += ["| batch | kernel | growing cache ms/step | fixed length ms/step |", "| ---: | --- | ---: | ---: |"]
+    rows = []
     usable = [None] + [b for b in BACKENDS if device.type == "cuda" or b == "math"]
     for batch in (int(b) for b in a.batch.split(",")):
         for backend in usable:
@@ -101,8 +109,11 @@ def main(argv=None):
                 grow = decode_ms(model, batch, a.prompt, a.steps, backend, True)
                 fixed = decode_ms(model, batch, a.prompt, a.steps, backend, False)
                 row = f"{grow:.2f} | {fixed:.2f}"
+                rows.append({"batch": batch, "kernel": backend or "default", "grow_ms": grow, "fixed_ms": fixed})
             except RuntimeError as e:
                 row = f"unavailable: {str(e).splitlines()[0][:80]} |"
+                rows.append({"batch": batch, "kernel": backend, "grow_ms": None, "fixed_ms": None,
+                             "error": str(e).splitlines()[0][:80]})
             lines.append(f"| {batch} | {backend or 'PyTorch default'} | {row} |")
             print(lines[-1], flush=True)
 
@@ -115,6 +126,14 @@ def main(argv=None):
         lines += ["", f"## 8 decode steps at batch 8 (and their prefill), by {key}", "```",
                   prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), "```"]
     Path(a.out).write_text("\n".join(lines) + "\n")
+    picks = [line[2:] for line in lines if line.startswith("- ")]
+    meta = {"date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "command": "python bench/profile_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "tiny": a.tiny, "model": "tiny" if a.tiny else "phi-1_5", "dtype": str(dtype).removeprefix("torch."),
+            "prompt": a.prompt, "steps": a.steps, "picks": picks, "versions": {"torch": torch.__version__}}
+    Path(a.out).with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [{"bench": "decode",
+                                                                                         "meta": meta}, *rows]))
     print("\n".join(lines[:12]))
 
 

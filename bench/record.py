@@ -5,7 +5,7 @@ only ever come from a harness's own rows.
 
 OUT.jsonl is what a harness wrote beside its markdown report (bench_train.py, bench_law.py,
 bench_host_overhead.py, bench_cpu_adam.py, bench_lora_kernel.py, bench_estimate.py, bench_dpo.py, bench_serve.py,
-bench_multigpu.py):
+profile_decode.py, bench_multigpu.py):
 a header line with the run's meta (device, date, command), then one row a line. It becomes bench/results/NAME.jsonl, its header given the run's name, the next
 sequence number and the commit it ran (default: this checkout's HEAD); then bench/report.py renders the page.
 """

@@ -5,12 +5,13 @@ measured it and naming that run.
 
 The store holds one file per recorded run, `bench/results/<run>.jsonl` (bench/record.py writes them): a header line
     {"run": NAME, "bench": "train" | "law" | "host_overhead" | "cpu_adam" | "lora_kernel" | "estimate" | "dpo" |
-     "serve" | "multigpu", "sequence": N,
+     "serve" | "decode" | "multigpu", "sequence": N,
      "commit": SHA or null, "meta": {"device", "date", "command", ...}, ...}
 then the harness's rows. `sequence` orders the runs (the order they were recorded in): a row of a later run replaces
 the same row of an earlier one. A row is the same row when its key is: a training case's id, a law impl, a
 host-overhead case on the same kind of device, a CPU Adam step kind at the same parameter and thread counts, a fused
-LoRA shape, an estimate case, a DPO impl, a server client count, a multi-GPU case at its GPU count. A row that was
+LoRA shape, an estimate case, a DPO impl, a server client count, a decode batch and attention kernel, a multi-GPU case
+at its GPU count. A row that was
 never measured shows its latest failure (timeout, OOM, ...), never a skip.
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ def measured(bench: str, row: dict) -> bool:
         return row.get("tokens_per_s") is not None
     if bench == "lora_kernel":
         return row.get("fused_ms") is not None
+    if bench == "decode":
+        return row.get("grow_ms") is not None
     return row.get("ms" if "copy" in row else "step_ms") is not None
 
 
@@ -91,6 +94,8 @@ def key(bench: str, row: dict):
         return row.get("via", "http"), row["clients"]
     if bench == "host_overhead":
         return row["device"], row["case"]
+    if bench == "decode":
+        return row["batch"], row["kernel"]
     if bench == "cpu_adam":
         return ("copy", row["copy"], row["host_memory"]) if "copy" in row else \
             ("step", row["params"], row["threads"], row["step"])
@@ -285,6 +290,18 @@ def law_table(rows: list[tuple[dict, Run]]) -> list[str]:
     return lines
 
 
+def decode_table(rows: list[tuple[dict, Run]]) -> list[str]:
+    lines = ["| batch | attention kernel | ms a step, cache growing | ms a step, length fixed | run | device |",
+             "| ---: | --- | ---: | ---: | --- | --- |"]
+    for r, run in rows:
+        kernel = "PyTorch's choice" if r["kernel"] == "default" else r["kernel"]
+        times = (f"{r['grow_ms']:.2f} | {r['fixed_ms']:.2f}" if r["grow_ms"] is not None
+                 else f"— | {r.get('error', 'not measured')}")
+        lines.append(f"| {r['batch']} | {kernel} | {times} | {run.label} | {run.device} |")
+    picks = {p for _, run in rows for p in run.header["meta"].get("picks", [])}
+    return lines + (["", "PyTorch's choice on that device: " + "; ".join(sorted(picks)) + "."] if picks else [])
+
+
 def host_table(rows: list[tuple[dict, Run]]) -> list[str]:
     lines = ["| case | step ms | run | device |", "| --- | ---: | --- | --- |"]
     lines += [f"| {r['case']} | {r['step_ms']:.2f} | {run.label} | {run.device} |" for r, run in rows]
@@ -447,8 +464,19 @@ def page(runs: list[Run]) -> str:
             "or the same load handed straight to the batching engine in the harness's process (no HTTP: what "
             "decoding alone costs). Server: where `phift api` ran — its own process, as users "
             "run it, or inside the clients' process, where the clients' Python shares one interpreter lock with the "
-            "server's.",
+            "server's. Runs up to 2026-12-04 r decoded with cuDNN's attention, which planned anew at every step "
+            "(about 46 ms a step; the decoding table below); generation has left it out since.",
             latest(runs, "serve"), serve_table)
+    section("Decoding: a step over the KV cache, per attention kernel",
+            "`bench/profile_decode.py`: the bare model (no engine, no HTTP), random-weight phi-1_5 in bf16, a 64-token "
+            "prompt with one row left-padded, then 48 greedy decode steps with the padding mask the engine passes; "
+            "each step's tokens read on the host, as the engine does. Cache growing: a column more every step, as "
+            "generation runs; length fixed: the same step again and again. A kernel that plans per shape is slow "
+            "only when the cache grows: that is why generation (any forward over a KV cache) leaves cuDNN's attention "
+            "out. In the run 2026-12-04 r the rows with a kernel forced ran after PyTorch's choice over the same "
+            "shapes, so the forced cuDNN found its plans already made; later runs give each measurement's cache a "
+            "width of its own.",
+            latest(runs, "decode"), decode_table)
     section("Several GPUs: the DeepSpeed launcher against one GPU",
             "`bench/bench_multigpu.py`: `phift train` under `deepspeed --num_gpus N` against one GPU on the same "
             "global batch (accumulation N), bf16, random weights, synthetic rows cut to the cutoff; tokens/s over the "

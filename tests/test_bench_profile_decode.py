@@ -1,4 +1,5 @@
 """bench/profile_decode.py's smoke mode: a tiny model on the CPU, a decode time per batch and kernel, the profile."""
+import json
 import re
 import sys
 from pathlib import Path
@@ -23,3 +24,7 @@ def test_decode_profile_smoke_run_times_each_batch_and_names_the_kernels(tmp_pat
     assert all(float(g) > 0 and float(f) > 0 for *_, g, f in rows)
     assert re.search(r"- decode, 1 query over 300 keys, padding mask: [A-Z_]+$", text, re.M)
     assert "by cpu_time_total" in text and "aten::scaled_dot_product_attention" in text
+    header, *recorded = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert header["bench"] == "decode" and header["meta"]["tiny"] and header["meta"]["model"] == "tiny"
+    assert [(r["batch"], r["kernel"]) for r in recorded] == [(1, "default"), (1, "math"), (2, "default"), (2, "math")]
+    assert [(f"{r['grow_ms']:.2f}", f"{r['fixed_ms']:.2f}") for r in recorded] == [(g, f) for *_, g, f in rows]

@@ -170,3 +170,19 @@ def test_dpo_question_says_missed_when_every_phift_row_needs_more_memory_than_tr
     section = report.page(report.load(store)).split("\n## DPO: phift against TRL\n")[1].split("\n## ")[0]
     assert ("in the latest run: none: trl+compile peaks at 4.44 GiB and every phift row above it (goal ≥ 2× at no "
             "more memory: **missed**; phift is 1.58× at 4.78 GiB).") in section
+
+
+def test_decode_runs_get_a_table_per_batch_and_kernel_with_the_kernels_pytorch_picked(tmp_path):
+    store = tmp_path / "results"
+    rows = [{"batch": 1, "kernel": "default", "grow_ms": 45.9, "fixed_ms": 10.4},
+            {"batch": 1, "kernel": "flash", "grow_ms": None, "fixed_ms": None, "error": "No available kernel."},
+            {"batch": 1, "kernel": "efficient", "grow_ms": 10.2, "fixed_ms": 10.16}]
+    head = meta("H200", "2026-12-04", "python bench/profile_decode.py")
+    head["picks"] = ["decode, no mask: CUDNN_ATTENTION"]
+    record.record(write_run(tmp_path / "d.jsonl", "decode", head, rows), "decode-1", "abc1234", store)
+    text = report.page(report.load(store))
+    table = text.split("\n## Decoding: a step over the KV cache, per attention kernel\n")[1].split("\n## ")[0]
+    assert "| 1 | PyTorch's choice | 45.90 | 10.40 | 2026-12-04 a | H200 |" in table
+    assert "| 1 | flash | — | No available kernel. | 2026-12-04 a | H200 |" in table
+    assert "| 1 | efficient | 10.20 | 10.16 |" in table
+    assert "PyTorch's choice on that device: decode, no mask: CUDNN_ATTENTION." in table
