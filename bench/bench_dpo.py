@@ -11,7 +11,9 @@ over the timed steps (its counter reset just before them).
   phift   `phift train --stage dpo --finetuning_type lora --bf16 True`'s step on a random phi-1_5 (bf16 base weights;
           prepare_model, build_objective, build_engine, its CUDA kernels), LoRA r 8, α 16, dropout 0 on Wqkv (phi's
           fused q, k, v: one adapter), the reference the policy with its adapter off; batches made by
-          phift.train.to_batch, stepped by the plain engine (fused AdamW, clipping at 1.0, bf16 autocast)
+          phift.train.to_batch (a pair's prompt shared by its answers: 4 rows of 1536 tokens, the same
+          log-probabilities; `(prompt not shared)`: 8 rows of 1024, as TRL), stepped by the plain engine (fused
+          AdamW, clipping at 1.0, bf16 autocast)
   +compile  phift's --compile (each block compiled); TRL's torch_compile (the HF Trainer compiles the whole model)
   trl     transformers' PhiForCausalLM of the same shape (bf16 base weights, SDPA) under TRL's DPOTrainer with a PEFT
           LoraConfig r 8, α 16, dropout 0 on q_proj, k_proj, v_proj (three adapters), ref_model None (TRL turns the
@@ -40,10 +42,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-IMPLS = ("phift", "phift+compile", "trl", "trl+compile", "phift (no LoRA kernel)", "phift+compile (no LoRA kernel)")
-# phift's fused LoRA op keeps a [W | s·B] copy of each adapted weight (Wqkv: 0.58 GiB at phi-1_5's size); without it
-# phift takes the PyTorch LoRA math, as PEFT does, and less memory
+IMPLS = ("phift", "phift+compile", "trl", "trl+compile", "phift (prompt not shared)", "phift (no LoRA kernel)",
+         "phift+compile (no LoRA kernel)")
+# phift without its fused LoRA op: the PyTorch LoRA math, as PEFT does
 NO_LORA_KERNEL = " (no LoRA kernel)"
+# phift with --dpo_share_prompt False: a row per answer, the prompt run twice, as TRL batches pairs
+NOT_SHARED = " (prompt not shared)"
 PAIRS_PER_STEP, PROMPT, ANSWER, BETA, LR = 4, 512, 512, 0.1, 5e-6
 TINY = dict(prompt=24, answer=24)  # the smoke test's lengths
 
@@ -111,7 +115,7 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
     from phift import families, kernels
     from phift.args import decide_precision, parse_train_args
     from phift.engines import build_engine
-    from phift.train import build_objective, prepare_model, to_batch
+    from phift.train import build_objective, prepare_model, shares_prompt, to_batch
 
     total = spec["warmup"] + spec["steps"]
     run = parse_train_args([
@@ -120,7 +124,8 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
         "--lora_alpha", "16", "--lora_dropout", "0", "--dpo_beta", str(BETA), "--dpo_loss", "sigmoid", "--bf16", "True",
         "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--learning_rate", str(LR), "--max_grad_norm", "1.0",
         "--lr_scheduler_type", "constant", "--max_steps", str(total),
-        "--disable_gradient_checkpointing", str(spec["checkpointing"] == "off"), "--compile", str(spec["compile"])])
+        "--disable_gradient_checkpointing", str(spec["checkpointing"] == "off"), "--compile", str(spec["compile"]),
+        "--dpo_share_prompt", str(spec.get("share_prompt", True))])
     precision = decide_precision(run, device)
     kernels.load(device)
     torch.manual_seed(spec["seed"])
@@ -129,14 +134,15 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
     objective = build_objective(prepare_model(model, run, precision), run, precision, device)
     engine = build_engine(objective, run, precision, total, device)
     objective.train()
-    losses = []
+    losses, layout = [], shares_prompt(run, model.config)
     for i in range(total):
         timer.before_step()
-        batch = to_batch(pairs[i * PAIRS_PER_STEP:(i + 1) * PAIRS_PER_STEP], False, pad_id=0, device=device)
+        batch = to_batch(pairs[i * PAIRS_PER_STEP:(i + 1) * PAIRS_PER_STEP], False, pad_id=0, device=device, **layout)
         losses.append(engine.forward_backward(batch, True).detach())
         engine.step(True)
         timer.after_step()
     return {"loss_first": float(losses[0]), "loss_last": float(losses[-1]), "cuda_kernels": kernels.kernels_enabled(),
+            "prompt_shared": layout["share_prompt"],
             "kernels_off": sorted(kernels.DISABLED),
             "trainable": sum(p.numel() for p in objective.parameters() if p.requires_grad)}
 
@@ -214,7 +220,7 @@ def worker(impl: str, spec: dict) -> dict:
     pairs = make_pairs(steps * PAIRS_PER_STEP, lengths["prompt"], lengths["answer"],
                        model_config(spec["tiny"]).vocab_size, spec["seed"])
     timer = Timer(device, spec["warmup"], spec["steps"])
-    spec = {**spec, "compile": "+compile" in impl}
+    spec = {**spec, "compile": "+compile" in impl, "share_prompt": NOT_SHARED not in impl}
     extra = (run_phift if impl.startswith("phift") else run_trl)(spec, pairs, device, timer)
     pairs_timed = spec["steps"] * PAIRS_PER_STEP
     return {"impl": impl, "status": "ok", "pairs_per_s": round(pairs_timed / timer.seconds, 3),

@@ -41,6 +41,7 @@ two assistant messages. Pre-training (--stage pt) reads one text a record, the p
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -718,6 +719,65 @@ def collate_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: i
         "attention_mask": [[1] * (len(p) + len(a)) for p, a in rows],
     }, pad_token_id, pad_to_multiple_of)
     batch["last"] = torch.tensor([len(p) + len(a) - 1 for p, a in rows])
+    if "reference_logps" in examples[0]:
+        batch["reference_logps"] = torch.tensor([e["reference_logps"][i] for i in (0, 1) for e in examples],
+                                                dtype=torch.float64)
+    return batch
+
+
+@dataclass
+class SharedPairs:
+    """Where the answer tokens of a shared-prompt batch are (collate_shared_pairs): `sources` are the flattened [B, T]
+    positions whose hidden states predict `targets`, the answers' tokens; `answer` says whose token each one is (pair
+    i's chosen answer is i, its rejected one B + i, as collate_pairs orders the rows). prompt, chosen, rejected: the
+    three column spans; prompt_pad: [B] each prompt's left padding, or None when no prompt is padded."""
+    prompt: int
+    chosen: int
+    rejected: int
+    prompt_pad: torch.Tensor | None
+    sources: torch.Tensor
+    targets: torch.Tensor
+    answer: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> SharedPairs:
+        return dataclasses.replace(self, **{f.name: v.to(device, non_blocking=non_blocking)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(v := getattr(self, f.name), torch.Tensor)})
+
+
+def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict:
+    """B preference pairs as B rows [prompt | chosen | rejected] (model.SharedPrompt): the prompt once for both
+    answers. Prompts are left-padded to the longest, answers right-padded to a multiple; position_ids count each answer
+    on from its prompt's end. The same answer tokens as collate_pairs labels, predicted from the same positions of the
+    same sequences, so the log-probabilities equal its rows'; `reference_logps` as there."""
+    multiple = pad_to_multiple_of or 1
+
+    def span(key):
+        return -(-max(len(e[key]) for e in examples) // multiple) * multiple
+
+    # prompts are padded to the longest alone: unpadded prompts (equal lengths) keep flash kernels (SharedPrompt)
+    P, C, R = max(len(e["prompt_ids"]) for e in examples), span("chosen_ids"), span("rejected_ids")
+    T = P + C + R
+    ids, positions, pads, sources, targets, answer = [], [], [], [], [], []
+    B = len(examples)
+    for i, e in enumerate(examples):
+        prompt, chosen, rejected = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+        p = len(prompt)
+        pads.append(P - p)
+        ids.append([pad_token_id] * (P - p) + prompt + chosen + [pad_token_id] * (C - len(chosen)) + rejected
+                   + [pad_token_id] * (R - len(rejected)))
+        positions.append([0] * (P - p) + list(range(p)) + list(range(p, p + C)) + list(range(p, p + R)))
+        for k, (tokens, start) in enumerate(((chosen, P), (rejected, P + C))):
+            for j, token in enumerate(tokens):
+                if p + j == 0:
+                    continue  # a row's first token is never predicted (collate_pairs' shifted labels)
+                # the answer's first token follows the prompt's last column; the others, their own previous one
+                sources.append(i * T + (P - 1 if j == 0 else start + j - 1))
+                targets.append(token)
+                answer.append(k * B + i)
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "position_ids": torch.tensor(positions),
+             "pairs": SharedPairs(P, C, R, torch.tensor(pads) if any(pads) else None, torch.tensor(sources),
+                                  torch.tensor(targets), torch.tensor(answer))}
     if "reference_logps" in examples[0]:
         batch["reference_logps"] = torch.tensor([e["reference_logps"][i] for i in (0, 1) for e in examples],
                                                 dtype=torch.float64)

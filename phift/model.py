@@ -7,11 +7,13 @@ Attention uses a fused Wqkv projection (rows q;k;v), rotary embedding on the fir
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import PhiConfig
 from .kernels import cross_entropy_grad_, rotary_qkv
@@ -71,9 +73,60 @@ def build_attention_mask(attention_mask: torch.Tensor, q_len: int, past_len: int
     return (allowed | (k_pos == q_pos))[:, None]
 
 
+@dataclass
+class SharedPrompt:
+    """Attention for preference pairs laid out one row a pair, [prompt | chosen | rejected]: each answer sees the
+    prompt and itself, never the other answer, so the prompt's keys and values serve both (prompt + chosen + rejected
+    tokens a pair instead of twice the prompt). Prompts are left-padded to `prompt` columns, the chosen answers
+    right-padded to `chosen`; the rejected answers fill the rest.
+
+    prompt_mask: [B, 1, P + C, P + C], causal with the prompts' padding hidden, or None when no prompt is padded (plain
+    causal attention, flash kernels); rejected_mask: [B, 1, R, P + R], each rejected token seeing the prompt and its
+    own answer up to itself, or None when no prompt is padded (a lower-right causal bias, flash kernels)."""
+    prompt: int
+    chosen: int
+    prompt_mask: torch.Tensor | None = None
+    rejected_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, prompt: int, chosen: int, rejected: int, prompt_pad: torch.Tensor | None) -> SharedPrompt:
+        """prompt_pad: [B] each row's padding columns at the prompt's start, or None when there are none."""
+        if prompt_pad is None:
+            return cls(prompt, chosen)
+        P, C, R, dev = prompt, chosen, rejected, prompt_pad.device
+        pad = prompt_pad[:, None, None]
+        cols, rows = torch.arange(P + C, device=dev), torch.arange(P + C, device=dev)[:, None]
+        # every query also sees itself, so a padding query gets no all-masked (NaN) softmax
+        seen = ((cols <= rows) & (cols >= pad)) | (cols == rows)
+        kcols, qrows = torch.arange(P + R, device=dev), torch.arange(R, device=dev)[:, None]
+        rejected_seen = torch.where(kcols < P, (kcols >= pad).expand(-1, R, -1), kcols - P <= qrows)
+        return cls(P, C, seen[:, None], rejected_seen[:, None])
+
+
+def attend_shared(q, k, v, s: SharedPrompt, dropout_p: float):
+    """`attend` over a [prompt | chosen | rejected] row: the prompt and the chosen answer in one causal call, the
+    rejected answer against the prompt's keys and its own in another."""
+    pc = s.prompt + s.chosen
+    first = attend(q[:, :, :pc], k[:, :, :pc], v[:, :, :pc], s.prompt_mask, dropout_p)
+    k_r = torch.cat([k[:, :, :s.prompt], k[:, :, pc:]], dim=2)
+    v_r = torch.cat([v[:, :, :s.prompt], v[:, :, pc:]], dim=2)
+    q_r = q[:, :, pc:]
+    R, S = q_r.shape[2], k_r.shape[2]
+    if s.rejected_mask is not None:
+        second = attend(q_r, k_r, v_r, s.rejected_mask, dropout_p)
+    elif torch.compiler.is_compiling():  # dynamo cannot trace a CausalBias: the same mask, written out
+        second = attend(q_r, k_r, v_r, torch.ones(R, S, dtype=torch.bool, device=q.device).tril(S - R), dropout_p)
+    else:
+        second = attend(q_r, k_r, v_r, causal_lower_right(R, S), dropout_p)
+    return torch.cat([first, second], dim=2)
+
+
 def attend(q, k, v, mask, dropout_p: float):
     """softmax(q kᵀ / sqrt(head_dim)) v with PyTorch's SDPA; mask None is plain causal attention over the keys (a single
-    query sees them all). Fewer key-value heads than query heads: each serves a group of consecutive query heads."""
+    query sees them all), a SharedPrompt the layout of preference pairs sharing their prompt. Fewer key-value heads
+    than query heads: each serves a group of consecutive query heads."""
+    if isinstance(mask, SharedPrompt):
+        return attend_shared(q, k, v, mask, dropout_p)
     causal = mask is None and q.shape[2] > 1
     gqa = k.shape[1] != q.shape[1]
     if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
@@ -287,16 +340,21 @@ class LMHead(nn.Linear):
         queues the blocks, while the GPU has almost nothing to finish, rather than here, after all of them."""
         return (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
-    def forward(self, h, labels=None, rows=None, per_token=False):
+    def forward(self, h, labels=None, rows=None, per_token=False, shifted=True):
         """Logits; or, given labels, the mean cross-entropy of the labelled shifted positions (`rows` of the
         flattened [B, T - 1] positions, LMHead.label_rows); with per_token=True, (log p(label), mean logit) of each of
-        those rows, fp32 vectors in the order of `rows`."""
+        those rows, fp32 vectors in the order of `rows`. shifted=False: `rows` index the flattened [B, T] positions
+        and `labels` holds each one's next token (a pair's rejected answer is predicted from its prompt's end,
+        not from the column before it: model.SharedPrompt)."""
         if labels is None:
             return super().forward(h)
-        if rows is None:
-            rows = self.label_rows(labels)
-        h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
-        labels = labels[:, 1:].reshape(-1).index_select(0, rows)
+        if not shifted:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, rows)
+        else:
+            if rows is None:
+                rows = self.label_rows(labels)
+            h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, rows)
+            labels = labels[:, 1:].reshape(-1).index_select(0, rows)
         chunk_rows = max(1, self.chunk_bytes // (4 * self.out_features))
         if per_token:
             return _ChunkedLinearLogProbs.apply(h, self.weight, self.bias, labels, chunk_rows)
@@ -323,7 +381,7 @@ class Phi(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None,
-                label_rows=None, hidden_only=False):
+                label_rows=None, hidden_only=False, shared_prompt: SharedPrompt | None = None):
         """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given, or with hidden_only the
         final LayerNorm's output [B, T, hidden] (what a value head or LMHead's per-token log-probs read).
 
@@ -331,6 +389,8 @@ class Phi(nn.Module):
         loop does, on the CPU); else they are found here, a host sync.
         attention_mask: [B, past + T], 0 = padding, else a segment index (packed samples); None = all causal.
         position_ids: [B, T]; by default counted over non-padding tokens (so left padding works).
+        shared_prompt: rows of preference pairs sharing their prompt (SharedPrompt; position_ids required), in place of
+        attention_mask.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -348,7 +408,7 @@ class Phi(nn.Module):
         if attention_mask is None and past and T > 1:  # new tokens after a cache: causal over the whole of it
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         # no mask: plain causal attention (flash kernels); a single new token sees the whole cache
-        mask = build_attention_mask(attention_mask, T, past) if attention_mask is not None else None
+        mask = build_attention_mask(attention_mask, T, past) if attention_mask is not None else shared_prompt
         with attention_kernels(kv_cache):
             for block in self.layers:
                 x = block(x, cos, sin, mask, kv_cache)

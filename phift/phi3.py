@@ -134,13 +134,15 @@ class Phi3(nn.Module):
             nn.init.zeros_(module.weight[module.padding_idx])  # as transformers initialises it
 
     def forward(self, input_ids, labels=None, attention_mask=None, position_ids=None, kv_cache=None,
-                label_rows=None, hidden_only=False):
+                label_rows=None, hidden_only=False, shared_prompt=None):
         """Logits [B, T, vocab], or the mean loss over labels != -100 when labels are given, or with hidden_only the
         final RMSNorm's output (see model.Phi.forward).
 
         attention_mask: [B, past + T], 0 = padding, else a segment index (packed samples); None = all causal.
         position_ids: [B, T]; by default counted over non-padding tokens (so left padding works). LongRoPE chooses its
         factors from the largest of them.
+        shared_prompt: rows of preference pairs sharing their prompt (model.SharedPrompt, with position_ids), whose
+        prompt + answer spans the caller keeps within the sliding window.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -154,12 +156,12 @@ class Phi3(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config)
         window = self.config.sliding_window
-        windowed = window is not None and past + T > window
+        windowed = window is not None and past + T > window and shared_prompt is None
         if attention_mask is None and ((past and T > 1) or windowed):  # causal over the cache, or a window to apply
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         # no mask: plain causal attention (flash kernels); a single new token sees the whole cache
         mask = (build_attention_mask(attention_mask, T, past, window if windowed else None)
-                if attention_mask is not None else None)
+                if attention_mask is not None else shared_prompt)
         with attention_kernels(kv_cache):
             for block in self.layers:
                 x = block(x, cos, sin, mask, kv_cache)

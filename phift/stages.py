@@ -6,7 +6,9 @@
     dpo       DPO: each answer's summed log-probability under the policy and the reference; TRL's DPO losses
     orpo      ORPO: the chosen answer's mean negative log-likelihood + λ · -logsigmoid(log odds ratio); no reference
 
-A pairwise batch holds B pairs as 2B rows, the chosen answers first (data.collate_pairs). Every engine (plain,
+A pairwise batch holds B pairs as 2B rows, the chosen answers first (data.collate_pairs), or for dpo and orpo (unless
+--dpo_share_prompt False) as B rows [prompt | chosen | rejected] whose prompt both answers read (data.
+collate_shared_pairs, model.SharedPrompt): the same log-probabilities, a prompt's tokens run once. Every engine (plain,
 DeepSpeed, offload) trains an objective as it trains the network: its parameters are the network's (and the value
 head's), its forward returns the loss, and `metrics` holds the last forward's logged values (detached, TRL's names),
 which the loop averages over the steps it logs. The losses are plain functions of per-answer numbers (`pairwise_loss`,
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from . import lora
-from .model import LMHead
+from .data import SharedPairs
+from .model import LMHead, SharedPrompt
 from .tensorfile import load_safetensors
 from .weights import VALUE_HEAD_WEIGHTS
 
@@ -72,16 +75,24 @@ def orpo_loss(chosen_mean_logps, rejected_mean_logps, beta: float):
     return -chosen - beta * F.logsigmoid(log_odds), log_odds.detach()
 
 
-def sequence_logps(model: nn.Module, input_ids, labels, label_rows=None):
-    """Per row: Σ log p(label) over its labelled positions (with its gradient), their count, and Σ of their mean logits
-    (TRL's logits/* metrics). The vocabulary is projected a chunk of positions at a time (LMHead's per_token): never
-    [rows, T, vocab] at once, and prompt and padding positions not at all."""
-    if label_rows is None:
-        label_rows = LMHead.label_rows(labels)
-    h = model(input_ids, hidden_only=True)
-    logps, mean_logits = model.lm_head(h, labels, label_rows, per_token=True)
-    rows, T = input_ids.shape
-    seq = label_rows // (T - 1)  # label_rows index the flattened [rows, T - 1] shifted positions
+def sequence_logps(model: nn.Module, input_ids, labels=None, label_rows=None, pairs: SharedPairs | None = None,
+                   position_ids=None):
+    """Per answer row: Σ log p(label) over its labelled positions (with its gradient), their count, and Σ of their mean
+    logits (TRL's logits/* metrics). The vocabulary is projected a chunk of positions at a time (LMHead's per_token):
+    never [rows, T, vocab] at once, and prompt and padding positions not at all. With `pairs` (and position_ids) the
+    batch is collate_shared_pairs' B rows, and the answers come out as collate_pairs' 2B rows would."""
+    if pairs is not None:
+        shared = SharedPrompt.of(pairs.prompt, pairs.chosen, pairs.rejected, pairs.prompt_pad)
+        h = model(input_ids, position_ids=position_ids, shared_prompt=shared, hidden_only=True)
+        logps, mean_logits = model.lm_head(h, pairs.targets, pairs.sources, per_token=True, shifted=False)
+        rows, seq = 2 * input_ids.shape[0], pairs.answer
+    else:
+        if label_rows is None:
+            label_rows = LMHead.label_rows(labels)
+        h = model(input_ids, hidden_only=True)
+        logps, mean_logits = model.lm_head(h, labels, label_rows, per_token=True)
+        rows, T = input_ids.shape
+        seq = label_rows // (T - 1)  # label_rows index the flattened [rows, T - 1] shifted positions
     zeros = logps.new_zeros(rows)
     return (zeros.index_add(0, seq, logps), zeros.index_add(0, seq, torch.ones_like(logps)),
             zeros.index_add(0, seq, mean_logits))
@@ -201,8 +212,8 @@ class FrozenReference:
             _stream(module, {t: host[t] for t in [*module.parameters(), *module.buffers()]}, device)
 
     @torch.no_grad()
-    def logps(self, input_ids, labels, label_rows):
-        return sequence_logps(self.model, input_ids, labels, label_rows)[0]
+    def logps(self, input_ids, labels=None, label_rows=None, pairs=None, position_ids=None):
+        return sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)[0]
 
 
 def _stream(module: nn.Module, host: dict[torch.Tensor, torch.Tensor], device: torch.device) -> None:
@@ -234,21 +245,22 @@ class DPO(Objective):
         disable_dropout(model)
 
     @torch.no_grad()
-    def reference_logps(self, input_ids, labels, label_rows) -> torch.Tensor:
+    def reference_logps(self, input_ids, labels=None, label_rows=None, pairs=None, position_ids=None) -> torch.Tensor:
         if self.reference is not None:
-            return self.reference.logps(input_ids, labels, label_rows)
+            return self.reference.logps(input_ids, labels, label_rows, pairs, position_ids)
         was_training = self.model.training
         self.model.eval()
         try:
             with lora.disabled(self.model):
-                return sequence_logps(self.model, input_ids, labels, label_rows)[0]
+                return sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)[0]
         finally:
             self.model.train(was_training)
 
-    def forward(self, input_ids, labels, label_rows=None, reference_logps=None, last=None, attention_mask=None):
+    def forward(self, input_ids, labels=None, label_rows=None, reference_logps=None, last=None, attention_mask=None,
+                pairs=None, position_ids=None):
         if reference_logps is None:  # first: its transient memory is gone before the policy's activations pile up
-            reference_logps = self.reference_logps(input_ids, labels, label_rows)
-        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows)
+            reference_logps = self.reference_logps(input_ids, labels, label_rows, pairs, position_ids)
+        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), reference_logps.to(logps.dtype).chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,
@@ -280,8 +292,9 @@ class ORPO(Objective):
         self.beta = beta
         disable_dropout(model)
 
-    def forward(self, input_ids, labels, label_rows=None, last=None, attention_mask=None):
-        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows)
+    def forward(self, input_ids, labels=None, label_rows=None, last=None, attention_mask=None, pairs=None,
+                position_ids=None):
+        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)
         chosen, rejected = (logps / tokens).chunk(2)
         losses, log_odds = orpo_loss(chosen, rejected, self.beta)
         chosen_rewards, rejected_rewards = self.beta * chosen.detach(), self.beta * rejected.detach()

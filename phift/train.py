@@ -155,7 +155,8 @@ def build_objective(model, run: RunConfig, precision: Precision, device, referen
 
 
 @torch.no_grad()
-def precompute_reference(objective: stages.DPO, splits, batch_size: int, pad_id, device, precision: Precision):
+def precompute_reference(objective: stages.DPO, splits, batch_size: int, pad_id, device, precision: Precision,
+                         layout: dict | None = None):
     """--dpo_precompute_ref: each pair's reference log-probabilities, computed once (in the dataset's order, so that a
     resumed run computes the same) and kept in the example as `reference_logps`; the reference copy is let go."""
     autocast = (torch.autocast(device.type, dtype=precision.autocast, cache_enabled=False) if precision.autocast
@@ -164,9 +165,10 @@ def precompute_reference(objective: stages.DPO, splits, batch_size: int, pad_id,
     examples = [e for split in splits for e in split]
     for start in tqdm(range(0, len(examples), batch_size), desc="reference", unit="batch", disable=rank != 0):
         micro = examples[start:start + batch_size]
-        b = to_batch(micro, False, pad_id, device)
+        b = to_batch(micro, False, pad_id, device, **(layout or {}))
         with autocast:
-            chosen, rejected = objective.reference_logps(b["input_ids"], b["labels"], b["label_rows"]).chunk(2)
+            chosen, rejected = objective.reference_logps(b["input_ids"], b.get("labels"), b.get("label_rows"),
+                                                         b.get("pairs"), b.get("position_ids")).chunk(2)
         for e, c, r in zip(micro, chosen.tolist(), rejected.tolist()):
             e["reference_logps"] = (c, r)
     objective.reference = None
@@ -199,7 +201,20 @@ def count(micro) -> tuple[int, int]:
                               for e in examples)
 
 
-def to_batch(micro, packed: bool, pad_id, device):
+def shares_prompt(run: RunConfig, config) -> dict:
+    """to_batch's keywords for this run: whether preference pairs share their prompt (--dpo_share_prompt, dpo and
+    orpo; a reward model scores each answer's row) and the span a pair's prompt + answer must keep within (a
+    sliding window, beyond which the shared layout would need the window's mask)."""
+    f = run.finetuning
+    return {"share_prompt": f.dpo_share_prompt and f.stage in ("dpo", "orpo"),
+            "window": getattr(config, "sliding_window", None)}
+
+
+def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, window: int | None = None):
+    if share_prompt and "prompt_ids" in micro[0] and (window is None or max(
+            len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in micro) <= window):
+        b = data.collate_shared_pairs(micro, pad_id)
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
     if packed and all(len(row) == 1 for row in micro):
         # rows of one sample each (long samples leave no room to pack): the same batch unpacked needs no
         # segment mask, so attention keeps its flash kernel
@@ -218,13 +233,14 @@ def to_batch(micro, packed: bool, pad_id, device):
 
 
 @torch.no_grad()
-def pairwise_sums(forward, objective, examples, pad_id, batch_size: int, device, progress: bool = True) -> dict:
+def pairwise_sums(forward, objective, examples, pad_id, batch_size: int, device, progress: bool = True,
+                  layout: dict | None = None) -> dict:
     """{"pairs": n} and, for the objective's loss and each of its metrics, Σ over batches of its value × the batch's
     pairs (float64 on `device`): `forward(batch) -> loss` is the objective or an engine's forward."""
     sums = {"pairs": torch.zeros((), dtype=torch.float64, device=device)}
     for start in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", disable=not progress):
         micro = examples[start:start + batch_size]
-        loss = forward(to_batch(micro, False, pad_id, device))
+        loss = forward(to_batch(micro, False, pad_id, device, **(layout or {})))
         for k, v in {"loss": loss, **objective.metrics}.items():
             sums[k] = sums.get(k, 0) + v.detach().double() * len(micro)
         sums["pairs"] += len(micro)
@@ -237,14 +253,15 @@ def pairwise_means(sums: dict) -> dict:
     return {f"eval_{k}": round((v / n).item(), 4) for k, v in sums.items() if k != "pairs"}
 
 
-def eval_metrics(engine: Engine, examples, batch_size: int, pad_id, device) -> dict:
+def eval_metrics(engine: Engine, examples, batch_size: int, pad_id, device, layout: dict | None = None) -> dict:
     """The split's eval_loss (token-weighted over a language model's labels; a pairwise objective's, with its metrics,
     weighted by pairs): each rank takes a shard, the sums are added across ranks."""
     rank, world = distributed.rank_and_world()
     engine.module.eval()
     shard = examples[rank::world]
     if "prompt_ids" in examples[0]:
-        sums = pairwise_sums(engine.forward, engine.module, shard, pad_id, batch_size, device, progress=rank == 0)
+        sums = pairwise_sums(engine.forward, engine.module, shard, pad_id, batch_size, device, progress=rank == 0,
+                             layout=layout)
         if world > 1:
             for v in sums.values():
                 torch.distributed.all_reduce(v)
@@ -383,9 +400,10 @@ def train(run: RunConfig) -> dict:
         save_model(model, out / "base_model")
         tokenizer.save(out / "base_model")
     objective = build_objective(model, run, precision, device, reference)
+    layout = shares_prompt(run, model.config)  # how preference pairs are batched
     if f.stage == "dpo" and f.dpo_precompute_ref:  # before a checkpoint's weights replace the untrained ones
         precompute_reference(objective, (train_set, val_set), t.per_device_eval_batch_size, tokenizer.pad_token_id,
-                             device, precision)
+                             device, precision, layout)
     weights = TrainableWeights(f.finetuning_type == "lora", m.model_name_or_path, tokenizer, source_dir)
 
     accum, batch_size = t.gradient_accumulation_steps, t.per_device_train_batch_size
@@ -421,7 +439,7 @@ def train(run: RunConfig) -> dict:
         while progress["global_step"] < total_steps:
             batches, consumed = batches_of(epoch, skip), skip
             for i, micro in enumerate(batches):
-                batch = to_batch(micro, d.packing, pad_id, device)
+                batch = to_batch(micro, d.packing, pad_id, device, **layout)
                 n_samples, n_tokens = count(micro)
                 consumed += n_samples * world
                 boundary = (i + 1) % accum == 0 or i == len(batches) - 1
@@ -460,7 +478,7 @@ def train(run: RunConfig) -> dict:
                     metric_sums = {}
                     loss_n, tokens, t_log = 0, 0, time.time()
                 if val_set and t.eval_strategy == "steps" and step % t.eval_steps == 0:
-                    evaluated = eval_metrics(engine, val_set, t.per_device_eval_batch_size, pad_id, device)
+                    evaluated = eval_metrics(engine, val_set, t.per_device_eval_batch_size, pad_id, device, layout)
                     logger.info("step %d: %s", step, evaluated)
                     log.write({"current_steps": step, **evaluated})
                 if saving_now:
@@ -485,7 +503,7 @@ def train(run: RunConfig) -> dict:
     results = {"train_runtime": round(runtime, 2), "global_step": progress["global_step"],
                "train_loss": log.last_loss()}
     if val_set:
-        results.update(eval_metrics(engine, val_set, t.per_device_eval_batch_size, pad_id, device))
+        results.update(eval_metrics(engine, val_set, t.per_device_eval_batch_size, pad_id, device, layout))
     if rank == 0:
         weights.save(engine.module, out, state)
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
@@ -527,7 +545,7 @@ def evaluate(run: RunConfig) -> dict:
             objective = eval_objective(model, run, name, adapters, requested, device).eval()
             results.update(pairwise_means(pairwise_sums(lambda batch: objective(**batch), objective, val,
                                                         tokenizer.pad_token_id, t.per_device_eval_batch_size,
-                                                        device)))
+                                                        device, layout=shares_prompt(run, model.config))))
         else:
             results.update(evaluate_loss(model, val, tokenizer.pad_token_id, t.per_device_eval_batch_size))
     if t.do_predict:

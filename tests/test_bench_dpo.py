@@ -38,3 +38,14 @@ def test_the_no_lora_kernel_row_runs_phift_with_the_lora_op_switched_off(tmp_pat
     rows = {r["impl"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines()[1:])}
     assert rows["phift"]["status"] == rows["phift (no LoRA kernel)"]["status"] == "ok", rows
     assert "lora" not in rows["phift"]["kernels_off"] and "lora" in rows["phift (no LoRA kernel)"]["kernels_off"]
+
+
+def test_the_prompt_not_shared_row_runs_a_row_per_answer_to_the_same_first_loss(tmp_path):
+    out = tmp_path / "dpo.md"
+    bench_dpo.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "1", "--impls",
+                    "phift,phift (prompt not shared)", "--out", str(out)])
+    rows = {r["impl"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines()[1:])}
+    shared, rows_each = rows["phift"], rows["phift (prompt not shared)"]
+    assert shared["status"] == rows_each["status"] == "ok", rows
+    assert shared["prompt_shared"] and not rows_each["prompt_shared"]
+    assert shared["loss_first"] == pytest.approx(rows_each["loss_first"], abs=1e-3)

@@ -1,0 +1,181 @@
+"""Preference pairs sharing their prompt: one row [prompt | chosen | rejected] a pair (data.collate_shared_pairs,
+model.SharedPrompt) gives each answer the log-probabilities, gradients and DPO/ORPO losses of its own row
+(data.collate_pairs), with flash-friendly attention when no prompt is padded and a mask when one is."""
+import pytest
+import torch
+
+from phift import data, lora, stages
+from phift import train as train_mod
+from phift.config import Phi3Config, PhiConfig
+from phift.model import Phi, SharedPrompt
+from phift.phi3 import Phi3
+from phift.recompute import recompute
+from test_stage_train import stage_args
+from test_train import log_entries
+
+
+def tiny(family: str, **over):
+    torch.manual_seed(0)
+    if family == "phi":
+        return Phi(PhiConfig.from_name("tiny"))
+    return Phi3(Phi3Config(**{**dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                     num_kv_heads=2, rotary_dim=8, max_position_embeddings=256, eos_token_id=127,
+                                     pad_token_id=127), **over}))
+
+
+def pairs(prompts, chosen, rejected, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_ids": torch.randint(1, 100, (p,), generator=g).tolist(),
+             "chosen_ids": torch.randint(1, 100, (c,), generator=g).tolist(),
+             "rejected_ids": torch.randint(1, 100, (r,), generator=g).tolist()}
+            for p, c, r in zip(prompts, chosen, rejected)]
+
+
+UNEQUAL = pairs([3, 9, 6], [4, 11, 7], [5, 2, 13])  # prompts padded: the masked path
+EQUAL = pairs([9, 9, 9], [4, 11, 7], [5, 2, 13])  # no prompt padded: causal + lower-right causal, no mask
+
+
+def both_layouts(model, examples):
+    rows = data.collate_pairs(examples, 0)
+    shared = data.collate_shared_pairs(examples, 0)
+    return (stages.sequence_logps(model, rows["input_ids"], rows["labels"]),
+            stages.sequence_logps(model, shared["input_ids"], pairs=shared["pairs"],
+                                  position_ids=shared["position_ids"]))
+
+
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+@pytest.mark.parametrize("examples", [UNEQUAL, EQUAL], ids=["padded prompts", "equal prompts"])
+def test_each_answer_gets_the_log_probs_of_its_own_row(family, examples):
+    """float64: log-probs, token counts and logit sums of the 2B answers, chosen first, as collate_pairs' rows."""
+    model = tiny(family).double().eval()
+    rows, shared = both_layouts(model, examples)
+    assert shared[0].shape == (2 * len(examples),)
+    torch.testing.assert_close(shared[0], rows[0], rtol=0, atol=1e-12)
+    assert torch.equal(shared[1], rows[1])  # the same answer tokens counted
+    torch.testing.assert_close(shared[2], rows[2], rtol=0, atol=1e-12)
+    # the layout is what was asked for: a mask only where a prompt is padded
+    s = data.collate_shared_pairs(examples, 0)["pairs"]
+    assert (s.prompt_pad is None) == (examples is EQUAL)
+
+
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+def test_the_dpo_loss_and_its_lora_gradients_are_the_same_in_both_layouts_under_recomputation(family):
+    """fp32, LoRA on every linear, the reference = the adapter turned off, recomputation on: loss, metrics and the
+    gradient of every adapter weight."""
+    examples = UNEQUAL
+    results = []
+    for layout in ("rows", "shared"):
+        model = tiny(family)
+        lora.inject(model, "all", r=4, alpha=8, verbose=False)
+        torch.manual_seed(1)
+        for m in lora.lora_modules(model).values():
+            torch.nn.init.normal_(m.lora_B, std=0.02)
+        recompute(model, "full")
+        objective = stages.DPO(model, beta=0.1).train()
+        batch = (data.collate_pairs(examples, 0) if layout == "rows" else data.collate_shared_pairs(examples, 0))
+        batch.pop("attention_mask", None)
+        loss = objective(**batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), {k: v.detach() for k, v in objective.metrics.items()}, grads))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    for k in metrics_a:
+        torch.testing.assert_close(metrics_b[k], metrics_a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert grads_a[name].abs().max() > 0, name
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_orpo_loss_is_the_same_in_both_layouts():
+    model = tiny("phi").double()
+    objective = stages.ORPO(model, beta=0.1)
+    rows = data.collate_pairs(EQUAL, 0)
+    rows.pop("attention_mask")
+    shared = data.collate_shared_pairs(EQUAL, 0)
+    torch.testing.assert_close(objective(**shared), objective(**rows), rtol=0, atol=1e-12)
+
+
+def test_the_rejected_answer_is_read_from_the_prompts_end_and_counts_on_from_it():
+    examples = pairs([2, 5], [3, 1], [4, 2])
+    b = data.collate_shared_pairs(examples, pad_token_id=0, pad_to_multiple_of=4)
+    s = b["pairs"]
+    assert (s.prompt, s.chosen, s.rejected) == (5, 4, 4) and b["input_ids"].shape == (2, 13)
+    first = examples[0]
+    assert b["input_ids"][0].tolist() == [0, 0, 0, *first["prompt_ids"], *first["chosen_ids"], 0,
+                                          *first["rejected_ids"]]
+    assert b["position_ids"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
+    assert s.prompt_pad.tolist() == [3, 0]
+    # pair 0: its chosen tokens predicted from columns 4, 5, 6; its rejected ones from 4 (the prompt's end), 9, 10, 11
+    mine = [(src, tgt, a) for src, tgt, a in zip(s.sources.tolist(), s.targets.tolist(), s.answer.tolist())
+            if src < 13]
+    assert mine == [(4, first["chosen_ids"][0], 0), (5, first["chosen_ids"][1], 0), (6, first["chosen_ids"][2], 0),
+                    (4, first["rejected_ids"][0], 2), (9, first["rejected_ids"][1], 2),
+                    (10, first["rejected_ids"][2], 2), (11, first["rejected_ids"][3], 2)]
+
+
+def test_a_pair_without_a_prompt_skips_its_first_tokens_as_its_rows_do():
+    model = tiny("phi").double().eval()
+    rows, shared = both_layouts(model, pairs([0, 4], [3, 2], [2, 5]))
+    torch.testing.assert_close(shared[0], rows[0], rtol=0, atol=1e-12)
+    assert shared[1].tolist() == rows[1].tolist() == [2, 2, 1, 5]
+
+
+def test_the_shared_mask_lets_a_padded_prompts_queries_see_themselves():
+    s = SharedPrompt.of(3, 2, 2, torch.tensor([2, 0]))
+    assert s.prompt_mask.shape == (2, 1, 5, 5) and s.rejected_mask.shape == (2, 1, 2, 5)
+    assert s.prompt_mask[0, 0].diagonal().all()  # no all-masked softmax row
+    assert s.prompt_mask[0, 0, 4].tolist() == [False, False, True, True, True]  # the chosen answer skips the padding
+    # pair 0's rejected tokens: the real prompt column 2, then their own answer up to themselves
+    assert s.rejected_mask[0, 0].tolist() == [[False, False, True, True, False], [False, False, True, True, True]]
+    assert SharedPrompt.of(3, 2, 2, None).prompt_mask is None
+
+
+def test_compiled_blocks_trace_the_shared_layout_whole():
+    """torch.compile with fullgraph: the lower-right causal bias is written out as a mask under dynamo."""
+    torch._dynamo.reset()
+    reference = tiny("phi").eval()
+    compiled = tiny("phi").eval()
+    for block in compiled.layers:
+        block.forward = torch.compile(block.forward, backend="aot_eager", fullgraph=True)
+    for examples in (EQUAL, UNEQUAL):
+        b = data.collate_shared_pairs(examples, 0)
+        want, got = (stages.sequence_logps(m, b["input_ids"], pairs=b["pairs"], position_ids=b["position_ids"])[0]
+                     for m in (reference, compiled))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_to_batch_shares_prompts_for_dpo_and_orpo_within_a_sliding_window_only():
+    from phift.args import parse_train_args
+
+    def layout(stage, *extra):
+        run = parse_train_args(["--stage", stage, "--model_name_or_path", "tiny", "--dataset", "x", "--output_dir",
+                                "/tmp/unused", *extra])
+        return train_mod.shares_prompt(run, PhiConfig.from_name("tiny"))
+
+    assert layout("dpo")["share_prompt"] and layout("orpo")["share_prompt"]
+    assert not layout("rm")["share_prompt"]  # a reward model scores each answer's own row
+    assert not layout("dpo", "--dpo_share_prompt", "False")["share_prompt"]
+    examples = pairs([6, 6], [3, 5], [4, 2])
+    assert "pairs" in train_mod.to_batch(examples, False, 0, "cpu", share_prompt=True, window=11)
+    # prompt + the longer answer: 11 tokens fit a window of 11, not of 10: then a row per answer, the window masked
+    assert "labels" in train_mod.to_batch(examples, False, 0, "cpu", share_prompt=True, window=10)
+
+
+def test_phift_train_dpo_logs_the_same_run_with_and_without_sharing(tmp_path, monkeypatch):
+    shared_batches = []
+    collate = data.collate_shared_pairs
+    monkeypatch.setattr(data, "collate_shared_pairs", lambda *a, **kw: shared_batches.append(1) or collate(*a, **kw))
+    runs, counts = [], []
+    for share in (True, False):
+        args = stage_args(tmp_path / str(share), "dpo", finetuning_type="lora", max_steps=4, logging_steps=1,
+                          dpo_share_prompt=share, lora_dropout=0.0)
+        train_mod.train(args)
+        runs.append(log_entries(args.training.output_dir))
+        counts.append(len(shared_batches))
+    assert counts[0] >= 4 and counts[1] == counts[0]  # every step of the first run shared, none of the second
+    assert len(runs[0]) == len(runs[1]) == 4
+    for a, b in zip(*runs, strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
