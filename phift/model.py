@@ -105,7 +105,13 @@ class SharedPrompt:
 
 def attend_shared(q, k, v, s: SharedPrompt, dropout_p: float):
     """`attend` over a [prompt | chosen | rejected] row: the prompt and the chosen answer in one causal call, the
-    rejected answer against the prompt's keys and its own in another."""
+    rejected answer against the prompt's keys and its own in another. The three spans change from batch to batch (the
+    longest prompt sets the first), so no kernel that plans per shape."""
+    with sdpa_kernel(PLANLESS_KERNELS):
+        return _attend_shared(q, k, v, s, dropout_p)
+
+
+def _attend_shared(q, k, v, s: SharedPrompt, dropout_p: float):
     pc = s.prompt + s.chosen
     first = attend(q[:, :, :pc], k[:, :, :pc], v[:, :, :pc], s.prompt_mask, dropout_p)
     k_r = torch.cat([k[:, :, :s.prompt], k[:, :, pc:]], dim=2)
@@ -139,13 +145,14 @@ def attend(q, k, v, mask, dropout_p: float):
 
 # cuDNN's attention (PyTorch's first choice on Hopper) builds a plan for each new shape, ~35 ms on an H200, then
 # reuses it: free for training's repeated shapes, but generation's keys grow a column every step, so each decode step
-# would pay it (46 ms a step at phi-1_5 against 10 ms with the memory-efficient kernel; bench/profile_decode.py)
-GENERATION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# would pay it (46 ms a step at phi-1_5 against 10 ms with the memory-efficient kernel; bench/profile_decode.py).
+# Attention whose shapes move call after call takes the kernels without plans.
+PLANLESS_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention_kernels(kv_cache):
     """The attention kernels a forward may use: all of them, or with a KV cache (generating) all but cuDNN's."""
-    return contextlib.nullcontext() if kv_cache is None else sdpa_kernel(GENERATION_KERNELS)
+    return contextlib.nullcontext() if kv_cache is None else sdpa_kernel(PLANLESS_KERNELS)
 
 
 class LayerNorm(nn.LayerNorm):
