@@ -21,7 +21,9 @@ The rest is arithmetic on the run's shapes, written from what phift's code and D
   pageable optimizer state.
 
 Activation memory grows with sequence length: every sample is taken at --cutoff_len, every position labelled (the
-worst batch). Constants that are measured rather than derived are marked as such below; bench/bench_estimate.py
+worst batch); a preference pair (--stage rm, dpo, orpo) as two such rows, one per answer (phift's shared-prompt rows
+hold as many tokens at most). DPO's reference is a frozen copy of the model's weights beside it for full fine-tuning
+(in pinned host memory with --dpo_ref_offload), nothing under LoRA or with --dpo_precompute_ref. Constants that are measured rather than derived are marked as such below; bench/bench_estimate.py
 measures the whole prediction on a GPU.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import families
-from .args import ConfigError, RunConfig, check, decide_precision
+from .args import PAIRWISE_STAGES, ConfigError, RunConfig, check, decide_precision
 from .config import PRESETS, Phi3Config, PhiConfig
 from .kernels import MAX_KERNEL_VOCAB
 
@@ -207,6 +209,9 @@ class Plan:
     gpus: int = 1  # per node
     nodes: int = 1
     zero: Zero | None = None
+    pairs: bool = False  # preference pairs: `batch` counts rows, two a pair
+    reference: str = ""  # DPO's reference: "copy" (frozen weights on the GPU), "streamed" (pinned host copy), "" none
+    reference_element: int = 2  # its weights' element size
 
     @property
     def world(self) -> int:
@@ -248,7 +253,13 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
         from .lora import FAMILY_NAMES, resolve_targets
 
         lora_targets = tuple(resolve_targets(f.lora_target, FAMILY_NAMES[families.family_of(config).name])[0])
-    return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size, seq=d.cutoff_len,
+    pairs = f.stage in PAIRWISE_STAGES
+    reference = ""  # as phift.train.dpo_reference keeps one through training
+    if f.stage == "dpo" and (f.ref_model or not (f.finetuning_type == "lora" or f.dpo_precompute_ref)) \
+            and not f.dpo_precompute_ref:
+        reference = "streamed" if f.dpo_ref_offload else "copy"
+    return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size * (2 if pairs else 1),
+                seq=d.cutoff_len, pairs=pairs, reference=reference, reference_element=precision.load.itemsize,
                 accumulation=t.gradient_accumulation_steps,
                 policy="none" if m.disable_gradient_checkpointing else m.gradient_checkpointing_policy,
                 weight=weight, compute=precision.compute.itemsize if precision.compute else weight,
@@ -767,6 +778,13 @@ def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_c
     base = dict(s.gpu)
     base["cuBLAS workspaces"] = WORKSPACES
     base["batch (input ids, labels)"] = 2 * 8 * p.tokens
+    reference = [n for n, trainable, _ in params.tensors if p.full or not trainable]  # the model without adapters
+    if p.reference == "copy":
+        base["DPO reference (frozen copy of the weights)"] = sum(reference) * p.reference_element
+    elif p.reference == "streamed":
+        # each tensor pinned on its own (stages.FrozenReference), as the pinned allocator rounds it
+        s.pinned["DPO reference (host copy, streamed a block at a time)"] = sum(
+            pow2(n * p.reference_element) for n in reference)
     head = sum(head_saved(config, p).values())
     saved = act.total(p.policy)
     saved_name = f"activations ({'no recomputation' if p.policy == 'none' else p.policy + ' recomputation'})"
@@ -798,7 +816,13 @@ def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_c
         pageable["DeepSpeed"] = processes * HOST_DEEPSPEED
     pageable.update(s.pageable)
     notes = [f"every sample at --cutoff_len {p.seq}: {p.batch} × {p.seq} tokens a micro-batch, every position "
+             "labelled (the worst batch)" if not p.pairs else
+             f"every answer at --cutoff_len {p.seq}: {p.batch // 2} pairs, {p.batch} rows × {p.seq} tokens a "
+             "micro-batch (a row per answer; phift's shared-prompt rows hold as many tokens at most), every position "
              "labelled (the worst batch)"]
+    if p.reference:
+        notes.append("DPO's reference: a frozen copy of these weights (a --ref_model of another size differs); its "
+                     "no-grad forward runs before the policy's and holds less")
     if p.packing:
         notes.append("--packing: each row's segment mask keeps an additive bias per block (memory-efficient "
                      "attention), counted in")
@@ -923,7 +947,8 @@ def render(e: Estimate, config: Config, params: Params, suggestion, target: tupl
              f"{params.total / 1e6:,.1f} M parameters ({params.trainable / 1e6:,.2f} M trainable), engine {p.engine}"
              + (f" ZeRO-{p.zero.stage}" + (" (optimizer offloaded)" if p.zero.offload_optimizer else "")
                 if p.zero else "") + f", {p.world} GPU{'s' if p.world > 1 else ''}",
-             f"  micro-batch {p.batch} × {p.seq} tokens (every sample at the cutoff), accumulation {p.accumulation}, "
+             f"  micro-batch {f'{p.batch // 2} pairs = ' if p.pairs else ''}{p.batch} × {p.seq} tokens (every "
+             f"{'answer' if p.pairs else 'sample'} at the cutoff), accumulation {p.accumulation}, "
              f"recomputation {p.policy}; element bytes: weights {p.weight}, matmuls {p.compute}, trainable "
              f"{p.trainable}{', autocast' if p.autocast else ''}", "",
              f"GPU, per device: {_gib(e.gpu_total)} needed; {_gib(e.gpu_allocated)} allocated at the peak "

@@ -562,3 +562,42 @@ def test_zero3_optimizer_step_counts_the_largest_sub_group_deepspeed_makes(tmp_p
     assert s.step == {"fp32 gradients (optimizer step, largest sub-group)": 4 * max(numels),
                       "flattened half gradients (optimizer step, largest sub-group)": 2 * max(numels)}
     assert s.step_frees and all(k.startswith("gathered") for k in s.step_frees)
+
+
+# ------------------------------------------------------------------------------ preference pairs and DPO's reference
+@pytest.mark.parametrize("stage", ["rm", "dpo", "orpo"])
+def test_a_pair_is_two_rows_at_the_cutoff(stage):
+    """B pairs hold 2B answers, each at most --cutoff_len with its prompt: the activations of 2B rows."""
+    pairs = estimate_of("--stage", stage, "--fp16", "True", per_device_train_batch_size=3, cutoff_len=512)
+    rows = estimate_of("--fp16", "True", per_device_train_batch_size=6, cutoff_len=512)
+    assert pairs.plan.tokens == rows.plan.tokens == 6 * 512
+    assert pairs.activations.total("full") == rows.activations.total("full")
+    assert pairs.notes[0].startswith("every answer at --cutoff_len 512: 3 pairs, 6 rows × 512 tokens")
+    assert "micro-batch 3 pairs = 6 × 512 tokens" in E.render(pairs, E.read_config("phi-1_5"),
+                                                               E.count_parameters(E.read_config("phi-1_5"),
+                                                                                  run_of("--stage", stage)),
+                                                               None, ("T4", 15, 12.7))
+
+
+@pytest.mark.parametrize("flags, where", [
+    (("--finetuning_type", "full", "--bf16", "True"), "gpu"),  # a frozen copy beside the policy, in the load dtype
+    (("--finetuning_type", "full", "--bf16", "True", "--dpo_ref_offload", "True"), "pinned"),
+    (("--finetuning_type", "full", "--bf16", "True", "--dpo_precompute_ref", "True"), None),
+    (("--finetuning_type", "lora", "--fp16", "True"), None),  # the policy with its adapter off
+    (("--finetuning_type", "lora", "--fp16", "True", "--ref_model", "phi-1_5"), "gpu"),
+])
+def test_dpos_reference_copy_is_counted_where_it_lives(flags, where):
+    e = estimate_of("--stage", "dpo", *flags)
+    on_gpu = {k: v for k, v in e.gpu.items() if k.startswith("DPO reference")}
+    pinned = {k: v for k, v in e.pinned.items() if k.startswith("DPO reference")}
+    if where == "gpu":
+        assert list(on_gpu.values()) == [2 * PHI_1_5] and not pinned  # bf16/fp16 weights, 2 bytes each
+    elif where == "pinned":
+        params = E.count_parameters(E.read_config("phi-1_5"), run_of("--stage", "dpo", *flags))
+        assert list(pinned.values()) == [sum(E.pow2(2 * n) for n, _, _ in params.tensors)] and not on_gpu
+        assert pinned["DPO reference (host copy, streamed a block at a time)"] > 2 * PHI_1_5
+    else:
+        assert not on_gpu and not pinned
+    sft = estimate_of(*flags[:4])  # the same model and precision, one row a sample, no reference
+    if where == "gpu":
+        assert e.gpu_allocated > sft.gpu_allocated + 2 * PHI_1_5 * 0.99
