@@ -194,3 +194,32 @@ def test_the_shared_layouts_attention_leaves_cudnn_out(monkeypatch):
     layers = model.config.num_layers
     assert seen[:layers] == [True] * layers and seen[layers:] == [False] * 2 * layers
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash and memory-efficient kernels need a CUDA GPU")
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+@pytest.mark.parametrize("examples", [UNEQUAL, EQUAL], ids=["padded prompts", "equal prompts"])
+def test_on_cuda_in_bf16_the_shared_rows_match_a_row_per_answer(family, examples):
+    """The GPU's kernels (a lower-right causal bias through flash; masks through the memory-efficient kernel; the
+    fused rotary on phi) against the same model's rows, in bf16 under autocast: log-probs and LoRA gradients."""
+    model = tiny(family)
+    lora.inject(model, "all", r=4, alpha=8, verbose=False)
+    torch.manual_seed(1)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.02)
+    stages.disable_dropout(model)  # as DPO and ORPO train
+    model = model.to("cuda")
+    results = []
+    for shared in (False, True):
+        b = data.collate_shared_pairs(examples, 0) if shared else data.collate_pairs(examples, 0)
+        b = {k: v.to("cuda") for k, v in b.items() if k != "attention_mask"}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps = (stages.sequence_logps(model, b["input_ids"], pairs=b["pairs"], position_ids=b["position_ids"])
+                     if shared else stages.sequence_logps(model, b["input_ids"], b["labels"]))[0]
+        model.zero_grad()
+        logps.sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (rows, grads_rows), (shared, grads_shared) = results
+    torch.testing.assert_close(shared, rows, rtol=2e-2, atol=2e-2)
+    for name, g in grads_rows.items():
+        torch.testing.assert_close(grads_shared[name], g, rtol=5e-2, atol=5e-3, msg=name)
