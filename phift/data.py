@@ -748,8 +748,9 @@ class SharedPairs:
 def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict:
     """B preference pairs as B rows [prompt | chosen | rejected] (model.SharedPrompt): the prompt once for both
     answers. Prompts are left-padded to the longest, answers right-padded to a multiple; position_ids count each answer
-    on from its prompt's end. The same answer tokens as collate_pairs labels, predicted from the same positions of the
-    same sequences, so the log-probabilities equal its rows'; `reference_logps` as there."""
+    on from its prompt's end (padding at 0). The same answer tokens as collate_pairs labels, predicted from the same
+    positions of the same sequences, so the log-probabilities equal its rows' (and each row's alone, where LongRoPE's
+    switch would see collate_pairs' padding); `reference_logps` as there."""
     multiple = pad_to_multiple_of or 1
 
     def span(key):
@@ -766,7 +767,10 @@ def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multipl
         pads.append(P - p)
         ids.append([pad_token_id] * (P - p) + prompt + chosen + [pad_token_id] * (C - len(chosen)) + rejected
                    + [pad_token_id] * (R - len(rejected)))
-        positions.append([0] * (P - p) + list(range(p)) + list(range(p, p + C)) + list(range(p, p + R)))
+        # padding at position 0: never seen, and LongRoPE (which switches on the largest position) then follows
+        # the longest real row, as a row of its own would
+        positions.append([0] * (P - p) + list(range(p + len(chosen))) + [0] * (C - len(chosen))
+                         + list(range(p, p + len(rejected))) + [0] * (R - len(rejected)))
         for k, (tokens, start) in enumerate(((chosen, P), (rejected, P + C))):
             for j, token in enumerate(tokens):
                 if p + j == 0:

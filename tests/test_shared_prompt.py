@@ -105,7 +105,7 @@ def test_the_rejected_answer_is_read_from_the_prompts_end_and_counts_on_from_it(
     first = examples[0]
     assert b["input_ids"][0].tolist() == [0, 0, 0, *first["prompt_ids"], *first["chosen_ids"], 0,
                                           *first["rejected_ids"]]
-    assert b["position_ids"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 2, 3, 4, 5]
+    assert b["position_ids"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 0, 2, 3, 4, 5]  # padding at 0
     assert s.prompt_pad.tolist() == [3, 0]
     # pair 0: its chosen tokens predicted from columns 4, 5, 6; its rejected ones from 4 (the prompt's end), 9, 10, 11
     mine = [(src, tgt, a) for src, tgt, a in zip(s.sources.tolist(), s.targets.tolist(), s.answer.tolist())
@@ -223,3 +223,26 @@ def test_on_cuda_in_bf16_the_shared_rows_match_a_row_per_answer(family, examples
     torch.testing.assert_close(shared, rows, rtol=2e-2, atol=2e-2)
     for name, g in grads_rows.items():
         torch.testing.assert_close(grads_shared[name], g, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_longrope_follows_the_longest_real_row_never_the_padding():
+    """Phi-3.5's LongRoPE switches factors when the largest position passes the original length. Pair 0's long prompt
+    and short chosen answer end at the original length, but its chosen span is padded to pair 1's long answer: its
+    padding, counted on from the prompt, would pass it. Padding sits at position 0, so each answer gets the
+    log-probabilities of its row run alone."""
+    from test_phi3 import ORIGINAL, hf_config
+
+    model = Phi3(Phi3Config.from_hf_dict(hf_config("phi-3.5-mini").to_dict())).double().eval()
+    examples = pairs([ORIGINAL - 3, 2], [3, 9], [2, 5], seed=3)
+    alone = []
+    for key in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            ids = torch.tensor([e["prompt_ids"] + e[key]])
+            labels = torch.tensor([[-100] * len(e["prompt_ids"]) + e[key]])
+            alone.append(stages.sequence_logps(model, ids, labels)[0])
+    shared = data.collate_shared_pairs(examples, 0)
+    s = shared["pairs"]
+    assert s.prompt + s.chosen > ORIGINAL  # pair 0's chosen padding, counted on from its prompt, would pass it
+    assert int(shared["position_ids"].max()) + 1 == ORIGINAL
+    got = stages.sequence_logps(model, shared["input_ids"], pairs=s, position_ids=shared["position_ids"])[0]
+    torch.testing.assert_close(got, torch.cat(alone), rtol=0, atol=1e-12)
