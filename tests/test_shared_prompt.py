@@ -246,3 +246,26 @@ def test_longrope_follows_the_longest_real_row_never_the_padding():
     assert int(shared["position_ids"].max()) + 1 == ORIGINAL
     got = stages.sequence_logps(model, shared["input_ids"], pairs=s, position_ids=shared["position_ids"])[0]
     torch.testing.assert_close(got, torch.cat(alone), rtol=0, atol=1e-12)
+
+
+def test_dpo_evaluation_in_training_and_in_phift_eval_reports_the_same_with_and_without_sharing(tmp_path):
+    import shlex
+    from pathlib import Path
+
+    from phift.args import parse_train_args
+    from test_stage_train import ROOT
+
+    results, scores = {}, {}
+    for share in (True, False):
+        args = stage_args(tmp_path / str(share), "dpo", finetuning_type="lora", max_steps=3, val_size=8,
+                          max_samples=24, lora_dropout=0.0, dpo_share_prompt=share)
+        results[share] = train_mod.train(args)
+        out = Path(args.training.output_dir)
+        scores[share] = train_mod.evaluate(parse_train_args(shlex.split(
+            f"--do_train False --do_eval True --stage dpo --model_name_or_path {out / 'base_model'} --checkpoint_dir "
+            f"{out} --dataset identity_dpo --dataset_dir {ROOT / 'data'} --template vanilla --cutoff_len 48 "
+            f"--val_size 8 --max_samples 24 --seed 0 --dpo_share_prompt {share} --output_dir {tmp_path / 'eval'}")))
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        assert results[True][key] == pytest.approx(results[False][key], abs=2e-4), key
+        assert scores[True][key] == pytest.approx(scores[False][key], abs=2e-4), key
+        assert scores[True][key] == pytest.approx(results[True][key], abs=2e-4), key
