@@ -118,10 +118,10 @@ class FinetuningArgs:
                                           "training (no reference forward a step, no reference copy kept)")
     dpo_ref_offload: bool = arg(False, "full fine-tuning: keep the frozen reference copy in CPU memory and stream "
                                        "each block to the GPU for its forward")
-    dpo_share_prompt: bool = arg(True, "dpo, orpo: run each pair's prompt once for both answers (a row [prompt | "
-                                       "chosen | rejected], the rejected answer blind to the chosen; the same "
-                                       "log-probabilities); False: a row per answer, as LLaMA-Factory and TRL batch "
-                                       "them")
+    dpo_share_prompt: bool = arg(True, "rm, dpo, orpo: run each pair's prompt once for both answers (a row "
+                                       "[prompt | chosen | rejected], the rejected answer blind to the chosen; the "
+                                       "same log-probabilities and scores); False: a row per answer, as "
+                                       "LLaMA-Factory and TRL batch them")
 
 
 @dataclass

@@ -729,8 +729,9 @@ def collate_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: i
 class SharedPairs:
     """Where the answer tokens of a shared-prompt batch are (collate_shared_pairs): `sources` are the flattened [B, T]
     positions whose hidden states predict `targets`, the answers' tokens; `answer` says whose token each one is (pair
-    i's chosen answer is i, its rejected one B + i, as collate_pairs orders the rows). prompt, chosen, rejected: the
-    three column spans; prompt_pad: [B] each prompt's left padding, or None when no prompt is padded."""
+    i's chosen answer is i, its rejected one B + i, as collate_pairs orders the rows); `last` [2B] the flattened
+    position of each answer's last token, in that order (where a reward model scores it). prompt, chosen, rejected:
+    the three column spans; prompt_pad: [B] each prompt's left padding, or None when no prompt is padded."""
     prompt: int
     chosen: int
     rejected: int
@@ -738,6 +739,7 @@ class SharedPairs:
     sources: torch.Tensor
     targets: torch.Tensor
     answer: torch.Tensor
+    last: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> SharedPairs:
         return dataclasses.replace(self, **{f.name: v.to(device, non_blocking=non_blocking)
@@ -760,6 +762,7 @@ def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multipl
     P, C, R = max(len(e["prompt_ids"]) for e in examples), span("chosen_ids"), span("rejected_ids")
     T = P + C + R
     ids, positions, pads, sources, targets, answer = [], [], [], [], [], []
+    last = [[], []]
     B = len(examples)
     for i, e in enumerate(examples):
         prompt, chosen, rejected = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
@@ -772,6 +775,7 @@ def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multipl
         positions.append([0] * (P - p) + list(range(p + len(chosen))) + [0] * (C - len(chosen))
                          + list(range(p, p + len(rejected))) + [0] * (R - len(rejected)))
         for k, (tokens, start) in enumerate(((chosen, P), (rejected, P + C))):
+            last[k].append(i * T + start + len(tokens) - 1)
             for j, token in enumerate(tokens):
                 if p + j == 0:
                     continue  # a row's first token is never predicted (collate_pairs' shifted labels)
@@ -781,7 +785,7 @@ def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multipl
                 answer.append(k * B + i)
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "position_ids": torch.tensor(positions),
              "pairs": SharedPairs(P, C, R, torch.tensor(pads) if any(pads) else None, torch.tensor(sources),
-                                  torch.tensor(targets), torch.tensor(answer))}
+                                  torch.tensor(targets), torch.tensor(answer), torch.tensor(last[0] + last[1]))}
     if "reference_logps" in examples[0]:
         batch["reference_logps"] = torch.tensor([e["reference_logps"][i] for i in (0, 1) for e in examples],
                                                 dtype=torch.float64)

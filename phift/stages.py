@@ -6,9 +6,9 @@
     dpo       DPO: each answer's summed log-probability under the policy and the reference; TRL's DPO losses
     orpo      ORPO: the chosen answer's mean negative log-likelihood + λ · -logsigmoid(log odds ratio); no reference
 
-A pairwise batch holds B pairs as 2B rows, the chosen answers first (data.collate_pairs), or for dpo and orpo (unless
+A pairwise batch holds B pairs as 2B rows, the chosen answers first (data.collate_pairs), or (unless
 --dpo_share_prompt False) as B rows [prompt | chosen | rejected] whose prompt both answers read (data.
-collate_shared_pairs, model.SharedPrompt): the same log-probabilities, a prompt's tokens run once. Every engine (plain,
+collate_shared_pairs, model.SharedPrompt): the same log-probabilities and scores, a prompt's tokens run once. Every engine (plain,
 DeepSpeed, offload) trains an objective as it trains the network: its parameters are the network's (and the value
 head's), its forward returns the loss, and `metrics` holds the last forward's logged values (detached, TRL's names),
 which the loop averages over the steps it logs. The losses are plain functions of per-answer numbers (`pairwise_loss`,
@@ -154,13 +154,22 @@ class RewardModel(Objective):
         super().__init__(model)
         self.v_head = ValueHead(model.config.hidden_size)
 
-    def scores(self, input_ids, last, attention_mask=None) -> torch.Tensor:
-        h = self.model(input_ids, attention_mask=attention_mask, hidden_only=True)
-        h = h[torch.arange(h.shape[0], device=h.device), last]
+    def scores(self, input_ids, last=None, attention_mask=None, pairs: SharedPairs | None = None,
+               position_ids=None) -> torch.Tensor:
+        """One score per answer row (chosen first); with `pairs`, collate_shared_pairs' rows, read at each answer's
+        last token there."""
+        if pairs is not None:
+            shared = SharedPrompt.of(pairs.prompt, pairs.chosen, pairs.rejected, pairs.prompt_pad)
+            h = self.model(input_ids, position_ids=position_ids, shared_prompt=shared, hidden_only=True)
+            h = h.reshape(-1, h.shape[-1]).index_select(0, pairs.last)
+        else:
+            h = self.model(input_ids, attention_mask=attention_mask, hidden_only=True)
+            h = h[torch.arange(h.shape[0], device=h.device), last]
         return self.v_head(h).squeeze(-1).float()
 
-    def forward(self, input_ids, last, labels=None, label_rows=None, attention_mask=None):
-        chosen, rejected = self.scores(input_ids, last, attention_mask).chunk(2)
+    def forward(self, input_ids, last=None, labels=None, label_rows=None, attention_mask=None, pairs=None,
+                position_ids=None):
+        chosen, rejected = self.scores(input_ids, last, attention_mask, pairs, position_ids).chunk(2)
         loss = pairwise_loss(chosen, rejected).mean()
         self.metrics = {"accuracy": (chosen > rejected).float().mean(), "rewards/chosen": chosen.detach().mean(),
                         "rewards/rejected": rejected.detach().mean(), "margin": (chosen - rejected).detach().mean()}

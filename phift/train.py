@@ -202,11 +202,11 @@ def count(micro) -> tuple[int, int]:
 
 
 def shares_prompt(run: RunConfig, config) -> dict:
-    """to_batch's keywords for this run: whether preference pairs share their prompt (--dpo_share_prompt, dpo and
-    orpo; a reward model scores each answer's row) and the span a pair's prompt + answer must keep within (a
-    sliding window, beyond which the shared layout would need the window's mask)."""
+    """to_batch's keywords for this run: whether preference pairs (rm, dpo, orpo) share their prompt
+    (--dpo_share_prompt) and the span a pair's prompt + answer must keep within (a sliding window, beyond which the
+    shared layout would need the window's mask)."""
     f = run.finetuning
-    return {"share_prompt": f.dpo_share_prompt and f.stage in ("dpo", "orpo"),
+    return {"share_prompt": f.dpo_share_prompt and f.stage in PAIRWISE_STAGES,
             "window": getattr(config, "sliding_window", None)}
 
 

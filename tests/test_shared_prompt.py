@@ -1,6 +1,6 @@
 """Preference pairs sharing their prompt: one row [prompt | chosen | rejected] a pair (data.collate_shared_pairs,
-model.SharedPrompt) gives each answer the log-probabilities, gradients and DPO/ORPO losses of its own row
-(data.collate_pairs), with flash-friendly attention when no prompt is padded and a mask when one is."""
+model.SharedPrompt) gives each answer the log-probabilities, gradients, DPO/ORPO losses and reward scores of its own
+row (data.collate_pairs), with flash-friendly attention when no prompt is padded and a mask when one is."""
 import pytest
 import torch
 
@@ -154,8 +154,8 @@ def test_to_batch_shares_prompts_for_dpo_and_orpo_within_a_sliding_window_only()
                                 "/tmp/unused", *extra])
         return train_mod.shares_prompt(run, PhiConfig.from_name("tiny"))
 
-    assert layout("dpo")["share_prompt"] and layout("orpo")["share_prompt"]
-    assert not layout("rm")["share_prompt"]  # a reward model scores each answer's own row
+    assert layout("dpo")["share_prompt"] and layout("orpo")["share_prompt"] and layout("rm")["share_prompt"]
+    assert not layout("sft")["share_prompt"] and not layout("rm", "--dpo_share_prompt", "False")["share_prompt"]
     assert not layout("dpo", "--dpo_share_prompt", "False")["share_prompt"]
     examples = pairs([6, 6], [3, 5], [4, 2])
     assert "pairs" in train_mod.to_batch(examples, False, 0, "cpu", share_prompt=True, window=11)
@@ -269,3 +269,25 @@ def test_dpo_evaluation_in_training_and_in_phift_eval_reports_the_same_with_and_
         assert results[True][key] == pytest.approx(results[False][key], abs=2e-4), key
         assert scores[True][key] == pytest.approx(scores[False][key], abs=2e-4), key
         assert scores[True][key] == pytest.approx(results[True][key], abs=2e-4), key
+
+
+@pytest.mark.parametrize("family", ["phi", "phi3"])
+def test_a_reward_model_scores_each_answer_at_its_last_token_as_in_its_own_row(family):
+    """float64: the scores, the pairwise loss and the value head's and the network's gradients."""
+    results = []
+    for shared in (False, True):
+        model = stages.RewardModel(tiny(family)).double().train()
+        stages.disable_dropout(model)
+        b = data.collate_shared_pairs(UNEQUAL, 0) if shared else data.collate_pairs(UNEQUAL, 0)
+        b.pop("attention_mask", None)
+        loss = model(**b)
+        loss.backward()
+        scores = model.scores(**{k: v for k, v in b.items() if k in ("input_ids", "last", "pairs", "position_ids")})
+        results.append((scores.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (s_rows, l_rows, g_rows), (s_shared, l_shared, g_shared) = results
+    assert s_rows.shape == (6,)
+    torch.testing.assert_close(s_shared, s_rows, rtol=0, atol=1e-12)
+    torch.testing.assert_close(l_shared, l_rows, rtol=0, atol=1e-12)
+    # the prompt's gradient is summed over both answers before the rotary's backward (fp32 on the CPU), not after
+    for name, g in g_rows.items():
+        torch.testing.assert_close(g_shared[name], g, rtol=1e-6, atol=1e-7, msg=name)
