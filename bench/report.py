@@ -11,8 +11,7 @@ then the harness's rows. `sequence` orders the runs (the order they were recorde
 the same row of an earlier one. A row is the same row when its key is: a training case's id, a law impl, a
 host-overhead case on the same kind of device, a CPU Adam step kind at the same parameter and thread counts, a fused
 LoRA shape, an estimate case, a DPO impl, a server client count, a decode batch and attention kernel, a multi-GPU case
-at its GPU count. A row that was
-never measured shows its latest failure (timeout, OOM, ...), never a skip.
+at its GPU count. A row that was never measured shows its latest failure (timeout, OOM, ...), never a skip.
 """
 from __future__ import annotations
 

@@ -731,11 +731,13 @@ class SharedPairs:
     positions whose hidden states predict `targets`, the answers' tokens; `answer` says whose token each one is (pair
     i's chosen answer is i, its rejected one B + i, as collate_pairs orders the rows); `last` [2B] the flattened
     position of each answer's last token, in that order (where a reward model scores it). prompt, chosen, rejected:
-    the three column spans; prompt_pad: [B] each prompt's left padding, or None when no prompt is padded."""
+    the three column spans; prompt_pad: [B] each prompt's left padding, or None when no prompt is padded;
+    position_ids [B, T] each answer counted on from its prompt's end."""
     prompt: int
     chosen: int
     rejected: int
     prompt_pad: torch.Tensor | None
+    position_ids: torch.Tensor
     sources: torch.Tensor
     targets: torch.Tensor
     answer: torch.Tensor
@@ -749,8 +751,8 @@ class SharedPairs:
 
 def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict:
     """B preference pairs as B rows [prompt | chosen | rejected] (model.SharedPrompt): the prompt once for both
-    answers. Prompts are left-padded to the longest, answers right-padded to a multiple; position_ids count each answer
-    on from its prompt's end (padding at 0). The same answer tokens as collate_pairs labels, predicted from the same
+    answers. Prompts are left-padded to the longest, answers right-padded to a multiple; the position ids count each
+    answer on from its prompt's end (padding at 0). The same answer tokens as collate_pairs labels, predicted from the same
     positions of the same sequences, so the log-probabilities equal its rows' (and each row's alone, where LongRoPE's
     switch would see collate_pairs' padding); `reference_logps` as there."""
     multiple = pad_to_multiple_of or 1
@@ -783,9 +785,10 @@ def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multipl
                 sources.append(i * T + (P - 1 if j == 0 else start + j - 1))
                 targets.append(token)
                 answer.append(k * B + i)
-    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "position_ids": torch.tensor(positions),
-             "pairs": SharedPairs(P, C, R, torch.tensor(pads) if any(pads) else None, torch.tensor(sources),
-                                  torch.tensor(targets), torch.tensor(answer), torch.tensor(last[0] + last[1]))}
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
+             "pairs": SharedPairs(P, C, R, torch.tensor(pads) if any(pads) else None, torch.tensor(positions),
+                                  torch.tensor(sources), torch.tensor(targets), torch.tensor(answer),
+                                  torch.tensor(last[0] + last[1]))}
     if "reference_logps" in examples[0]:
         batch["reference_logps"] = torch.tensor([e["reference_logps"][i] for i in (0, 1) for e in examples],
                                                 dtype=torch.float64)

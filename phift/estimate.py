@@ -23,8 +23,9 @@ The rest is arithmetic on the run's shapes, written from what phift's code and D
 Activation memory grows with sequence length: every sample is taken at --cutoff_len, every position labelled (the
 worst batch); a preference pair (--stage rm, dpo, orpo) as two such rows, one per answer (phift's shared-prompt rows
 hold as many tokens at most). DPO's reference is a frozen copy of the model's weights beside it for full fine-tuning
-(in pinned host memory with --dpo_ref_offload), nothing under LoRA or with --dpo_precompute_ref. Constants that are measured rather than derived are marked as such below; bench/bench_estimate.py
-measures the whole prediction on a GPU.
+(in pinned host memory with --dpo_ref_offload), nothing under LoRA or with --dpo_precompute_ref. Constants that are
+measured rather than derived are marked as such below; bench/bench_estimate.py measures the whole prediction on a
+GPU.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch
 from . import families
 from .args import PAIRWISE_STAGES, ConfigError, RunConfig, check, decide_precision
 from .config import PRESETS, Phi3Config, PhiConfig
-from .kernels import MAX_KERNEL_VOCAB
+from .kernels import FUSED_EXTRA_COLUMNS, MAX_KERNEL_VOCAB
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ HOST_DEEPSPEED = 512 * MIB  # DeepSpeed's import and its CPU Adam extension, per
 
 # From the code: phift.model.LMHead.chunk_bytes, the fused LoRA op's padding (kernels/lora_op.cpp's kWidth and
 # padded_rank), DeepSpeed 0.19's zero_optimization defaults (deepspeed/runtime/zero/config.py).
-LORA_AUGMENT_COLUMNS = 64
+LORA_AUGMENT_COLUMNS = FUSED_EXTRA_COLUMNS
 DS_DEFAULTS = {"reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "contiguous_gradients": True,
                "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
                "stage3_param_persistence_threshold": 1e5, "sub_group_size": 1e9}
@@ -255,8 +256,7 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
         lora_targets = tuple(resolve_targets(f.lora_target, FAMILY_NAMES[families.family_of(config).name])[0])
     pairs = f.stage in PAIRWISE_STAGES
     reference = ""  # as phift.train.dpo_reference keeps one through training
-    if f.stage == "dpo" and (f.ref_model or not (f.finetuning_type == "lora" or f.dpo_precompute_ref)) \
-            and not f.dpo_precompute_ref:
+    if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type != "lora"):
         reference = "streamed" if f.dpo_ref_offload else "copy"
     return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size * (2 if pairs else 1),
                 seq=d.cutoff_len, pairs=pairs, reference=reference, reference_element=precision.load.itemsize,
@@ -619,12 +619,9 @@ def states(c: Config, params: Params, p: Plan) -> States:
     if p.fused and p.weight == 2 and p.lora_rank <= 32:
         # without DeepSpeed LoRA base weights live in [W | s·B] matrices of their own (phift.kernels.
         # home_lora_weights): only the extra columns are more; under DeepSpeed the op keeps a copy of each W
-        if p.zero is not None:
-            s.gpu["fused LoRA [W | s·B] copies"] = sum(o * (i + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted
-                                                       if i % 8 == 0)
-        else:
-            s.gpu["fused LoRA s·B columns beside W"] = sum(o * LORA_AUGMENT_COLUMNS * 2 for i, o in params.adapted
-                                                           if i % 8 == 0)
+        copies = p.zero is not None
+        s.gpu["fused LoRA [W | s·B] copies" if copies else "fused LoRA s·B columns beside W"] = sum(
+            o * ((i if copies else 0) + LORA_AUGMENT_COLUMNS) * 2 for i, o in params.adapted if i % 8 == 0)
     if p.engine == "plain":
         s.gpu[f"{lora}weights" if p.full else "LoRA adapters"] = nt * p.trainable
         s.gpu[f"{lora}optimizer states (AdamW moments)"] = 8 * nt

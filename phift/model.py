@@ -95,7 +95,8 @@ class SharedPrompt:
             return cls(prompt, chosen)
         P, C, R, dev = prompt, chosen, rejected, prompt_pad.device
         pad = prompt_pad[:, None, None]
-        cols, rows = torch.arange(P + C, device=dev), torch.arange(P + C, device=dev)[:, None]
+        cols = torch.arange(P + C, device=dev)
+        rows = cols[:, None]
         # every query also sees itself, so a padding query gets no all-masked (NaN) softmax
         seen = ((cols <= rows) & (cols >= pad)) | (cols == rows)
         kcols, qrows = torch.arange(P + R, device=dev), torch.arange(R, device=dev)[:, None]

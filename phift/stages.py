@@ -7,9 +7,9 @@
     orpo      ORPO: the chosen answer's mean negative log-likelihood + λ · -logsigmoid(log odds ratio); no reference
 
 A pairwise batch holds B pairs as 2B rows, the chosen answers first (data.collate_pairs), or (unless
---dpo_share_prompt False) as B rows [prompt | chosen | rejected] whose prompt both answers read (data.
-collate_shared_pairs, model.SharedPrompt): the same log-probabilities and scores, a prompt's tokens run once. Every engine (plain,
-DeepSpeed, offload) trains an objective as it trains the network: its parameters are the network's (and the value
+--dpo_share_prompt False) as B rows [prompt | chosen | rejected] whose prompt both answers read
+(data.collate_shared_pairs, model.SharedPrompt): the same log-probabilities and scores, a prompt's tokens run once.
+Every engine (plain, DeepSpeed, offload) trains an objective as it trains the network: its parameters are the network's (and the value
 head's), its forward returns the loss, and `metrics` holds the last forward's logged values (detached, TRL's names),
 which the loop averages over the steps it logs. The losses are plain functions of per-answer numbers (`pairwise_loss`,
 `dpo_loss`, `orpo_loss`), tested against TRL's own and against float64.
@@ -75,15 +75,19 @@ def orpo_loss(chosen_mean_logps, rejected_mean_logps, beta: float):
     return -chosen - beta * F.logsigmoid(log_odds), log_odds.detach()
 
 
-def sequence_logps(model: nn.Module, input_ids, labels=None, label_rows=None, pairs: SharedPairs | None = None,
-                   position_ids=None):
+def shared_hidden(model: nn.Module, input_ids, pairs: SharedPairs) -> torch.Tensor:
+    """The final norm's output over collate_shared_pairs' rows."""
+    shared = SharedPrompt.of(pairs.prompt, pairs.chosen, pairs.rejected, pairs.prompt_pad)
+    return model(input_ids, position_ids=pairs.position_ids, shared_prompt=shared, hidden_only=True)
+
+
+def sequence_logps(model: nn.Module, input_ids, labels=None, label_rows=None, pairs: SharedPairs | None = None):
     """Per answer row: Σ log p(label) over its labelled positions (with its gradient), their count, and Σ of their mean
     logits (TRL's logits/* metrics). The vocabulary is projected a chunk of positions at a time (LMHead's per_token):
-    never [rows, T, vocab] at once, and prompt and padding positions not at all. With `pairs` (and position_ids) the
-    batch is collate_shared_pairs' B rows, and the answers come out as collate_pairs' 2B rows would."""
+    never [rows, T, vocab] at once, and prompt and padding positions not at all. With `pairs` the batch is
+    collate_shared_pairs' B rows, and the answers come out as collate_pairs' 2B rows would."""
     if pairs is not None:
-        shared = SharedPrompt.of(pairs.prompt, pairs.chosen, pairs.rejected, pairs.prompt_pad)
-        h = model(input_ids, position_ids=position_ids, shared_prompt=shared, hidden_only=True)
+        h = shared_hidden(model, input_ids, pairs)
         logps, mean_logits = model.lm_head(h, pairs.targets, pairs.sources, per_token=True, shifted=False)
         rows, seq = 2 * input_ids.shape[0], pairs.answer
     else:
@@ -154,22 +158,19 @@ class RewardModel(Objective):
         super().__init__(model)
         self.v_head = ValueHead(model.config.hidden_size)
 
-    def scores(self, input_ids, last=None, attention_mask=None, pairs: SharedPairs | None = None,
-               position_ids=None) -> torch.Tensor:
+    def scores(self, input_ids, last=None, attention_mask=None, pairs: SharedPairs | None = None) -> torch.Tensor:
         """One score per answer row (chosen first); with `pairs`, collate_shared_pairs' rows, read at each answer's
         last token there."""
         if pairs is not None:
-            shared = SharedPrompt.of(pairs.prompt, pairs.chosen, pairs.rejected, pairs.prompt_pad)
-            h = self.model(input_ids, position_ids=position_ids, shared_prompt=shared, hidden_only=True)
+            h = shared_hidden(self.model, input_ids, pairs)
             h = h.reshape(-1, h.shape[-1]).index_select(0, pairs.last)
         else:
             h = self.model(input_ids, attention_mask=attention_mask, hidden_only=True)
             h = h[torch.arange(h.shape[0], device=h.device), last]
         return self.v_head(h).squeeze(-1).float()
 
-    def forward(self, input_ids, last=None, labels=None, label_rows=None, attention_mask=None, pairs=None,
-                position_ids=None):
-        chosen, rejected = self.scores(input_ids, last, attention_mask, pairs, position_ids).chunk(2)
+    def forward(self, input_ids, last=None, labels=None, label_rows=None, attention_mask=None, pairs=None):
+        chosen, rejected = self.scores(input_ids, last, attention_mask, pairs).chunk(2)
         loss = pairwise_loss(chosen, rejected).mean()
         self.metrics = {"accuracy": (chosen > rejected).float().mean(), "rewards/chosen": chosen.detach().mean(),
                         "rewards/rejected": rejected.detach().mean(), "margin": (chosen - rejected).detach().mean()}
@@ -221,8 +222,8 @@ class FrozenReference:
             _stream(module, {t: host[t] for t in [*module.parameters(), *module.buffers()]}, device)
 
     @torch.no_grad()
-    def logps(self, input_ids, labels=None, label_rows=None, pairs=None, position_ids=None):
-        return sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)[0]
+    def logps(self, input_ids, labels=None, label_rows=None, pairs=None):
+        return sequence_logps(self.model, input_ids, labels, label_rows, pairs)[0]
 
 
 def _stream(module: nn.Module, host: dict[torch.Tensor, torch.Tensor], device: torch.device) -> None:
@@ -254,22 +255,22 @@ class DPO(Objective):
         disable_dropout(model)
 
     @torch.no_grad()
-    def reference_logps(self, input_ids, labels=None, label_rows=None, pairs=None, position_ids=None) -> torch.Tensor:
+    def reference_logps(self, input_ids, labels=None, label_rows=None, pairs=None) -> torch.Tensor:
         if self.reference is not None:
-            return self.reference.logps(input_ids, labels, label_rows, pairs, position_ids)
+            return self.reference.logps(input_ids, labels, label_rows, pairs)
         was_training = self.model.training
         self.model.eval()
         try:
             with lora.disabled(self.model):
-                return sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)[0]
+                return sequence_logps(self.model, input_ids, labels, label_rows, pairs)[0]
         finally:
             self.model.train(was_training)
 
     def forward(self, input_ids, labels=None, label_rows=None, reference_logps=None, last=None, attention_mask=None,
-                pairs=None, position_ids=None):
+                pairs=None):
         if reference_logps is None:  # first: its transient memory is gone before the policy's activations pile up
-            reference_logps = self.reference_logps(input_ids, labels, label_rows, pairs, position_ids)
-        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)
+            reference_logps = self.reference_logps(input_ids, labels, label_rows, pairs)
+        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows, pairs)
         (chosen, rejected), (ref_chosen, ref_rejected) = logps.chunk(2), reference_logps.to(logps.dtype).chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta,
@@ -301,9 +302,8 @@ class ORPO(Objective):
         self.beta = beta
         disable_dropout(model)
 
-    def forward(self, input_ids, labels=None, label_rows=None, last=None, attention_mask=None, pairs=None,
-                position_ids=None):
-        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows, pairs, position_ids)
+    def forward(self, input_ids, labels=None, label_rows=None, last=None, attention_mask=None, pairs=None):
+        logps, tokens, logit_sums = sequence_logps(self.model, input_ids, labels, label_rows, pairs)
         chosen, rejected = (logps / tokens).chunk(2)
         losses, log_odds = orpo_loss(chosen, rejected, self.beta)
         chosen_rewards, rejected_rewards = self.beta * chosen.detach(), self.beta * rejected.detach()

@@ -168,7 +168,7 @@ def precompute_reference(objective: stages.DPO, splits, batch_size: int, pad_id,
         b = to_batch(micro, False, pad_id, device, **(layout or {}))
         with autocast:
             chosen, rejected = objective.reference_logps(b["input_ids"], b.get("labels"), b.get("label_rows"),
-                                                         b.get("pairs"), b.get("position_ids")).chunk(2)
+                                                         b.get("pairs")).chunk(2)
         for e, c, r in zip(micro, chosen.tolist(), rejected.tolist()):
             e["reference_logps"] = (c, r)
     objective.reference = None
@@ -213,7 +213,7 @@ def shares_prompt(run: RunConfig, config) -> dict:
 def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, window: int | None = None):
     if share_prompt and "prompt_ids" in micro[0] and (window is None or max(
             len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in micro) <= window):
-        b = data.collate_shared_pairs(micro, pad_id)
+        b = data.collate_shared_pairs(micro, pad_id)  # its answer positions are found here on the CPU too
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}
     if packed and all(len(row) == 1 for row in micro):
         # rows of one sample each (long samples leave no room to pack): the same batch unpacked needs no

@@ -39,8 +39,7 @@ def both_layouts(model, examples):
     rows = data.collate_pairs(examples, 0)
     shared = data.collate_shared_pairs(examples, 0)
     return (stages.sequence_logps(model, rows["input_ids"], rows["labels"]),
-            stages.sequence_logps(model, shared["input_ids"], pairs=shared["pairs"],
-                                  position_ids=shared["position_ids"]))
+            stages.sequence_logps(model, shared["input_ids"], pairs=shared["pairs"]))
 
 
 @pytest.mark.parametrize("family", ["phi", "phi3"])
@@ -105,7 +104,7 @@ def test_the_rejected_answer_is_read_from_the_prompts_end_and_counts_on_from_it(
     first = examples[0]
     assert b["input_ids"][0].tolist() == [0, 0, 0, *first["prompt_ids"], *first["chosen_ids"], 0,
                                           *first["rejected_ids"]]
-    assert b["position_ids"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 0, 2, 3, 4, 5]  # padding at 0
+    assert s.position_ids[0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 0, 2, 3, 4, 5]  # padding at 0
     assert s.prompt_pad.tolist() == [3, 0]
     # pair 0: its chosen tokens predicted from columns 4, 5, 6; its rejected ones from 4 (the prompt's end), 9, 10, 11
     mine = [(src, tgt, a) for src, tgt, a in zip(s.sources.tolist(), s.targets.tolist(), s.answer.tolist())
@@ -141,7 +140,7 @@ def test_compiled_blocks_trace_the_shared_layout_whole():
         block.forward = torch.compile(block.forward, backend="aot_eager", fullgraph=True)
     for examples in (EQUAL, UNEQUAL):
         b = data.collate_shared_pairs(examples, 0)
-        want, got = (stages.sequence_logps(m, b["input_ids"], pairs=b["pairs"], position_ids=b["position_ids"])[0]
+        want, got = (stages.sequence_logps(m, b["input_ids"], pairs=b["pairs"])[0]
                      for m in (reference, compiled))
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -214,7 +213,7 @@ def test_on_cuda_in_bf16_the_shared_rows_match_a_row_per_answer(family, examples
         b = data.collate_shared_pairs(examples, 0) if shared else data.collate_pairs(examples, 0)
         b = {k: v.to("cuda") for k, v in b.items() if k != "attention_mask"}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps = (stages.sequence_logps(model, b["input_ids"], pairs=b["pairs"], position_ids=b["position_ids"])
+            logps = (stages.sequence_logps(model, b["input_ids"], pairs=b["pairs"])
                      if shared else stages.sequence_logps(model, b["input_ids"], b["labels"]))[0]
         model.zero_grad()
         logps.sum().backward()
@@ -243,8 +242,8 @@ def test_longrope_follows_the_longest_real_row_never_the_padding():
     shared = data.collate_shared_pairs(examples, 0)
     s = shared["pairs"]
     assert s.prompt + s.chosen > ORIGINAL  # pair 0's chosen padding, counted on from its prompt, would pass it
-    assert int(shared["position_ids"].max()) + 1 == ORIGINAL
-    got = stages.sequence_logps(model, shared["input_ids"], pairs=s, position_ids=shared["position_ids"])[0]
+    assert int(s.position_ids.max()) + 1 == ORIGINAL
+    got = stages.sequence_logps(model, shared["input_ids"], pairs=s)[0]
     torch.testing.assert_close(got, torch.cat(alone), rtol=0, atol=1e-12)
 
 
@@ -282,7 +281,7 @@ def test_a_reward_model_scores_each_answer_at_its_last_token_as_in_its_own_row(f
         b.pop("attention_mask", None)
         loss = model(**b)
         loss.backward()
-        scores = model.scores(**{k: v for k, v in b.items() if k in ("input_ids", "last", "pairs", "position_ids")})
+        scores = model.scores(**{k: v for k, v in b.items() if k in ("input_ids", "last", "pairs")})
         results.append((scores.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (s_rows, l_rows, g_rows), (s_shared, l_shared, g_shared) = results
     assert s_rows.shape == (6,)
