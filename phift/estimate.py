@@ -856,6 +856,11 @@ def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
     """Changes that cut memory, cheapest first: (kind, the flags that say it, {group: fields}, DeepSpeed config or
     None). A later change of a kind replaces an earlier one of the same kind."""
     m, d, f, t = run.model, run.data, run.finetuning, run.training
+    if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type == "full"):
+        # the reference's log-probabilities once before training: no copy kept, no reference forward a step
+        off = {"dpo_ref_offload": False} if f.dpo_ref_offload else {}
+        yield "reference", "--dpo_precompute_ref True" + (" --dpo_ref_offload False" if off else ""), \
+            {"finetuning": dict(dpo_precompute_ref=True, **off)}, None
     if m.disable_gradient_checkpointing:
         yield "recompute", "--disable_gradient_checkpointing False --gradient_checkpointing_policy mlp", \
             {"model": dict(disable_gradient_checkpointing=False, gradient_checkpointing_policy="mlp")}, None
@@ -884,13 +889,16 @@ def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
         if 64 <= cutoff < d.cutoff_len:
             yield "cutoff", f"--cutoff_len {cutoff} (longer samples are cut)", {"data": dict(cutoff_len=cutoff)}, None
     if f.finetuning_type == "full":
-        yield "lora", "--finetuning_type lora", {"finetuning": dict(finetuning_type="lora"),
-                                                 "training": dict(offload_optimizer="none")}, None
+        # a LoRA run's DPO reference is the policy with its adapter off: nothing to offload
+        off = {"dpo_ref_offload": False} if f.dpo_ref_offload and not f.ref_model else {}
+        yield "lora", "--finetuning_type lora" + (" --dpo_ref_offload False" if off else ""), \
+            {"finetuning": dict(finetuning_type="lora", **off), "training": dict(offload_optimizer="none")}, None
 
 
 def suggest(config: Config, run: RunConfig, gpu: tuple[str, float, bool], host_gib: float, gpus: int = 1,
             nodes: int = 1, ds_config: dict | None = None) -> tuple[str, Estimate] | None:
-    """The cheapest change that makes the run fit `gpu` and `host_gib`: recomputation, then optimizer offload, then
+    """The cheapest change that makes the run fit `gpu` and `host_gib`: DPO's reference computed once before training
+    (where a copy is kept), recomputation, then optimizer offload, then
     smaller micro-batches with more accumulation, a shorter cutoff, LoRA instead of full fine-tuning, each
     re-estimated. A change that brought the run closer stays under the next ones; once one fits, the earlier ones it
     does not need are dropped. None: nothing on the list fits."""

@@ -400,6 +400,7 @@ def train(run: RunConfig) -> dict:
         save_model(model, out / "base_model")
         tokenizer.save(out / "base_model")
     objective = build_objective(model, run, precision, device, reference)
+    del reference  # the objective holds it, and --dpo_precompute_ref lets it go there once it has been read
     layout = shares_prompt(run, model.config)  # how preference pairs are batched
     if f.stage == "dpo" and f.dpo_precompute_ref:  # before a checkpoint's weights replace the untrained ones
         precompute_reference(objective, (train_set, val_set), t.per_device_eval_batch_size, tokenizer.pad_token_id,

@@ -344,6 +344,31 @@ def test_full_fine_tuning_of_phi_2_on_a_t4_is_offloaded_and_when_the_host_is_too
     assert text.endswith("--finetuning_type lora")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    # full fine-tuning keeps a frozen copy of the base: computing its log-probabilities once drops it
+    (("--finetuning_type", "full", "--fp16", "True", "--offload_optimizer", "cpu"), "--dpo_precompute_ref True"),
+    (("--finetuning_type", "full", "--fp16", "True", "--offload_optimizer", "cpu", "--dpo_ref_offload", "True"),
+     "--dpo_precompute_ref True --dpo_ref_offload False"),
+    (("--finetuning_type", "lora", "--fp16", "True", "--ref_model", "phi-2"), "--dpo_precompute_ref True"),
+])
+def test_a_dpo_run_that_overflows_with_its_reference_copy_computes_the_reference_first(flags, expected):
+    run = run_of("--stage", "dpo", *flags, model="phi-2", per_device_train_batch_size=1, cutoff_len=1024)
+    config = PhiConfig.from_name("phi-2")
+    text, fitted = E.suggest(config, run, ("T4", 15, False), 64)
+    assert text == expected and E.fits(fitted, 15, 64)
+    assert not any(k.startswith("DPO reference") for k in (*fitted.gpu, *fitted.pinned))
+
+
+def test_a_streamed_dpo_reference_turned_to_lora_drops_the_offload_flag():
+    """LoRA's reference is the policy with its adapter off, and phift refuses --dpo_ref_offload there: the suggestion
+    that ends in LoRA says to drop it."""
+    run = run_of("--stage", "dpo", "--finetuning_type", "full", "--fp16", "True", "--dpo_ref_offload", "True",
+                 model="phi-2", per_device_train_batch_size=1, cutoff_len=1024)
+    config = PhiConfig.from_name("phi-2")
+    text, fitted = E.suggest(config, run, ("T4", 15, False), 12.7)
+    assert text.endswith("--finetuning_type lora --dpo_ref_offload False") and E.fits(fitted, 15, 12.7)
+
+
 # ------------------------------------------------------------------------------------------------- the command
 def test_estimate_prints_the_report_for_a_preset(capsys):
     cli_main(["estimate", "--model_name_or_path", "phi-1_5", "--dataset", "x", "--output_dir", "/tmp/unused",

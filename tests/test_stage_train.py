@@ -102,6 +102,43 @@ def test_a_reference_model_of_its_own_and_a_copy_of_the_same_weights_agree(tmp_p
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_a_precomputed_reference_model_is_let_go_before_training(tmp_path, monkeypatch):
+    """--ref_model with --dpo_precompute_ref: once its log-probabilities are computed the reference model is freed, so
+    training holds no second model (phift estimate counts none)."""
+    import gc
+    import weakref
+
+    from phift import families
+    from phift.data import load_rows
+    from phift.tokenizer import train_demo_tokenizer
+    from phift.weights import save_model
+
+    rows = load_rows("identity_dpo", ROOT / "data", ranking=True, name="phift", author="phift")
+    tokenizer = train_demo_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], 512)
+    torch.manual_seed(5)
+    save_model(families.build(families.preset("tiny", vocab_size=512)), tmp_path / "base")
+    tokenizer.save(tmp_path / "base")
+    made, alive_at_training = [], []
+    dpo_reference, build_engine = train_mod.dpo_reference, train_mod.build_engine
+
+    def remember(*a, **kw):
+        ref = dpo_reference(*a, **kw)
+        made.append(weakref.ref(ref.model))
+        return ref
+
+    def engine_after_collecting(*a, **kw):
+        gc.collect()
+        alive_at_training.append(made[0]() is not None)
+        return build_engine(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "dpo_reference", remember)
+    monkeypatch.setattr(train_mod, "build_engine", engine_after_collecting)
+    args = stage_args(tmp_path / "run", "dpo", finetuning_type="lora", max_steps=2, dpo_precompute_ref=True,
+                      model_name_or_path=str(tmp_path / "base"), ref_model=str(tmp_path / "base"))
+    train_mod.train(args)
+    assert alive_at_training == [False]
+
+
 def test_the_reward_model_keeps_its_head_beside_the_adapter_and_phift_eval_scores_held_out_pairs(tmp_path):
     args = stage_args(tmp_path, "rm", finetuning_type="lora", num_train_epochs=3, learning_rate=3e-3, val_size=8,
                       max_samples=24, save_steps=5)
