@@ -1,7 +1,7 @@
 """Will a run fit? Its GPU and host memory, predicted from its flags before a byte is loaded (`phift estimate`).
 
     phift estimate <phift train's flags | config.yaml> [--num_gpus N] [--num_nodes M] [--gpu T4] [--host_gib 12.7]
-                   [--json]
+                   [--json] [--plot memory.png]
     phift train ... --estimate True       the same report first, and a warning naming what overflows the GPU
 
 The model, of either family (phi or Phi-3: phift.families), is built on the meta device: its parameters (LoRA
@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -994,10 +995,40 @@ def render(e: Estimate, config: Config, params: Params, suggestion, target: tupl
         lines.append(f"To fit {name} ({gpu_gib} GiB) with {host_gib} GiB of host memory: {text} "
                      f"(GPU {_gib(s.gpu_total)}, host {_gib(s.host_total)})")
     else:
-        lines.append(f"Nothing on the list (recomputation, offload, micro-batch, cutoff, LoRA) fits {name} "
+        listed = ("DPO's reference once, " if e.plan.reference else "") + "recomputation, offload, micro-batch, cutoff, LoRA"
+        lines.append(f"Nothing on the list ({listed}) fits {name} "
                      f"({gpu_gib} GiB) with {host_gib} GiB of host memory.")
     lines += [f"Note: {n}" for n in e.notes]
     return "\n".join(lines)
+
+
+def memory_panels(e: Estimate, suggestion, target: tuple[str, float, float]) -> dict:
+    """plot.plot_memory's panels: the GPU's parts (the allocated terms, then what max_memory_allocated does not see)
+    and the host's (pinned, then pageable), for this run and the suggested change, against the target's capacity.
+    Parts under 2 % of a bar are drawn together as "other"."""
+    name, gpu_gib, host_gib = target
+
+    def parts(terms: dict[str, int]) -> list[tuple[str, float]]:
+        total = sum(terms.values()) or 1
+        big = [(k, v / GIB) for k, v in terms.items() if v >= 0.02 * total]
+        rest = sum(v for v in terms.values() if v < 0.02 * total)
+        return big + ([("other", rest / GIB)] if rest else [])
+
+    def gpu(x: Estimate):
+        return parts({**x.gpu, **{k + " (outside max_memory_allocated)": v for k, v in x.overheads.items()}})
+
+    def host(x: Estimate):
+        return parts({**{k + " [pinned]": v for k, v in x.pinned.items()}, **x.pageable})
+
+    runs = [("this run", e)] + ([("with " + suggestion[0], suggestion[1])] if suggestion else [])
+    return {f"GPU, per device ({name})": (gpu_gib, f"{name}: {gpu_gib:g} GiB", [(_wrap(t), gpu(x)) for t, x in runs]),
+            "host, per node": (host_gib, f"host: {host_gib:g} GiB", [(_wrap(t), host(x)) for t, x in runs])}
+
+
+def _wrap(text: str, width: int = 34) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _target(gpu: str | None, host_gib: float | None) -> tuple[tuple[str, float, bool], float]:
@@ -1035,6 +1066,8 @@ def main(argv) -> None:
     extra.add_argument("--host_gib", type=float, default=None, help="host memory to fit (default: this machine's "
                                                                     "with a GPU, else Colab's 12.7)")
     extra.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    extra.add_argument("--plot", default=None, metavar="FILE.png",
+                       help="also draw where the memory goes, against the target, to this PNG")
     ours, rest = extra.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         extra.print_help()
@@ -1066,6 +1099,16 @@ def main(argv) -> None:
         print(json.dumps(out, indent=2))
     else:
         print(render(e, config, params, suggestion, (card[0], card[1], host_gib)))
+    if ours.plot:
+        from .plot import plot_memory
+
+        p = e.plan
+        what = "full fine-tuning" if p.full else f"LoRA r{p.lora_rank}"
+        batch = f"{p.batch // 2} pairs" if p.pairs else f"{p.batch}"
+        title = (f"phift estimate: {config.name}, --stage {run.finetuning.stage}, {what}, {batch} × {p.seq} tokens, "
+                 f"recomputation {p.policy}: {'fits' if fit else 'does not fit'} {card[0]} with {host_gib:g} GiB host")
+        written = plot_memory(ours.plot, title, memory_panels(e, suggestion, (card[0], card[1], host_gib)))
+        print(f"wrote {written}", file=sys.stderr if ours.json else sys.stdout)
 
 
 def preflight(run: RunConfig, world: int, device: torch.device) -> Estimate | None:

@@ -1,5 +1,6 @@
-"""training_loss.png from trainer_log.jsonl: the raw curve and a smoothed one, as LLaMA-Factory draws it; and
-training_metrics.png, one panel a metric, for the rm, dpo and orpo stages' rewards, accuracies, log-probs and logits."""
+"""training_loss.png from trainer_log.jsonl: the raw curve and a smoothed one, as LLaMA-Factory draws it;
+training_metrics.png, one panel a metric, for the rm, dpo and orpo stages' rewards, accuracies, log-probs and logits;
+and `phift estimate --plot`'s picture of where a run's memory goes."""
 from __future__ import annotations
 
 import json
@@ -79,6 +80,41 @@ def plot_metrics(output_dir, keys) -> Path | None:
     fig.suptitle(f"training metrics of {out}")
     fig.tight_layout()
     path = out / "training_metrics.png"
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(path, title: str, panels: dict[str, tuple[float, str, list[tuple[str, list[tuple[str, float]]]]]]) -> Path:
+    """Stacked horizontal bars of GiB, a panel per memory (GPU, host): panels[name] = (capacity GiB, its label,
+    [(bar label, [(part, GiB), ...]), ...]), the capacity a dashed line. A part keeps its colour in every bar."""
+    plt = _pyplot()
+    parts = list(dict.fromkeys(part for _, _, bars in panels.values() for _, segs in bars for part, _ in segs))
+    cmap = plt.get_cmap("tab20")
+    colour = {part: cmap(i % 20) for i, part in enumerate(parts)}
+    heights = [len(bars) for _, _, bars in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 1.2 + 1.1 * sum(heights) + 0.6 * len(panels)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax, (name, (capacity, capacity_label, bars)) in zip(axes[:, 0], panels.items()):
+        for y, (label, segs) in enumerate(reversed(bars)):
+            left = 0.0
+            for part, gib in segs:
+                ax.barh(y, gib, left=left, color=colour[part], edgecolor="white", linewidth=0.5)
+                left += gib
+            ax.text(left, y, f" {left:.2f} GiB", va="center", fontsize=9)
+        ax.set_yticks(range(len(bars)), [label for label, _ in reversed(bars)], fontsize=9)
+        ax.axvline(capacity, color="#d62728", linestyle="--")
+        ax.text(capacity, len(bars) - 0.45, f" {capacity_label}", color="#d62728", fontsize=9, va="bottom")
+        most = max([capacity] + [sum(g for _, g in segs) for _, segs in bars])
+        ax.set_xlim(0, most * 1.18)
+        ax.set_ylim(-0.6, len(bars) - 0.1)
+        ax.set_title(name, fontsize=10, loc="left")
+        ax.set_xlabel("GiB")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[p]) for p in parts]
+    fig.legend(handles, parts, loc="center left", bbox_to_anchor=(0.64, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.64, 1))
+    path = Path(path)
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
     return path

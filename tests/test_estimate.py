@@ -369,6 +369,35 @@ def test_a_streamed_dpo_reference_turned_to_lora_drops_the_offload_flag():
     assert text.endswith("--finetuning_type lora --dpo_ref_offload False") and E.fits(fitted, 15, 12.7)
 
 
+def test_the_memory_picture_draws_each_bar_as_the_report_sums_it():
+    """memory_panels: the GPU bar is the allocated terms plus the overheads, the host bar pinned plus pageable, for the
+    run and for the suggested change, each panel against the target's capacity; small parts are summed as "other"."""
+    run = run_of("--finetuning_type", "full", "--fp16", "True", "--offload_optimizer", "cpu", model="phi-2",
+                 cutoff_len=1024)
+    config = PhiConfig.from_name("phi-2")
+    e = E.estimate(config, run)
+    suggestion = E.suggest(config, run, ("T4", 15, False), 12.7)
+    panels = E.memory_panels(e, suggestion, ("T4", 15, 12.7))
+    (gpu_name, (gpu_cap, gpu_label, gpu_bars)), (host_name, (host_cap, _, host_bars)) = panels.items()
+    assert (gpu_cap, gpu_label, host_cap) == (15, "T4: 15 GiB", 12.7) and "T4" in gpu_name
+    assert [label for label, _ in gpu_bars] == ["this run", "with --finetuning_type lora"]
+    for bars, totals in ((gpu_bars, (e.gpu_total, suggestion[1].gpu_total)),
+                         (host_bars, (e.host_total, suggestion[1].host_total))):
+        for (_, segs), total in zip(bars, totals, strict=True):
+            assert sum(g for _, g in segs) == pytest.approx(total / GIB, rel=1e-12)
+    assert dict(gpu_bars[0][1])["weights"] == pytest.approx(e.gpu["weights"] / GIB)
+    assert any(part.endswith("[pinned]") for part, _ in host_bars[0][1])
+    assert len(E.memory_panels(e, None, ("H200", 141, 51))["host, per node"][2]) == 1  # no suggestion, one bar
+
+
+def test_estimate_plot_writes_a_png(tmp_path, capsys):
+    cli_main(["estimate", "--model_name_or_path", "phi-1_5", "--finetuning_type", "full", "--fp16", "True",
+              "--gpu", "T4", "--plot", str(tmp_path / "memory.png")])
+    png = (tmp_path / "memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert f"wrote {tmp_path / 'memory.png'}" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------- the command
 def test_estimate_prints_the_report_for_a_preset(capsys):
     cli_main(["estimate", "--model_name_or_path", "phi-1_5", "--dataset", "x", "--output_dir", "/tmp/unused",
