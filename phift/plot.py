@@ -115,6 +115,7 @@ def plot_memory(path, title: str, panels: dict[str, tuple[float, str, list[tuple
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.64, 1))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
     return path

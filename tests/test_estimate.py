@@ -392,10 +392,10 @@ def test_the_memory_picture_draws_each_bar_as_the_report_sums_it():
 
 def test_estimate_plot_writes_a_png(tmp_path, capsys):
     cli_main(["estimate", "--model_name_or_path", "phi-1_5", "--finetuning_type", "full", "--fp16", "True",
-              "--gpu", "T4", "--plot", str(tmp_path / "memory.png")])
-    png = (tmp_path / "memory.png").read_bytes()
+              "--gpu", "T4", "--plot", str(tmp_path / "plots" / "memory.png")])
+    png = (tmp_path / "plots" / "memory.png").read_bytes()  # its folder made
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert f"wrote {tmp_path / 'memory.png'}" in capsys.readouterr().out
+    assert f"wrote {tmp_path / 'plots' / 'memory.png'}" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- the command
