@@ -350,6 +350,8 @@ class _Saved(dict):
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if _rotary_fused(c, p):  # kernels.rotary_qkv: one [3, B, T, H, D] tensor; q, k, v are views of it
             self["q, k, v"] = n * (q + 2 * kv) * cd
+        elif kv < q and _masked(c, p):  # model.attend repeats grouped heads for a masked call: SDPA keeps those
+            self["q"], self["k, v (heads repeated)"] = n * q * cd, 2 * n * q * cd
         else:
             self["q"], self["k"] = n * q * cd, n * kv * cd
             self[f"{qkv_name} output (v is a view of it)"] = n * (q + 2 * kv) * cd

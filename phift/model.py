@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .config import PhiConfig
 from .kernels import cross_entropy_grad_, rotary_qkv
@@ -136,6 +136,12 @@ def attend(q, k, v, mask, dropout_p: float):
         return attend_shared(q, k, v, mask, dropout_p)
     causal = mask is None and q.shape[2] > 1
     gqa = k.shape[1] != q.shape[1]
+    if gqa and isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias):
+        # PyTorch's memory-efficient kernel takes no grouped heads and flash no mask: a masked grouped call would
+        # fall to the math kernel, which holds [B, heads, T, S] fp32 scores. Repeated heads keep the fused kernels.
+        # (A lower-right causal bias goes to flash, which takes grouped heads.)
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
     if q.dtype == torch.float16 and q.device.type == "cpu":  # CPU's math kernel would softmax in fp16
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=causal, enable_gqa=gqa).half()

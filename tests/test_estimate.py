@@ -122,13 +122,15 @@ def test_activations_are_the_bytes_autograd_keeps(family, precision, policy, res
 
 @pytest.mark.parametrize("policy", list(RECOMPUTE))
 @pytest.mark.parametrize("precision", ["full fp32", "full pure bf16", "lora bf16 autocast"])
-@pytest.mark.parametrize("shape", ["sliding window", "Phi-4-mini's vocabulary"])
+@pytest.mark.parametrize("shape", ["sliding window", "grouped heads past the window", "Phi-4-mini's vocabulary"])
 def test_phi3_activations_past_the_window_and_with_a_200k_vocabulary(shape, precision, policy):
-    """A cutoff past the sliding window makes every block keep the additive bias SDPA makes of the window's mask;
+    """A cutoff past the sliding window makes every block keep the additive bias SDPA makes of the window's mask, and
+    with grouped-query attention the key-value heads repeated for that masked call (2 query heads a group here);
     Phi-4-mini's 200,064-token vocabulary (one chunk of rows here, its logits' gradient kept) in the loss head."""
-    preset, make = MODELS["phi3" if shape == "sliding window" else "phi4"]
-    config = make(num_layers=2, sliding_window=8) if shape == "sliding window" else make(num_layers=2,
-                                                                                          vocab_size=200064)
+    preset, make = MODELS["phi4" if shape != "sliding window" else "phi3"]
+    config = {"sliding window": lambda: make(num_layers=2, sliding_window=8),
+              "grouped heads past the window": lambda: make(num_layers=2, sliding_window=8, num_kv_heads=3),
+              "Phi-4-mini's vocabulary": lambda: make(num_layers=2, vocab_size=200064)}[shape]()
     run = run_of(*PRECISIONS[precision], *RECOMPUTE[policy], model=preset, per_device_train_batch_size=2,
                  cutoff_len=16)
     model, prec = cpu_model(config, run)

@@ -103,6 +103,36 @@ def test_padding_masks_give_transformers_logits(pair):
     assert (ref - out)[mask.bool()].abs().max() <= 1e-4
 
 
+def test_a_masked_grouped_query_call_gives_sdpa_repeated_heads(monkeypatch):
+    """With a mask, PyTorch's flash kernel is out and its memory-efficient one takes no grouped heads: a grouped call
+    would run the math kernel. So a masked call gets the key-value heads repeated; an unmasked one keeps them grouped
+    (flash takes those)."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, k.shape[1], enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    model = Phi3(Phi3Config.from_name("tiny-phi4")).eval()  # 6 query heads, 2 key-value heads
+    x = torch.randint(3, 128, (2, 12))
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        masked = model(x, attention_mask=mask)
+        calls_masked, calls[:] = list(calls), []
+        model(x)
+    assert calls_masked == [(True, 6, False)] * 2 and calls == [(False, 2, True)] * 2
+    # the same logits as the grouped call, whichever kernel runs it
+    monkeypatch.setattr("phift.phi3.attend", lambda q, k, v, m, p: sdpa(q, k, v, attn_mask=m, dropout_p=p,
+                                                                         enable_gqa=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, attention_mask=mask), masked, rtol=0, atol=1e-6)
+
+
 def test_packed_samples_equal_separate_sequences_in_and_past_the_window():
     torch.manual_seed(0)
     model = Phi3(Phi3Config.from_hf_dict(hf_config("all-at-once").to_dict())).eval()
