@@ -133,6 +133,20 @@ def test_a_masked_grouped_query_call_gives_sdpa_repeated_heads(monkeypatch):
         torch.testing.assert_close(model(x, attention_mask=mask), masked, rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_masked_grouped_query_forward_runs_on_the_memory_efficient_kernel_alone():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = Phi3(Phi3Config.from_name("tiny-phi4")).to("cuda", torch.bfloat16).eval()
+    x = torch.randint(3, 128, (2, 40), device="cuda")
+    mask = torch.ones_like(x)
+    mask[0, :9] = 0
+    with torch.no_grad():
+        expected = model(x, attention_mask=mask)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # no other kernel: a grouped call would find none
+            torch.testing.assert_close(model(x, attention_mask=mask), expected, rtol=0, atol=0)
+
+
 def test_packed_samples_equal_separate_sequences_in_and_past_the_window():
     torch.manual_seed(0)
     model = Phi3(Phi3Config.from_hf_dict(hf_config("all-at-once").to_dict())).eval()
