@@ -91,7 +91,9 @@ def plot_memory(path, title: str, panels: dict[str, tuple[float, str, list[tuple
     plt = _pyplot()
     parts = list(dict.fromkeys(part for _, _, bars in panels.values() for _, segs in bars for part, _ in segs))
     cmap = plt.get_cmap("tab20")
-    colour = {part: cmap(i % 20) for i, part in enumerate(parts)}
+    palette = [cmap(i) for i in range(20) if i not in (6, 7)]  # tab20 without its reds: red is the capacity line
+    colour = {part: palette[i % len(palette)] for i, part in enumerate(p for p in parts if p != "other")}
+    colour["other"] = "#bbbbbb"
     heights = [len(bars) for _, _, bars in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, 1.2 + 1.1 * sum(heights) + 0.6 * len(panels)),
                              squeeze=False, gridspec_kw={"height_ratios": heights})
