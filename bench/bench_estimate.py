@@ -11,7 +11,9 @@ preset: no download). In a
 fresh subprocess the case is estimated (phift.estimate.estimate), then built as `phift train` builds it
 (phift.train.prepare_model, phift.engines.build_engine: the plain engine, phift's --offload_optimizer cpu, DeepSpeed
 ZeRO-2/3 with or without its CPU offload) and trained for a warm-up step and --steps measured optimizer steps on
-random tokens of the case's shape, every position labelled (the estimate's worst batch). Measured:
+random tokens of the case's shape, every position labelled (the estimate's worst batch); for --stage rm, dpo and orpo
+each pair a one-token prompt and two answers of cutoff − 1 tokens, batched as phift train batches them (a row per
+answer, or one row a pair sharing the prompt), the objective and DPO's reference built as there. Measured:
 - peak allocated: torch.cuda.max_memory_allocated over the measured steps (the counter reset after the warm-up),
   against the estimate's peak allocated;
 - GPU needed: the device's used memory (total − free) at the end, the CUDA context included, against the
@@ -56,10 +58,12 @@ class Case:
     recompute: str = "full"  # none | full | mlp
     engine: str = "plain"  # plain | offload | zero2 | zero2-offload | zero3
     accumulation: int = 1
+    stage: str = "sft"  # sft | rm | dpo | orpo: `batch` pairs, each answer at `seq` with its prompt
     extra: tuple[str, ...] = field(default_factory=tuple)
 
     def flags(self, ds_dir: Path) -> list[str]:
         out = ["--model_name_or_path", self.model, "--dataset", "none", "--output_dir", str(ds_dir / "out"),
+               "--stage", self.stage,
                "--finetuning_type", self.finetuning, "--per_device_train_batch_size", str(self.batch),
                "--cutoff_len", str(self.seq), "--gradient_accumulation_steps", str(self.accumulation)]
         if self.precision != "fp32":
@@ -118,6 +122,16 @@ CASES = [
     _c("phi4mini-lora-bf16-1x2048-none", "phi-4-mini", 1, 2048, recompute="none"),
     _c("phi4mini-full-pure-1x1024-offload", "phi-4-mini", 1, 1024, finetuning="full", precision="pure_bf16",
        engine="offload"),
+    # preference pairs: each answer as long as the cutoff allows (a one-token prompt), so that a row per answer is the
+    # estimate's worst batch and a shared row [prompt | chosen | rejected] the longest it can be
+    _c("dpo-lora-bf16-4x1024-rows", "phi-1_5", 4, 1024, stage="dpo", extra=("--dpo_share_prompt", "False")),
+    _c("dpo-lora-bf16-4x1024", "phi-1_5", 4, 1024, stage="dpo"),
+    _c("dpo-full-bf16-1x1024", "phi-1_5", 1, 1024, finetuning="full", stage="dpo"),
+    _c("dpo-full-pure-2x1024-ref-offload", "phi-1_5", 2, 1024, finetuning="full", precision="pure_bf16",
+       stage="dpo", extra=("--dpo_ref_offload", "True")),
+    _c("rm-lora-bf16-4x1024", "phi-1_5", 4, 1024, stage="rm"),
+    _c("orpo-lora-bf16-4x1024-none", "phi-1_5", 4, 1024, stage="orpo", recompute="none"),
+    _c("phi3.5-dpo-lora-bf16-2x1024", "phi-3.5-mini", 2, 1024, stage="dpo"),
 ]
 TINY = [
     _c("tiny-lora-fp32-2x64-none", "tiny", 2, 64, precision="fp32", recompute="none"),
@@ -127,6 +141,8 @@ TINY = [
     _c("tiny-phi3-lora-bf16-2x64", "tiny-phi3", 2, 64),
     _c("tiny-phi4-full-pure-2x64-offload", "tiny-phi4", 2, 64, finetuning="full", precision="pure_bf16",
        engine="offload"),
+    _c("tiny-dpo-full-fp32-2x64", "tiny", 2, 64, finetuning="full", precision="fp32", stage="dpo"),
+    _c("tiny-phi3-rm-lora-bf16-2x64", "tiny-phi3", 2, 64, stage="rm"),
 ]
 
 
@@ -204,7 +220,7 @@ def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     from phift.args import decide_precision, parse_train_args
     from phift.engines import build_engine
     from phift.model import LMHead
-    from phift.train import prepare_model
+    from phift.train import build_objective, dpo_reference, prepare_model, shares_prompt, to_batch
 
     row = {"case": case.name, **{k: v for k, v in asdict(case).items() if k != "name"}}
     run = parse_train_args(case.flags(directory))
@@ -221,13 +237,26 @@ def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     kernels.load(device)
     with torch.device(device):
         model = families.build(config).to(dtype=precision.load)
+    pairwise = case.stage != "sft"
+    reference = dpo_reference(model, run, precision, device)  # before LoRA or training change the base, as phift train
     model = prepare_model(model, run, precision)
-    engine = build_engine(model, run, precision, steps + 1, device)
-    model.train()
+    trained = build_objective(model, run, precision, device, reference) if pairwise else model
+    engine = build_engine(trained, run, precision, steps + 1, device)
+    trained.train()
+    del reference
     g = torch.Generator().manual_seed(0)
+    vocab = min(config.vocab_size, 50295)
+    layout = shares_prompt(run, config) if pairwise else {}
 
     def batch():
-        ids = torch.randint(0, min(config.vocab_size, 50295), (case.batch, case.seq), generator=g)
+        if pairwise:  # a one-token prompt, both answers cutoff - 1 tokens: each answer's row at the cutoff
+            def ids(n):
+                return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+            pairs = [{"prompt_ids": ids(1), "chosen_ids": ids(case.seq - 1), "rejected_ids": ids(case.seq - 1)}
+                     for _ in range(case.batch)]
+            return to_batch(pairs, False, pad_id=0, device=device, **layout)
+        ids = torch.randint(0, vocab, (case.batch, case.seq), generator=g)
         b = {"input_ids": ids, "labels": ids.clone(), "label_rows": LMHead.label_rows(ids)}
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
@@ -361,7 +390,8 @@ def main(argv=None):
             print(f"{case.name}: {row['status']} {judge(row) if row['status'] == 'ok' else ''}", flush=True)
     header = (f"### phift estimate against measured memory ({args.device}{', tiny' if args.tiny else ''})\n\n"
               f"Command: `{command}`. "
-              f"Random-weight presets, random tokens, every position labelled; {args.steps} measured optimizer "
+              "Random-weight presets, random tokens, every position labelled (a preference pair: a one-token prompt, "
+              f"both answers at the cutoff); {args.steps} measured optimizer "
               "steps after a warm-up step; peak = torch.cuda.max_memory_allocated over the measured steps. "
               f"Harness wall {time.time() - start:.0f} s.")
     args.out.write_text(render(rows, header))

@@ -555,10 +555,12 @@ def test_bench_estimate_runs_its_tiny_cases_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     header, *rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert header["bench"] == "estimate" and header["meta"]["tiny"] and "--tiny" in header["meta"]["command"]
-    assert [r["status"] for r in rows] == ["ok"] * 6
+    assert [r["status"] for r in rows] == ["ok"] * 8
     assert all(r["predicted"]["allocated"] > 0 and r["measured"]["host_peak"] > 0 for r in rows)
-    assert "| tiny-full-bf16-2x64-offload |" in out.read_text() and "| tiny-phi4-full-pure-2x64-offload |" in \
-        out.read_text()
+    for case in ("tiny-full-bf16-2x64-offload", "tiny-phi4-full-pure-2x64-offload", "tiny-dpo-full-fp32-2x64",
+                 "tiny-phi3-rm-lora-bf16-2x64"):
+        assert f"| {case} |" in out.read_text()
+    assert {r["case"]: r["stage"] for r in rows}["tiny-dpo-full-fp32-2x64"] == "dpo"
 
     # the same measurements predicted again by the same code: the same predictions, the measurements kept
     again = tmp_path / "again" / "estimate.md"
