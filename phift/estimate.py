@@ -212,6 +212,7 @@ class Plan:
     nodes: int = 1
     zero: Zero | None = None
     pairs: bool = False  # preference pairs: `batch` counts rows, two a pair
+    shared: bool = False  # the pairs share their prompt, one row a pair (--dpo_share_prompt)
     reference: str = ""  # DPO's reference: "copy" (frozen weights on the GPU), "streamed" (pinned host copy), "" none
     reference_element: int = 2  # its weights' element size
 
@@ -260,7 +261,7 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
     if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type != "lora"):
         reference = "streamed" if f.dpo_ref_offload else "copy"
     return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size * (2 if pairs else 1),
-                seq=d.cutoff_len, pairs=pairs, reference=reference, reference_element=precision.load.itemsize,
+                seq=d.cutoff_len, pairs=pairs, shared=pairs and f.dpo_share_prompt, reference=reference, reference_element=precision.load.itemsize,
                 accumulation=t.gradient_accumulation_steps,
                 policy="none" if m.disable_gradient_checkpointing else m.gradient_checkpointing_policy,
                 weight=weight, compute=precision.compute.itemsize if precision.compute else weight,
@@ -291,9 +292,11 @@ def _ce_fused(c: Config, p: Plan) -> bool:
 
 
 def _masked(c: Config, p: Plan) -> bool:
-    """Whether attention gets a boolean mask [B, 1, T, T]: packed samples, or a cutoff past the sliding window."""
+    """Whether attention gets a boolean mask [B, 1, T, T]: packed samples, a cutoff past the sliding window, or
+    preference pairs sharing their prompt, whose masks hide the padding of the shorter prompts (the worst batch has
+    some) and the chosen answer from the rejected one: about [rows, 1, cutoff, cutoff] for the rows' tokens."""
     window = getattr(c, "sliding_window", None)
-    return p.packing or (window is not None and p.seq > window)
+    return p.packing or p.shared or (window is not None and p.seq > window)
 
 
 class _Saved(dict):
@@ -819,7 +822,8 @@ def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_c
              "labelled (the worst batch)" if not p.pairs else
              f"every answer at --cutoff_len {p.seq}: {p.batch // 2} pairs, {p.batch} rows × {p.seq} tokens a "
              "micro-batch (a row per answer; phift's shared-prompt rows hold as many tokens at most), every position "
-             "labelled (the worst batch)"]
+             "labelled (the worst batch)" + ("; shared prompts of different lengths are padded and masked, the "
+                                            "masks' additive biases counted in" if p.shared else "")]
     if p.reference:
         notes.append("DPO's reference: a frozen copy of these weights (a --ref_model of another size differs); its "
                      "no-grad forward runs before the policy's and holds less")

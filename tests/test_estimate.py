@@ -632,12 +632,20 @@ def test_zero3_optimizer_step_counts_the_largest_sub_group_deepspeed_makes(tmp_p
 # ------------------------------------------------------------------------------ preference pairs and DPO's reference
 @pytest.mark.parametrize("stage", ["rm", "dpo", "orpo"])
 def test_a_pair_is_two_rows_at_the_cutoff(stage):
-    """B pairs hold 2B answers, each at most --cutoff_len with its prompt: the activations of 2B rows."""
-    pairs = estimate_of("--stage", stage, "--fp16", "True", per_device_train_batch_size=3, cutoff_len=512)
+    """B pairs hold 2B answers, each at most --cutoff_len with its prompt: the activations of 2B rows. Sharing the
+    prompt (the default) holds no more tokens, but masks its attention: each block keeps the additive bias of a
+    [2B, 1, cutoff, cutoff] mask, and a checkpoint the boolean mask."""
+    unshared = estimate_of("--stage", stage, "--fp16", "True", "--dpo_share_prompt", "False",
+                           per_device_train_batch_size=3, cutoff_len=512)
     rows = estimate_of("--fp16", "True", per_device_train_batch_size=6, cutoff_len=512)
-    assert pairs.plan.tokens == rows.plan.tokens == 6 * 512
-    assert pairs.activations.total("full") == rows.activations.total("full")
+    assert unshared.plan.tokens == rows.plan.tokens == 6 * 512
+    assert unshared.activations.total("full") == rows.activations.total("full")
+    pairs = estimate_of("--stage", stage, "--fp16", "True", per_device_train_batch_size=3, cutoff_len=512)
+    bias, mask = 6 * 512 * 512 * 2, 6 * 512 * 512
+    assert pairs.activations.per_layer["none"] == rows.activations.per_layer["none"] + bias
+    assert pairs.activations.first_layer["full"] == rows.activations.first_layer["full"] + mask
     assert pairs.notes[0].startswith("every answer at --cutoff_len 512: 3 pairs, 6 rows × 512 tokens")
+    assert "masks' additive biases counted in" in pairs.notes[0] and "masks" not in unshared.notes[0]
     assert "micro-batch 3 pairs = 6 × 512 tokens" in E.render(pairs, E.read_config("phi-1_5"),
                                                                E.count_parameters(E.read_config("phi-1_5"),
                                                                                   run_of("--stage", stage)),
