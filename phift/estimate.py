@@ -22,7 +22,8 @@ The rest is arithmetic on the run's shapes, written from what phift's code and D
 
 Activation memory grows with sequence length: every sample is taken at --cutoff_len, every position labelled (the
 worst batch); a preference pair (--stage rm, dpo, orpo) as two such rows, one per answer (phift's shared-prompt rows
-hold as many tokens at most). DPO's reference is a frozen copy of the model's weights beside it for full fine-tuning
+hold as many tokens at most, and masks where prompts are padded), with the stage's head: DPO's and ORPO's per-token
+log-probabilities (every dropout off), the reward model's value head. DPO's reference is a frozen copy of the model's weights beside it for full fine-tuning
 (in pinned host memory with --dpo_ref_offload), nothing under LoRA or with --dpo_precompute_ref. Constants that are
 measured rather than derived are marked as such below; bench/bench_estimate.py measures the whole prediction on a
 GPU.
@@ -71,6 +72,7 @@ GPUS = (("T4", 15, False), ("L4", 22, True), ("A10", 24, True), ("A100-40", 40, 
         ("H100", 80, True), ("H200", 141, True))
 HOSTS = (("Colab", 12.7), ("Colab high-RAM", 51))
 POLICIES = ("none", "full", "mlp")
+NO_DROPOUT_STAGES = ("dpo", "orpo")  # their objectives turn every dropout off (phift.stages.disable_dropout)
 Config = PhiConfig | Phi3Config  # a model of either family (phift.families)
 
 
@@ -211,6 +213,7 @@ class Plan:
     gpus: int = 1  # per node
     nodes: int = 1
     zero: Zero | None = None
+    stage: str = "sft"  # what the head computes: sft and pt a loss, dpo and orpo log-probabilities, rm scores
     pairs: bool = False  # preference pairs: `batch` counts rows, two a pair
     shared: bool = False  # the pairs share their prompt, one row a pair (--dpo_share_prompt)
     reference: str = ""  # DPO's reference: "copy" (frozen weights on the GPU), "streamed" (pinned host copy), "" none
@@ -261,7 +264,7 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
     if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type != "lora"):
         reference = "streamed" if f.dpo_ref_offload else "copy"
     return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size * (2 if pairs else 1),
-                seq=d.cutoff_len, pairs=pairs, shared=pairs and f.dpo_share_prompt, reference=reference, reference_element=precision.load.itemsize,
+                seq=d.cutoff_len, stage=f.stage, pairs=pairs, shared=pairs and f.dpo_share_prompt, reference=reference, reference_element=precision.load.itemsize,
                 accumulation=t.gradient_accumulation_steps,
                 policy="none" if m.disable_gradient_checkpointing else m.gradient_checkpointing_policy,
                 weight=weight, compute=precision.compute.itemsize if precision.compute else weight,
@@ -270,7 +273,8 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
                 autocast=precision.autocast is not None,
                 ln_fp32=weight < 4 and (f.upcast_layernorm or (device == "cuda" and precision.autocast is not None)),
                 master=engine != "plain" or precision.master_weights, lora_targets=lora_targets,
-                lora_rank=f.lora_rank, lora_dropout=f.lora_dropout, packing=d.packing, gpus=gpus, nodes=nodes,
+                lora_rank=f.lora_rank, lora_dropout=0.0 if f.stage in NO_DROPOUT_STAGES else f.lora_dropout,
+                packing=d.packing, gpus=gpus, nodes=nodes,
                 zero=zero)
 
 
@@ -474,6 +478,24 @@ def head_saved(c: Config, p: Plan) -> dict[str, int]:
         saved["ln_f statistics"] = 2 * n * (4 if p.device == "cuda" or p.ln_fp32 else r)
         if c.embd_pdrop > 0:
             saved["embedding dropout mask"] = n * h * (1 if p.device == "cuda" else r)
+    if p.stage == "rm":  # the value head reads each answer's last hidden state, cast to its dtype (autocast's)
+        if p.autocast:
+            saved["scored hidden states (value head input)"] = p.batch * h * p.compute
+            saved["value head weight (autocast's copy)"] = h * p.compute
+        else:
+            saved["scored hidden states (value head input)"] = p.batch * h * p.trainable
+        if not p.shared:
+            saved["scored rows' index"] = 8 * p.batch
+        return saved
+    if p.stage in ("dpo", "orpo"):
+        # stages.sequence_logps: model._ChunkedLinearLogProbs keeps the labelled rows' hidden states and log-sum-exp
+        # and computes the logits again in backward; a row per answer also finds its labels and their answer rows
+        saved["selected hidden states"] = rows * h * r
+        saved["log-sum-exp of each labelled row"] = 4 * rows
+        if not p.shared:  # the shared rows bring theirs in the batch
+            saved["label rows"] = 8 * rows
+            saved["labels of those rows, their answer index"] = 2 * 8 * rows
+        return saved
     saved["label rows"] = 8 * rows
     saved["loss: hidden-state gradient (fp32)"] = 4 * rows * h
     if p.full:
@@ -776,6 +798,9 @@ def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_c
     """The memory of `run` on GPUs (device "cpu": the same arithmetic for the PyTorch reference ops)."""
     params = params or count_parameters(config, run)
     p = plan_for(run, device, gpus, nodes, ds_config, config)
+    if p.stage in NO_DROPOUT_STAGES:
+        config = dataclasses.replace(config, **{k: 0.0 for k in ("resid_pdrop", "embd_pdrop", "attention_dropout")
+                                                if hasattr(config, k)})
     act = activations(config, p)
     s = states(config, params, p)
     base = dict(s.gpu)

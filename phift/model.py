@@ -125,7 +125,9 @@ def _attend_shared(q, k, v, s: SharedPrompt, dropout_p: float):
         second = attend(q_r, k_r, v_r, torch.ones(R, S, dtype=torch.bool, device=q.device).tril(S - R), dropout_p)
     else:
         second = attend(q_r, k_r, v_r, causal_lower_right(R, S), dropout_p)
-    return torch.cat([first, second], dim=2)
+    # joined as [B, T, H, D], under the [B, H, T, D] view attend returns: the caller's transpose back to [B, T, H, D]
+    # is then contiguous, and out_proj reads it without a copy (the kernels' own outputs are laid out so)
+    return torch.cat([first.transpose(1, 2), second.transpose(1, 2)], dim=1).transpose(1, 2)
 
 
 def attend(q, k, v, mask, dropout_p: float):

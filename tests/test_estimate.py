@@ -632,14 +632,16 @@ def test_zero3_optimizer_step_counts_the_largest_sub_group_deepspeed_makes(tmp_p
 # ------------------------------------------------------------------------------ preference pairs and DPO's reference
 @pytest.mark.parametrize("stage", ["rm", "dpo", "orpo"])
 def test_a_pair_is_two_rows_at_the_cutoff(stage):
-    """B pairs hold 2B answers, each at most --cutoff_len with its prompt: the activations of 2B rows. Sharing the
-    prompt (the default) holds no more tokens, but masks its attention: each block keeps the additive bias of a
-    [2B, 1, cutoff, cutoff] mask, and a checkpoint the boolean mask."""
+    """B pairs hold 2B answers, each at most --cutoff_len with its prompt: the blocks keep what 2B rows keep (the head
+    differs: test_a_pair_stages_activations_are_the_bytes_autograd_keeps). Sharing the prompt (the default) holds no
+    more tokens, but masks its attention: each block keeps the additive bias of a [2B, 1, cutoff, cutoff] mask, and a
+    checkpoint the boolean mask."""
     unshared = estimate_of("--stage", stage, "--fp16", "True", "--dpo_share_prompt", "False",
                            per_device_train_batch_size=3, cutoff_len=512)
     rows = estimate_of("--fp16", "True", per_device_train_batch_size=6, cutoff_len=512)
     assert unshared.plan.tokens == rows.plan.tokens == 6 * 512
-    assert unshared.activations.total("full") == rows.activations.total("full")
+    assert unshared.activations.per_layer == rows.activations.per_layer
+    assert unshared.activations.first_layer == rows.activations.first_layer
     pairs = estimate_of("--stage", stage, "--fp16", "True", per_device_train_batch_size=3, cutoff_len=512)
     bias, mask = 6 * 512 * 512 * 2, 6 * 512 * 512
     assert pairs.activations.per_layer["none"] == rows.activations.per_layer["none"] + bias
@@ -650,6 +652,53 @@ def test_a_pair_is_two_rows_at_the_cutoff(stage):
                                                                E.count_parameters(E.read_config("phi-1_5"),
                                                                                   run_of("--stage", stage)),
                                                                None, ("T4", 15, 12.7))
+
+
+def live_after_pair_forward(objective, batch, autocast: bool) -> int:
+    """live_after_forward for a preference objective on a batch of pairs; the larger of two measurements, since a
+    free of an earlier test's memory inside the window can only lower one."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        objective(**batch)
+    measured = []
+    for _ in range(2):
+        gc.collect()
+        gc.disable()
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = objective(**batch)
+        finally:
+            gc.enable()
+        del loss
+        measured.append(sum(e.self_cpu_memory_usage for e in prof.events()) - 4)
+    return max(measured)
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+@pytest.mark.parametrize("precision", ["lora fp32", "lora bf16 autocast", "full pure bf16", "full bf16 autocast"])
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "rm"])
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_pair_stages_activations_are_the_bytes_autograd_keeps(family, stage, precision, policy):
+    """A row per answer (--dpo_share_prompt False), each answer at the cutoff: the blocks keep what rows of SFT keep
+    (DPO and ORPO with every dropout off), and the head what the stage's head keeps: the labelled rows' hidden states
+    and log-sum-exp (DPO, ORPO), each answer's last hidden state (the reward model). Exact but for the loss's few
+    floats a pair (under 512 bytes here)."""
+    from phift.train import build_objective, to_batch
+
+    preset, make = MODELS[family]
+    config = make(num_layers=3)
+    run = run_of("--stage", stage, "--dpo_share_prompt", "False", *PRECISIONS[precision], *RECOMPUTE[policy],
+                 model=preset, per_device_train_batch_size=2, cutoff_len=16)
+    model, prec = cpu_model(config, run)
+    objective = build_objective(model, run, prec, torch.device("cpu")).train()
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, config.vocab_size - 1, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [{"prompt_ids": ids(1), "chosen_ids": ids(15), "rejected_ids": ids(15)} for _ in range(2)]
+    batch = to_batch(pairs, False, 0, torch.device("cpu"))
+    del batch["label_rows"]  # found inside the forward, where the estimate counts them
+    measured = live_after_pair_forward(objective, batch, prec.autocast is not None)
+    predicted = E.estimate(config, run, device="cpu").activations.total(policy)
+    assert 0 <= measured - predicted < 512, (measured, predicted)
 
 
 @pytest.mark.parametrize("flags, where", [

@@ -7,7 +7,7 @@ import torch
 from phift import data, lora, stages
 from phift import train as train_mod
 from phift.config import Phi3Config, PhiConfig
-from phift.model import Phi, SharedPrompt
+from phift.model import Phi, SharedPrompt, attend_shared
 from phift.phi3 import Phi3
 from phift.recompute import recompute
 from test_stage_train import stage_args
@@ -222,6 +222,17 @@ def test_on_cuda_in_bf16_the_shared_rows_match_a_row_per_answer(family, examples
     torch.testing.assert_close(shared, rows, rtol=2e-2, atol=2e-2)
     for name, g in grads_rows.items():
         torch.testing.assert_close(grads_shared[name], g, rtol=5e-2, atol=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["equal prompts", "padded prompts"])
+def test_the_shared_attention_output_reaches_out_proj_without_a_copy(padded):
+    """Its two calls' outputs are joined in [B, T, H, D] order: the block's transpose back to that layout is
+    contiguous, so the reshape for out_proj is a view (as after a single call), not a copy of the whole output."""
+    B, H, P, C, R, D = 2, 4, 5, 8, 8, 16
+    q, k, v = (torch.randn(B, H, P + C + R, D) for _ in range(3))
+    s = SharedPrompt.of(P, C, R, torch.tensor([0, 3]) if padded else None)
+    out = attend_shared(q, k, v, s, 0.0)
+    assert out.shape == (B, H, P + C + R, D) and out.transpose(1, 2).is_contiguous()
 
 
 def test_longrope_follows_the_longest_real_row_never_the_padding():
