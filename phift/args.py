@@ -120,8 +120,8 @@ class FinetuningArgs:
                                        "each block to the GPU for its forward")
     dpo_share_prompt: bool = arg(True, "rm, dpo, orpo: run each pair's prompt once for both answers (a row "
                                        "[prompt | chosen | rejected], the rejected answer blind to the chosen; the "
-                                       "same log-probabilities and scores); False: a row per answer, as "
-                                       "LLaMA-Factory and TRL batch them")
+                                       "same log-probabilities and scores) in each batch where that holds fewer "
+                                       "tokens; False: a row per answer, as LLaMA-Factory and TRL batch them")
 
 
 @dataclass

@@ -21,12 +21,12 @@ The rest is arithmetic on the run's shapes, written from what phift's code and D
   pageable optimizer state.
 
 Activation memory grows with sequence length: every sample is taken at --cutoff_len, every position labelled (the
-worst batch); a preference pair (--stage rm, dpo, orpo) as two such rows, one per answer (phift's shared-prompt rows
-hold as many tokens at most, and masks where prompts are padded), with the stage's head: DPO's and ORPO's per-token
-log-probabilities (every dropout off), the reward model's value head. DPO's reference is a frozen copy of the model's weights beside it for full fine-tuning
-(in pinned host memory with --dpo_ref_offload), nothing under LoRA or with --dpo_precompute_ref. Constants that are
-measured rather than derived are marked as such below; bench/bench_estimate.py measures the whole prediction on a
-GPU.
+worst batch); a preference pair (--stage rm, dpo, orpo) as two such rows, one per answer (a batch shares its
+prompts only where that holds fewer tokens, and then adds masks where prompts are padded), with the stage's head:
+DPO's and ORPO's per-token log-probabilities (every dropout off), the reward model's value head. DPO's reference is a
+frozen copy of the model's weights beside it for full fine-tuning (in pinned host memory with --dpo_ref_offload),
+nothing under LoRA or with --dpo_precompute_ref. Constants that are measured rather than derived are marked as such
+below; bench/bench_estimate.py measures the whole prediction on a GPU.
 """
 from __future__ import annotations
 
@@ -264,7 +264,8 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
     if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type != "lora"):
         reference = "streamed" if f.dpo_ref_offload else "copy"
     return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size * (2 if pairs else 1),
-                seq=d.cutoff_len, stage=f.stage, pairs=pairs, shared=pairs and f.dpo_share_prompt, reference=reference, reference_element=precision.load.itemsize,
+                seq=d.cutoff_len, stage=f.stage, pairs=pairs, shared=pairs and f.dpo_share_prompt, reference=reference,
+                reference_element=precision.load.itemsize,
                 accumulation=t.gradient_accumulation_steps,
                 policy="none" if m.disable_gradient_checkpointing else m.gradient_checkpointing_policy,
                 weight=weight, compute=precision.compute.itemsize if precision.compute else weight,
@@ -364,6 +365,10 @@ class _Saved(dict):
             self[f"{qkv_name} output (v is a view of it)"] = n * (q + 2 * kv) * cd
         self["attention output"] = n * q * cd
         self["attention logsumexp"] = 4 * p.batch * c.num_heads * p.seq
+        if p.shared and not (kv < q and _masked(c, p)):
+            # model.attend_shared: the rejected answers' call attends to their prompt's keys and values joined to
+            # their own, a copy (about half of each row's, for half the rows' worth of tokens)
+            self["rejected answers' keys and values (their prompt's joined)"] = n * kv * cd
         if _masked(c, p):  # memory-efficient attention (CUDA), the CPU kernel: each keeps a bias made of the mask
             self["attention bias (mask)"] = p.batch * p.seq * p.seq * cd
 
@@ -397,7 +402,9 @@ def _phi_block_saved(c: PhiConfig, p: Plan, policy: str, x_rg: bool, saved: _Sav
     if qkv_rg:
         saved.attention(c, "Wqkv")
     # CUDA's attention output is [B, T, H, D] under its [B, H, T, D] view: out_proj reads it without a copy
-    out_rg = linear("out_proj", "attention output" if cuda else "out_proj input (copy)", cd, h, h, qkv_rg, lean=True)
+    # (shared-prompt rows join their two calls' outputs: a tensor of its own, out_proj's input)
+    out_rg = linear("out_proj", "attention output" if cuda and not p.shared else "out_proj input (copy)", cd, h, h,
+                    qkv_rg, lean=True)
     if policy == "mlp" and not recomputing:
         # inside the checkpoint nothing is kept; the checkpoint holds its input, fc2 may keep its output
         f1_rg = h_rg or p.full or "fc1" in p.lora_targets
@@ -440,7 +447,7 @@ def _phi3_block_saved(c: Phi3Config, p: Plan, policy: str, x_rg: bool, saved: _S
     if qkv_rg:
         saved.attention(c, "qkv_proj")
     # CUDA's attention output is [B, T, H, D] under its [B, H, T, D] view: o_proj reads it without a copy
-    out_rg = linear("o_proj", "attention output" if cuda else "o_proj input (copy)", cd, h, h, qkv_rg)
+    out_rg = linear("o_proj", "attention output" if cuda and not p.shared else "o_proj input (copy)", cd, h, h, qkv_rg)
     if c.resid_pdrop > 0 and out_rg:
         saved["attention dropout mask"] = n * h * (saved.mask or cd)
     m_rg = rms_norm("MLP norm", "attention residual (MLP norm input)", x_rg or out_rg)
@@ -846,9 +853,9 @@ def estimate(config: Config, run: RunConfig, gpus: int = 1, nodes: int = 1, ds_c
     notes = [f"every sample at --cutoff_len {p.seq}: {p.batch} × {p.seq} tokens a micro-batch, every position "
              "labelled (the worst batch)" if not p.pairs else
              f"every answer at --cutoff_len {p.seq}: {p.batch // 2} pairs, {p.batch} rows × {p.seq} tokens a "
-             "micro-batch (a row per answer; phift's shared-prompt rows hold as many tokens at most), every position "
-             "labelled (the worst batch)" + ("; shared prompts of different lengths are padded and masked, the "
-                                            "masks' additive biases counted in" if p.shared else "")]
+             "micro-batch (a row per answer; a batch shares its prompts only where that holds fewer tokens), every "
+             "position labelled (the worst batch)" + ("; shared prompts of different lengths are padded and masked, "
+                                                      "the masks' additive biases counted in" if p.shared else "")]
     if p.reference:
         notes.append("DPO's reference: a frozen copy of these weights (a --ref_model of another size differs); its "
                      "no-grad forward runs before the policy's and holds less")
@@ -1026,7 +1033,8 @@ def render(e: Estimate, config: Config, params: Params, suggestion, target: tupl
         lines.append(f"To fit {name} ({gpu_gib} GiB) with {host_gib} GiB of host memory: {text} "
                      f"(GPU {_gib(s.gpu_total)}, host {_gib(s.host_total)})")
     else:
-        listed = ("DPO's reference once, " if e.plan.reference else "") + "recomputation, offload, micro-batch, cutoff, LoRA"
+        listed = (("DPO's reference once, " if e.plan.reference else "")
+                  + "recomputation, offload, micro-batch, cutoff, LoRA")
         lines.append(f"Nothing on the list ({listed}) fits {name} "
                      f"({gpu_gib} GiB) with {host_gib} GiB of host memory.")
     lines += [f"Note: {n}" for n in e.notes]

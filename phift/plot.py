@@ -85,7 +85,8 @@ def plot_metrics(output_dir, keys) -> Path | None:
     return path
 
 
-def plot_memory(path, title: str, panels: dict[str, tuple[float, str, list[tuple[str, list[tuple[str, float]]]]]]) -> Path:
+def plot_memory(path, title: str,
+                panels: dict[str, tuple[float, str, list[tuple[str, list[tuple[str, float]]]]]]) -> Path:
     """Stacked horizontal bars of GiB, a panel per memory (GPU, host): panels[name] = (capacity GiB, its label,
     [(bar label, [(part, GiB), ...]), ...]), the capacity a dashed line. A part keeps its colour in every bar."""
     plt = _pyplot()

@@ -211,7 +211,8 @@ def shares_prompt(run: RunConfig, config) -> dict:
 
 
 def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, window: int | None = None):
-    if share_prompt and "prompt_ids" in micro[0] and (window is None or max(
+    # preference pairs share their prompt where that makes fewer tokens (the same log-probabilities either way)
+    if share_prompt and "prompt_ids" in micro[0] and data.sharing_saves_tokens(micro) and (window is None or max(
             len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in micro) <= window):
         b = data.collate_shared_pairs(micro, pad_id)  # its answer positions are found here on the CPU too
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}

@@ -634,8 +634,8 @@ def test_zero3_optimizer_step_counts_the_largest_sub_group_deepspeed_makes(tmp_p
 def test_a_pair_is_two_rows_at_the_cutoff(stage):
     """B pairs hold 2B answers, each at most --cutoff_len with its prompt: the blocks keep what 2B rows keep (the head
     differs: test_a_pair_stages_activations_are_the_bytes_autograd_keeps). Sharing the prompt (the default) holds no
-    more tokens, but masks its attention: each block keeps the additive bias of a [2B, 1, cutoff, cutoff] mask, and a
-    checkpoint the boolean mask."""
+    more tokens, but masks its attention: each block keeps the additive bias of a [2B, 1, cutoff, cutoff] mask (a
+    checkpoint the boolean mask) and the rejected answers' keys and values joined to their prompt's."""
     unshared = estimate_of("--stage", stage, "--fp16", "True", "--dpo_share_prompt", "False",
                            per_device_train_batch_size=3, cutoff_len=512)
     rows = estimate_of("--fp16", "True", per_device_train_batch_size=6, cutoff_len=512)
@@ -643,8 +643,8 @@ def test_a_pair_is_two_rows_at_the_cutoff(stage):
     assert unshared.activations.per_layer == rows.activations.per_layer
     assert unshared.activations.first_layer == rows.activations.first_layer
     pairs = estimate_of("--stage", stage, "--fp16", "True", per_device_train_batch_size=3, cutoff_len=512)
-    bias, mask = 6 * 512 * 512 * 2, 6 * 512 * 512
-    assert pairs.activations.per_layer["none"] == rows.activations.per_layer["none"] + bias
+    bias, mask, keys_values = 6 * 512 * 512 * 2, 6 * 512 * 512, 6 * 512 * 2048 * 2
+    assert pairs.activations.per_layer["none"] == rows.activations.per_layer["none"] + bias + keys_values
     assert pairs.activations.first_layer["full"] == rows.activations.first_layer["full"] + mask
     assert pairs.notes[0].startswith("every answer at --cutoff_len 512: 3 pairs, 6 rows × 512 tokens")
     assert "masks' additive biases counted in" in pairs.notes[0] and "masks" not in unshared.notes[0]
@@ -699,6 +699,31 @@ def test_a_pair_stages_activations_are_the_bytes_autograd_keeps(family, stage, p
     measured = live_after_pair_forward(objective, batch, prec.autocast is not None)
     predicted = E.estimate(config, run, device="cpu").activations.total(policy)
     assert 0 <= measured - predicted < 512, (measured, predicted)
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+@pytest.mark.parametrize("family", list(MODELS))
+def test_shared_prompt_rows_keep_less_than_the_worst_batch_estimated(family, stage, policy):
+    """Prompts of 8 and 3 tokens (padded, so masked), answers of 8: where a batch shares its prompts it holds fewer
+    tokens than a row per answer at the cutoff, and what it keeps stays under the estimate, masks and the rejected
+    answers' joined keys and values included."""
+    from phift import data
+    from phift.train import build_objective, shares_prompt, to_batch
+
+    preset, make = MODELS[family]
+    config = make(num_layers=3)
+    run = run_of("--stage", stage, *RECOMPUTE[policy], model=preset, per_device_train_batch_size=2, cutoff_len=16)
+    model, prec = cpu_model(config, run)
+    objective = build_objective(model, run, prec, torch.device("cpu")).train()
+    g = torch.Generator().manual_seed(0)
+    pairs = [{k: torch.randint(0, config.vocab_size - 1, (n,), generator=g).tolist()
+              for k, n in (("prompt_ids", p), ("chosen_ids", 8), ("rejected_ids", 8))} for p in (8, 3)]
+    assert data.sharing_saves_tokens(pairs)
+    batch = to_batch(pairs, False, 0, torch.device("cpu"), **shares_prompt(run, config))
+    assert batch["pairs"].prompt_pad is not None  # the masked layout
+    measured = live_after_pair_forward(objective, batch, prec.autocast is not None)
+    assert measured < E.estimate(config, run, device="cpu").activations.total(policy)
 
 
 @pytest.mark.parametrize("flags, where", [
