@@ -12,8 +12,9 @@ fresh subprocess the case is estimated (phift.estimate.estimate), then built as 
 (phift.train.prepare_model, phift.engines.build_engine: the plain engine, phift's --offload_optimizer cpu, DeepSpeed
 ZeRO-2/3 with or without its CPU offload) and trained for a warm-up step and --steps measured optimizer steps on
 random tokens of the case's shape, every position labelled (the estimate's worst batch); for --stage rm, dpo and orpo
-each pair a one-token prompt and two answers of cutoff − 1 tokens, batched as phift train batches them (a row per
-answer, or one row a pair sharing the prompt), the objective and DPO's reference built as there. Measured:
+each pair a prompt of the case's length (by default one token) and two answers that fill the cutoff beside it,
+batched as phift train batches them (a row per answer, or one row a pair sharing the prompt where that holds fewer
+tokens), the objective and DPO's reference built as there. Measured:
 - peak allocated: torch.cuda.max_memory_allocated over the measured steps (the counter reset after the warm-up),
   against the estimate's peak allocated;
 - GPU needed: the device's used memory (total − free) at the end, the CUDA context included, against the
@@ -59,6 +60,7 @@ class Case:
     engine: str = "plain"  # plain | offload | zero2 | zero2-offload | zero3
     accumulation: int = 1
     stage: str = "sft"  # sft | rm | dpo | orpo: `batch` pairs, each answer at `seq` with its prompt
+    prompt: int = 1  # a pair's prompt tokens (every other pair's 8 fewer, when longer than 8: padded, masked prompts)
     extra: tuple[str, ...] = field(default_factory=tuple)
 
     def flags(self, ds_dir: Path) -> list[str]:
@@ -122,10 +124,11 @@ CASES = [
     _c("phi4mini-lora-bf16-1x2048-none", "phi-4-mini", 1, 2048, recompute="none"),
     _c("phi4mini-full-pure-1x1024-offload", "phi-4-mini", 1, 1024, finetuning="full", precision="pure_bf16",
        engine="offload"),
-    # preference pairs: each answer as long as the cutoff allows (a one-token prompt), so that a row per answer is the
-    # estimate's worst batch and a shared row [prompt | chosen | rejected] the longest it can be
+    # preference pairs: each answer as long as the cutoff allows beside a one-token prompt, so that a row per answer
+    # is the estimate's worst batch (sharing would hold more tokens, so to_batch does not share); the shared case's
+    # prompts of 512 and 504 tokens are padded, the layout masked, as the estimate assumes
     _c("dpo-lora-bf16-4x1024-rows", "phi-1_5", 4, 1024, stage="dpo", extra=("--dpo_share_prompt", "False")),
-    _c("dpo-lora-bf16-4x1024", "phi-1_5", 4, 1024, stage="dpo"),
+    _c("dpo-lora-bf16-4x1024-shared", "phi-1_5", 4, 1024, stage="dpo", prompt=512),
     _c("dpo-full-bf16-1x1024", "phi-1_5", 1, 1024, finetuning="full", stage="dpo"),
     _c("dpo-full-pure-2x1024-ref-offload", "phi-1_5", 2, 1024, finetuning="full", precision="pure_bf16",
        stage="dpo", extra=("--dpo_ref_offload", "True")),
@@ -142,7 +145,7 @@ TINY = [
     _c("tiny-phi4-full-pure-2x64-offload", "tiny-phi4", 2, 64, finetuning="full", precision="pure_bf16",
        engine="offload"),
     _c("tiny-dpo-full-fp32-2x64", "tiny", 2, 64, finetuning="full", precision="fp32", stage="dpo"),
-    _c("tiny-phi3-rm-lora-bf16-2x64", "tiny-phi3", 2, 64, stage="rm"),
+    _c("tiny-phi3-rm-lora-bf16-2x64", "tiny-phi3", 2, 64, stage="rm", prompt=32),
 ]
 
 
@@ -249,12 +252,13 @@ def worker(case: Case, device_name: str, steps: int, directory: Path) -> dict:
     layout = shares_prompt(run, config) if pairwise else {}
 
     def batch():
-        if pairwise:  # a one-token prompt, both answers cutoff - 1 tokens: each answer's row at the cutoff
+        if pairwise:  # each answer's row at the cutoff
             def ids(n):
                 return torch.randint(0, vocab, (n,), generator=g).tolist()
 
-            pairs = [{"prompt_ids": ids(1), "chosen_ids": ids(case.seq - 1), "rejected_ids": ids(case.seq - 1)}
-                     for _ in range(case.batch)]
+            prompts = [case.prompt - (8 if case.prompt > 8 and i % 2 else 0) for i in range(case.batch)]
+            pairs = [{"prompt_ids": ids(p), "chosen_ids": ids(case.seq - p), "rejected_ids": ids(case.seq - p)}
+                     for p in prompts]
             return to_batch(pairs, False, pad_id=0, device=device, **layout)
         ids = torch.randint(0, vocab, (case.batch, case.seq), generator=g)
         b = {"input_ids": ids, "labels": ids.clone(), "label_rows": LMHead.label_rows(ids)}
@@ -390,8 +394,8 @@ def main(argv=None):
             print(f"{case.name}: {row['status']} {judge(row) if row['status'] == 'ok' else ''}", flush=True)
     header = (f"### phift estimate against measured memory ({args.device}{', tiny' if args.tiny else ''})\n\n"
               f"Command: `{command}`. "
-              "Random-weight presets, random tokens, every position labelled (a preference pair: a one-token prompt, "
-              f"both answers at the cutoff); {args.steps} measured optimizer "
+              "Random-weight presets, random tokens, every position labelled (a preference pair: its case's prompt, "
+              f"both answers filling the cutoff beside it); {args.steps} measured optimizer "
               "steps after a warm-up step; peak = torch.cuda.max_memory_allocated over the measured steps. "
               f"Harness wall {time.time() - start:.0f} s.")
     args.out.write_text(render(rows, header))

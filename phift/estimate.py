@@ -260,9 +260,7 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
 
         lora_targets = tuple(resolve_targets(f.lora_target, FAMILY_NAMES[families.family_of(config).name])[0])
     pairs = f.stage in PAIRWISE_STAGES
-    reference = ""  # as phift.train.dpo_reference keeps one through training
-    if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type != "lora"):
-        reference = "streamed" if f.dpo_ref_offload else "copy"
+    reference = ("streamed" if f.dpo_ref_offload else "copy") if keeps_dpo_reference(f) else ""
     return Plan(device=device, engine=engine, full=full, batch=t.per_device_train_batch_size * (2 if pairs else 1),
                 seq=d.cutoff_len, stage=f.stage, pairs=pairs, shared=pairs and f.dpo_share_prompt, reference=reference,
                 reference_element=precision.load.itemsize,
@@ -280,6 +278,12 @@ def plan_for(run: RunConfig, device: str = "cuda", gpus: int = 1, nodes: int = 1
 
 
 # ---------------------------------------------------------------------------------------------------- activations
+def keeps_dpo_reference(f) -> bool:
+    """Whether DPO keeps a reference model through training, as phift.train.dpo_reference does: --ref_model, or for
+    full fine-tuning a frozen copy, unless --dpo_precompute_ref reads it once before training."""
+    return f.stage == "dpo" and not f.dpo_precompute_ref and (bool(f.ref_model) or f.finetuning_type != "lora")
+
+
 def _padded_rank(rank: int) -> int:
     return next((p for p in (8, 16, 32, 64) if p >= rank), rank)
 
@@ -356,16 +360,17 @@ class _Saved(dict):
         additive bias SDPA makes of it."""
         p, n, cd = self.p, self.p.tokens, self.p.compute
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        repeated = kv < q and _masked(c, p)  # model.attend repeats grouped heads for a masked call: SDPA keeps those
         if _rotary_fused(c, p):  # kernels.rotary_qkv: one [3, B, T, H, D] tensor; q, k, v are views of it
             self["q, k, v"] = n * (q + 2 * kv) * cd
-        elif kv < q and _masked(c, p):  # model.attend repeats grouped heads for a masked call: SDPA keeps those
+        elif repeated:
             self["q"], self["k, v (heads repeated)"] = n * q * cd, 2 * n * q * cd
         else:
             self["q"], self["k"] = n * q * cd, n * kv * cd
             self[f"{qkv_name} output (v is a view of it)"] = n * (q + 2 * kv) * cd
         self["attention output"] = n * q * cd
         self["attention logsumexp"] = 4 * p.batch * c.num_heads * p.seq
-        if p.shared and not (kv < q and _masked(c, p)):
+        if p.shared and not repeated:
             # model.attend_shared: the rejected answers' call attends to their prompt's keys and values joined to
             # their own, a copy (about half of each row's, for half the rows' worth of tokens)
             self["rejected answers' keys and values (their prompt's joined)"] = n * kv * cd
@@ -895,7 +900,7 @@ def _variants(run: RunConfig, ds_config: dict | None, gpu_bf16: bool):
     """Changes that cut memory, cheapest first: (kind, the flags that say it, {group: fields}, DeepSpeed config or
     None). A later change of a kind replaces an earlier one of the same kind."""
     m, d, f, t = run.model, run.data, run.finetuning, run.training
-    if f.stage == "dpo" and not f.dpo_precompute_ref and (f.ref_model or f.finetuning_type == "full"):
+    if keeps_dpo_reference(f):
         # the reference's log-probabilities once before training: no copy kept, no reference forward a step
         off = {"dpo_ref_offload": False} if f.dpo_ref_offload else {}
         yield "reference", "--dpo_precompute_ref True" + (" --dpo_ref_offload False" if off else ""), \
