@@ -49,6 +49,7 @@ NO_LORA_KERNEL = " (no LoRA kernel)"
 # phift with --dpo_share_prompt False: a row per answer, the prompt run twice, as TRL batches pairs
 NOT_SHARED = " (prompt not shared)"
 PAIRS_PER_STEP, PROMPT, ANSWER, BETA, LR = 4, 512, 512, 0.1, 5e-6
+PROFILE_STEPS = 3  # --profile: steps under torch.profiler after the timed ones
 TINY = dict(prompt=24, answer=24)  # the smoke test's lengths
 
 
@@ -135,16 +136,39 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
     engine = build_engine(objective, run, precision, total, device)
     objective.train()
     losses, layout = [], shares_prompt(run, model.config)
-    for i in range(total):
-        timer.before_step()
+
+    def step(i):
         batch = to_batch(pairs[i * PAIRS_PER_STEP:(i + 1) * PAIRS_PER_STEP], False, pad_id=0, device=device, **layout)
         losses.append(engine.forward_backward(batch, True).detach())
         engine.step(True)
+
+    for i in range(total):
+        timer.before_step()
+        step(i)
         timer.after_step()
+    if spec.get("profile"):
+        profile_steps(spec, step, total, 1000 * timer.seconds / spec["steps"])
     return {"loss_first": float(losses[0]), "loss_last": float(losses[-1]), "cuda_kernels": kernels.kernels_enabled(),
             "prompt_shared": layout["share_prompt"],
             "kernels_off": sorted(kernels.DISABLED),
             "trainable": sum(p.numel() for p in objective.parameters() if p.requires_grad)}
+
+
+def profile_steps(spec: dict, step, first: int, step_ms: float) -> None:
+    """PROFILE_STEPS more steps under torch.profiler, summarised as bench/profile_step.py does, to spec["profile"]."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_step import summarize
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(first, first + PROFILE_STEPS):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+    _, lines = summarize(prof, PROFILE_STEPS, step_ms, 30)
+    Path(spec["profile"]).write_text(f"{spec['impl']}: step {step_ms:.2f} ms (unprofiled)\n" + "\n".join(lines) + "\n")
 
 
 def word_tokenizer(vocab: int):
@@ -216,11 +240,15 @@ def worker(impl: str, spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     lengths = TINY if spec["tiny"] else dict(prompt=PROMPT, answer=ANSWER)
-    steps = spec["warmup"] + spec["steps"]
+    steps = spec["warmup"] + spec["steps"] + (PROFILE_STEPS if spec.get("profile") else 0)
     pairs = make_pairs(steps * PAIRS_PER_STEP, lengths["prompt"], lengths["answer"],
                        model_config(spec["tiny"]).vocab_size, spec["seed"])
     timer = Timer(device, spec["warmup"], spec["steps"])
-    spec = {**spec, "compile": "+compile" in impl, "share_prompt": NOT_SHARED not in impl}
+    spec = {**spec, "impl": impl, "compile": "+compile" in impl, "share_prompt": NOT_SHARED not in impl}
+    if spec.get("profile") and impl.startswith("phift"):
+        spec["profile"] = f"{spec['profile']}_{''.join(c if c.isalnum() else '_' for c in impl)}.txt"
+    else:
+        spec.pop("profile", None)
     extra = (run_phift if impl.startswith("phift") else run_trl)(spec, pairs, device, timer)
     pairs_timed = spec["steps"] * PAIRS_PER_STEP
     return {"impl": impl, "status": "ok", "pairs_per_s": round(pairs_timed / timer.seconds, 3),
@@ -316,6 +344,8 @@ def main(argv=None):
     p.add_argument("--checkpointing", choices=("on", "off"), default="on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=int, default=600)
+    p.add_argument("--profile", help="after the timed steps, profile phift's and write where its time goes to "
+                                     "PROFILE_<impl>.txt (not part of the timing)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -338,7 +368,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         for impl in a.impls.split(","):
             spec = {"device": a.device, "tiny": a.tiny, "warmup": a.warmup, "steps": a.steps,
-                    "checkpointing": a.checkpointing, "seed": a.seed, "scratch": scratch}
+                    "checkpointing": a.checkpointing, "seed": a.seed, "scratch": scratch, "profile": a.profile}
             rows.append(run_impl(impl, spec, a.timeout_s))
             print(json.dumps(rows[-1]), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

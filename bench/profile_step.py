@@ -73,27 +73,44 @@ def main():
         torch.cuda.synchronize()
     if a.trace:
         prof.export_chrome_trace(a.trace)
+    _, lines = summarize(prof, a.steps, step_ms, a.top)
+    tokens = c.batch * c.seq
+    print(f"\n{a.config} / {a.impl}: step {step_ms:.2f} ms (unprofiled), {tokens / step_ms * 1e3:,.0f} tok/s")
+    print("\n".join(lines))
+
+
+def summarize(prof, steps: int, step_ms: float, top: int) -> tuple[float, list[str]]:
+    """The kernel time a step by category and by kernel, and where the host waited: the CUDA runtime calls that
+    took the host longest (a synchronisation or a copy from pageable memory stalls the queue behind it)."""
+    import torch
+
     # CUDA-side events, less the profiler's own annotations of CPU ranges (e.g. "Optimizer.step#AdamW.step"), which
     # span kernels already counted
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     by_name, by_cat, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for e in kernels:
-        us = e.device_time / a.steps if hasattr(e, "device_time") else e.cuda_time / a.steps
+        us = e.device_time / steps if hasattr(e, "device_time") else e.cuda_time / steps
         by_name[e.name] += us
         count[e.name] += 1
         by_cat[category(e.name)] += us
     busy_ms = sum(by_cat.values()) / 1e3
-    tokens = c.batch * c.seq
-    print(f"\n{a.config} / {a.impl}: step {step_ms:.2f} ms (unprofiled), {tokens / step_ms * 1e3:,.0f} tok/s; "
-          f"kernel time {busy_ms:.2f} ms/step ({busy_ms / step_ms:.0%} of the step), "
-          f"{len(kernels) / a.steps:.0f} kernel launches/step")
-    print("\nby category (ms/step):")
+    lines = [(f"kernel time {busy_ms:.2f} ms/step ({busy_ms / step_ms:.0%} of the step), "
+              f"{len(kernels) / steps:.0f} kernel launches/step"), "", "by category (ms/step):"]
     for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
-        print(f"  {cat:20s} {us / 1e3:8.2f}  {us / 1e3 / step_ms:6.1%}")
-    print(f"\ntop {a.top} kernels (µs/step, launches/step):")
-    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:a.top]:
-        print(f"  {us:9.0f} {count[name] / a.steps:5.0f}  {category(name):12s} {name[:110]}")
+        lines.append(f"  {cat:20s} {us / 1e3:8.2f}  {us / 1e3 / step_ms:6.1%}")
+    lines += ["", f"top {top} kernels (µs/step, launches/step):"]
+    for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {us:9.0f} {count[name] / steps:5.0f}  {category(name):12s} {name[:110]}")
+    runtime, calls = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+            runtime[e.name] += e.cpu_time_total / steps
+            calls[e.name] += 1
+    lines += ["", "host time in CUDA runtime calls (µs/step, calls/step):"]
+    for name, us in sorted(runtime.items(), key=lambda kv: -kv[1])[:8]:
+        lines.append(f"  {us:9.0f} {calls[name] / steps:6.0f}  {name}")
+    return busy_ms, lines
 
 
 if __name__ == "__main__":
