@@ -15,6 +15,8 @@ over the timed steps (its counter reset just before them).
           log-probabilities; `(prompt not shared)`: 8 rows of 1024, as TRL), stepped by the plain engine (fused
           AdamW, clipping at 1.0, bf16 autocast)
   +compile  phift's --compile (each block compiled); TRL's torch_compile (the HF Trainer compiles the whole model)
+  +graphs   phift's --cuda_graphs: each step's forward and backward replayed as one CUDA graph (the host's launches
+            bound an eager step of the shared layout)
   trl     transformers' PhiForCausalLM of the same shape (bf16 base weights, SDPA) under TRL's DPOTrainer with a PEFT
           LoraConfig r 8, α 16, dropout 0 on q_proj, k_proj, v_proj (three adapters), ref_model None (TRL turns the
           adapter off for the reference), bf16, adamw_torch_fused, clipping at 1.0. The token ids reach it as text of
@@ -42,8 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-IMPLS = ("phift", "phift+compile", "trl", "trl+compile", "phift (prompt not shared)", "phift (no LoRA kernel)",
-         "phift+compile (no LoRA kernel)")
+IMPLS = ("phift", "phift+compile", "trl", "trl+compile", "phift+graphs", "phift (prompt not shared)",
+         "phift (no LoRA kernel)", "phift+compile (no LoRA kernel)")
 # phift without its fused LoRA op: the PyTorch LoRA math, as PEFT does
 NO_LORA_KERNEL = " (no LoRA kernel)"
 # phift with --dpo_share_prompt False: a row per answer, the prompt run twice, as TRL batches pairs
@@ -126,7 +128,7 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
         "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--learning_rate", str(LR), "--max_grad_norm", "1.0",
         "--lr_scheduler_type", "constant", "--max_steps", str(total),
         "--disable_gradient_checkpointing", str(spec["checkpointing"] == "off"), "--compile", str(spec["compile"]),
-        "--dpo_share_prompt", str(spec.get("share_prompt", True))])
+        "--dpo_share_prompt", str(spec.get("share_prompt", True)), "--cuda_graphs", str(spec.get("graphs", False))])
     precision = decide_precision(run, device)
     kernels.load(device)
     torch.manual_seed(spec["seed"])
@@ -139,7 +141,7 @@ def run_phift(spec: dict, pairs: list[dict], device, timer: Timer) -> dict:
 
     def step(i):
         batch = to_batch(pairs[i * PAIRS_PER_STEP:(i + 1) * PAIRS_PER_STEP], False, pad_id=0, device=device, **layout)
-        losses.append(engine.forward_backward(batch, True).detach())
+        losses.append(engine.forward_backward(batch, True).detach().clone())  # (a graph's output is reused)
         engine.step(True)
 
     for i in range(total):
@@ -244,7 +246,8 @@ def worker(impl: str, spec: dict) -> dict:
     pairs = make_pairs(steps * PAIRS_PER_STEP, lengths["prompt"], lengths["answer"],
                        model_config(spec["tiny"]).vocab_size, spec["seed"])
     timer = Timer(device, spec["warmup"], spec["steps"])
-    spec = {**spec, "impl": impl, "compile": "+compile" in impl, "share_prompt": NOT_SHARED not in impl}
+    spec = {**spec, "impl": impl, "compile": "+compile" in impl, "graphs": "+graphs" in impl,
+            "share_prompt": NOT_SHARED not in impl}
     if spec.get("profile") and impl.startswith("phift"):
         spec["profile"] = f"{spec['profile']}_{''.join(c if c.isalnum() else '_' for c in impl)}.txt"
     else:
@@ -338,7 +341,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="the markdown report (rows go beside it as .jsonl)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the 2-layer model on short rows: a smoke test")
-    p.add_argument("--impls", default=",".join(IMPLS[:4]), help="comma-separated among " + ", ".join(IMPLS))
+    p.add_argument("--impls", help="comma-separated among " + ", ".join(IMPLS) + " (default: the first five on a "
+                                    "GPU, the first four on the CPU, which has no CUDA graphs)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--checkpointing", choices=("on", "off"), default="on")
@@ -366,7 +370,7 @@ def main(argv=None):
             "row_tokens": lengths["prompt"] + lengths["answer"], "versions": versions()}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for impl in a.impls.split(","):
+        for impl in (a.impls or ",".join(IMPLS[:5] if a.device == "cuda" else IMPLS[:4])).split(","):
             spec = {"device": a.device, "tiny": a.tiny, "warmup": a.warmup, "steps": a.steps,
                     "checkpointing": a.checkpointing, "seed": a.seed, "scratch": scratch, "profile": a.profile}
             rows.append(run_impl(impl, spec, a.timeout_s))

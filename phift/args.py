@@ -59,8 +59,9 @@ class ModelArgs:
                                                      "the largest; faster, more memory)", choices=("full", "mlp"))
     compile: bool = arg(False, "torch.compile each block")
     cuda_graphs: bool = arg(False, "replay each micro-batch's forward and backward as a CUDA graph, one per batch "
-                                   "shape (lengths padded to multiples of 64): for small batches, whose steps the "
-                                   "host's kernel launches bound; needs a step without random numbers")
+                                   "shape (lengths padded to multiples of 64; preference pairs in the shared-prompt "
+                                   "layout, each span padded so): for steps the host's kernel launches bound; needs a "
+                                   "step without random numbers")
 
 
 @dataclass
@@ -466,9 +467,9 @@ def check(run: RunConfig) -> None:
             raise ConfigError("--cuda_graphs and --compile are exclusive: pick one way to cut the host's launch cost")
         if f.neft_alpha > 0:
             raise ConfigError("--cuda_graphs needs a step without random numbers; NEFTune (--neft_alpha) draws noise")
-        if f.finetuning_type == "lora" and f.lora_dropout > 0:
+        if f.finetuning_type == "lora" and f.lora_dropout > 0 and f.stage not in ("dpo", "orpo"):
             raise ConfigError("--cuda_graphs needs a step without random numbers, but LoRA dropout draws masks: pass "
-                              "--lora_dropout 0")
+                              "--lora_dropout 0")  # (dpo and orpo turn every dropout off)
     if not (t.do_train or t.do_eval or t.do_predict or d.mcq_files):
         raise ConfigError("nothing to evaluate with --do_train False (as `phift eval` runs): add --do_eval True (loss "
                           "and perplexity), --do_predict True --predict_with_generate True (BLEU/ROUGE) or "
@@ -499,8 +500,12 @@ def check_stage(run: RunConfig) -> None:
         raise ConfigError(f"--stage {f.stage} scores the answers of a pair, which share their prompt: "
                           "--train_on_prompt True has nothing to add")
     if run.model.cuda_graphs and f.stage in PAIRWISE_STAGES:
-        raise ConfigError(f"--cuda_graphs replays the language-model loss of --stage sft and pt; --stage {f.stage} "
-                          "runs eagerly")
+        if not f.dpo_share_prompt:
+            raise ConfigError(f"--cuda_graphs replays --stage {f.stage}'s pairs in the shared-prompt layout: drop "
+                              "--dpo_share_prompt False")
+        if f.dpo_ref_offload:
+            raise ConfigError("--cuda_graphs and --dpo_ref_offload are exclusive: the streamed reference copies its "
+                              "weights in from the host each forward, outside what a graph can replay")
     if t.do_predict and f.stage != "sft":
         raise ConfigError(f"--do_predict generates answers to score them, which is --stage sft's evaluation (as in "
                           f"LLaMA-Factory); --stage {f.stage} evaluates with --do_eval")

@@ -732,7 +732,8 @@ class SharedPairs:
     i's chosen answer is i, its rejected one B + i, as collate_pairs orders the rows); `last` [2B] the flattened
     position of each answer's last token, in that order (where a reward model scores it). prompt, chosen, rejected:
     the three column spans; prompt_pad: [B] each prompt's left padding, or None when no prompt is padded;
-    position_ids [B, T] each answer counted on from its prompt's end."""
+    position_ids [B, T] each answer counted on from its prompt's end. An `answer` of 2B or more marks an entry that
+    belongs to no answer (padding to a static shape)."""
     prompt: int
     chosen: int
     rejected: int
@@ -765,19 +766,29 @@ def sharing_saves_tokens(examples: list[dict], pad_to_multiple_of: int | None = 
     return shared < 2 * row
 
 
-def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8) -> dict:
+def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = 8,
+                         static: int | None = None) -> dict:
     """B preference pairs as B rows [prompt | chosen | rejected] (model.SharedPrompt): the prompt once for both
     answers. Prompts are left-padded to the longest, answers right-padded to a multiple; the position ids count each
     answer on from its prompt's end (padding at 0). The same answer tokens as collate_pairs labels, predicted from the same
     positions of the same sequences, so the log-probabilities equal its rows' (and each row's alone, where LongRoPE's
-    switch would see collate_pairs' padding); `reference_logps` as there."""
-    multiple = pad_to_multiple_of or 1
+    switch would see collate_pairs' padding); `reference_logps` as there.
+
+    static: shapes a CUDA graph can replay (engines.graphs): the prompt span too is padded to a multiple of `static`
+    tokens, the answers' to one of `static`, and the answer tokens' list to one entry per answer column
+    (B × (chosen + rejected)), the entries past the real ones predicting the pad token for an answer 2B that
+    stages.sequence_logps drops."""
+    multiple = static or pad_to_multiple_of or 1
+
+    def up(n):
+        return -(-n // multiple) * multiple
 
     def span(key):
-        return -(-max(len(e[key]) for e in examples) // multiple) * multiple
+        return up(max(len(e[key]) for e in examples))
 
     # prompts are padded to the longest alone: unpadded prompts (equal lengths) keep flash kernels (SharedPrompt)
-    P, C, R = max(len(e["prompt_ids"]) for e in examples), span("chosen_ids"), span("rejected_ids")
+    P = max(len(e["prompt_ids"]) for e in examples)
+    P, C, R = up(P) if static else P, span("chosen_ids"), span("rejected_ids")
     T = P + C + R
     ids, positions, pads, sources, targets, answer = [], [], [], [], [], []
     last = [[], []]
@@ -801,6 +812,9 @@ def collate_shared_pairs(examples: list[dict], pad_token_id: int, pad_to_multipl
                 sources.append(i * T + (P - 1 if j == 0 else start + j - 1))
                 targets.append(token)
                 answer.append(k * B + i)
+    if static:  # the unused entries: position 0 predicting the pad token, for no answer's sum
+        n = B * (C + R) - len(sources)
+        sources, targets, answer = sources + [0] * n, targets + [pad_token_id] * n, answer + [2 * B] * n
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long),
              "pairs": SharedPairs(P, C, R, torch.tensor(pads) if any(pads) else None, torch.tensor(positions),
                                   torch.tensor(sources), torch.tensor(targets), torch.tensor(answer),

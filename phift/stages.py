@@ -97,9 +97,9 @@ def sequence_logps(model: nn.Module, input_ids, labels=None, label_rows=None, pa
         logps, mean_logits = model.lm_head(h, labels, label_rows, per_token=True)
         rows, T = input_ids.shape
         seq = label_rows // (T - 1)  # label_rows index the flattened [rows, T - 1] shifted positions
-    zeros = logps.new_zeros(rows)
-    return (zeros.index_add(0, seq, logps), zeros.index_add(0, seq, torch.ones_like(logps)),
-            zeros.index_add(0, seq, mean_logits))
+    zeros = logps.new_zeros(rows + 1)  # the last slot takes the entries of no answer (collate_shared_pairs' static)
+    return (zeros.index_add(0, seq, logps)[:rows], zeros.index_add(0, seq, torch.ones_like(logps))[:rows],
+            zeros.index_add(0, seq, mean_logits)[:rows])
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import data, distributed, estimate, families, kernels, lora, stages
 from .args import PAIRWISE_STAGES, Precision, RunConfig, check_runtime, decide_precision, parse_train_args
 from .config import PRESETS
-from .engines import Engine, build_engine
+from .engines import Engine, build_engine, graphs
 from .evaluate import loss_sums
 from .model import LMHead
 from .neftune import add_neftune
@@ -203,18 +203,24 @@ def count(micro) -> tuple[int, int]:
 
 def shares_prompt(run: RunConfig, config) -> dict:
     """to_batch's keywords for this run: whether preference pairs (rm, dpo, orpo) share their prompt
-    (--dpo_share_prompt) and the span a pair's prompt + answer must keep within (a sliding window, beyond which the
-    shared layout would need the window's mask)."""
+    (--dpo_share_prompt), the span a pair's prompt + answer must keep within (a sliding window, beyond which the
+    shared layout would need the window's mask), and under --cuda_graphs the graphs' static shapes."""
     f = run.finetuning
-    return {"share_prompt": f.dpo_share_prompt and f.stage in PAIRWISE_STAGES,
-            "window": getattr(config, "sliding_window", None)}
+    share = f.dpo_share_prompt and f.stage in PAIRWISE_STAGES
+    return {"share_prompt": share, "window": getattr(config, "sliding_window", None),
+            "static": graphs.BUCKET if share and run.model.cuda_graphs else None}
 
 
-def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, window: int | None = None):
+def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, window: int | None = None,
+             static: int | None = None):
+    """static: shared-prompt batches in the shapes a CUDA graph replays (collate_shared_pairs), shared even where a
+    row per answer would hold fewer tokens (such a batch would run eagerly)."""
     # preference pairs share their prompt where that makes fewer tokens (the same log-probabilities either way)
-    if share_prompt and "prompt_ids" in micro[0] and data.sharing_saves_tokens(micro) and (window is None or max(
-            len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in micro) <= window):
-        b = data.collate_shared_pairs(micro, pad_id)  # its answer positions are found here on the CPU too
+    if share_prompt and "prompt_ids" in micro[0] and (static or data.sharing_saves_tokens(micro)) and (
+            window is None or max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                  for e in micro) <= window):
+        # its answer positions are found here on the CPU too
+        b = data.collate_shared_pairs(micro, pad_id, static=static)
         return {k: v.to(device, non_blocking=True) for k, v in b.items()}
     if packed and all(len(row) == 1 for row in micro):
         # rows of one sample each (long samples leave no room to pack): the same batch unpacked needs no

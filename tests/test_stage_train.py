@@ -204,7 +204,7 @@ def test_full_fine_tuning_saves_the_model_as_a_checkpoint_phift_loads(tmp_path):
     ("--stage dpo --dpo_ref_offload True", "a LoRA run's reference is the model with its adapter turned off"),
     ("--stage dpo --finetuning_type full --dpo_ref_offload True --dpo_precompute_ref True", "nothing to offload"),
     ("--stage rm --do_predict True --predict_with_generate True", "--stage rm evaluates with --do_eval"),
-    ("--stage dpo --cuda_graphs True --lora_dropout 0", "--stage dpo runs eagerly"),
+    ("--stage orpo --cuda_graphs True --dpo_share_prompt False", "in the shared-prompt layout"),
 ])
 def test_flags_that_do_not_go_with_a_stage_are_refused(flags, message):
     base = "--model_name_or_path tiny --dataset identity_dpo --output_dir /nonexistent/out "

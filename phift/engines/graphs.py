@@ -22,6 +22,10 @@ call. What it needs, and how this module gives it:
   the host, and cost a handful of launches.
 - No host syncs and no random numbers inside: checkpointing runs without saving the RNG state, so nothing in the
   model may draw one (dropout, LoRA dropout, NEFTune noise); `check` and phift.args.check refuse those up front.
+- Preference pairs (rm, dpo, orpo) in the shared-prompt layout, collated to static shapes already
+  (data.collate_shared_pairs' `static`): a graph per (prompt, chosen, rejected) span. The objective's metrics are
+  outputs of the graph too: each graph keeps its own, and the engine's module shows those of the last replay. A
+  pair batch in a row per answer (beyond a sliding window) runs eagerly.
 
 The first batch of each shape runs eagerly (its gradients are real: it is also the warm-up that capture needs),
 and the graph is captured right after, so a run pays one capture per shape and nothing else. The gradient-owning
@@ -30,9 +34,13 @@ replay computes that batch again (one extra forward and backward a run).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
+from ..data import SharedPairs
+from ..stages import Objective
 from . import Engine
 
 BUCKET = 64  # tokens: batch lengths are padded up to a multiple of this
@@ -59,7 +67,7 @@ class GraphedEngine(Engine):
         if why:
             raise ValueError(why)
         self.inner = engine
-        self.graphed = GraphedStep(engine.params, engine.forward_backward, engine.spec.accumulation)
+        self.graphed = GraphedStep(engine.params, engine.forward_backward, engine.spec.accumulation, engine.module)
 
     @property
     def module(self):
@@ -94,12 +102,12 @@ class GraphedStep:
     """loss = step(batch, boundary): forward, loss / accumulation (× the fp16 loss scale), backward, as a replayed
     graph."""
 
-    def __init__(self, params, forward_backward, accumulation: int = 1):
+    def __init__(self, params, forward_backward, accumulation: int = 1, module=None):
         """params: the trainable parameters. forward_backward(batch) -> loss runs the eager forward and backward (the
         engine's, with its autocast, loss scaling and accumulation divisor); it is run once eagerly per shape and
         captured once. accumulation: micro-batches a step; at 1 the first graph owns (allocates, then overwrites)
-        the gradients."""
-        self.params, self.forward_backward = params, forward_backward
+        the gradients. module: the objective, whose `metrics` (tensors its forward sets) each graph keeps."""
+        self.params, self.forward_backward, self.module = params, forward_backward, module
         self.owner = None if accumulation == 1 else False  # the gradient-owning graph's shape key, once captured
         self.graphs = {}  # shape key -> (graph, static inputs, static loss)
         self.pool = None
@@ -107,9 +115,28 @@ class GraphedStep:
         self.window_start = True  # the next micro-batch opens an accumulation window: stale gradients, or none
         self.stream = None  # where eager warm-ups run and graphs are captured (made on the first call)
 
+    def graphable(self, batch: dict) -> bool:
+        """A language-model batch, or preference pairs sharing their prompt (collated to static shapes); not pairs in
+        a row per answer, whose log-probabilities read only the labelled positions."""
+        return not isinstance(self.module, Objective) or "pairs" in batch
+
+    @staticmethod
+    def key(batch: dict) -> tuple:
+        """What fixes a graph: every tensor's shape and dtype, and a pair batch's spans."""
+        def sig(v):
+            if isinstance(v, SharedPairs):
+                return (v.prompt, v.chosen, v.rejected) + tuple(
+                    None if (t := getattr(v, f.name)) is None else (tuple(t.shape), t.dtype)
+                    for f in dataclasses.fields(v) if f.name not in ("prompt", "chosen", "rejected"))
+            return tuple(v.shape), v.dtype
+        return tuple((k, sig(v)) for k, v in sorted(batch.items()))
+
     @staticmethod
     def pad(batch: dict) -> dict:
-        """Right-pad to a multiple of BUCKET tokens and send every position to the loss head."""
+        """Right-pad to a multiple of BUCKET tokens and send every position to the loss head (a pair batch comes in
+        static shapes already)."""
+        if "pairs" in batch:
+            return batch
         B, T = batch["input_ids"].shape
         extra = -T % BUCKET
         fill = {"labels": -100}
@@ -124,10 +151,15 @@ class GraphedStep:
     def __call__(self, batch: dict, boundary: bool = True) -> torch.Tensor:
         """The micro-batch's loss (the graph's output tensor: read it before the next call). `boundary`: this
         micro-batch closes its accumulation window (the optimizer steps next)."""
+        if not self.graphable(batch):  # eagerly, on the current stream; its autograd graph dies here
+            self._open_window(overwrites=False)
+            loss = self.forward_backward(batch).detach()
+            self.window_start = boundary
+            return loss
         batch = self.pad(batch)
         if self.stream is None:
             self.stream = torch.cuda.Stream()
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+        key = self.key(batch)
         entry = self.graphs.get(key)
         if entry is None and self.owner is None:
             # the first shape at one micro-batch a step: warm up eagerly, drop those gradients (and the cached blocks
@@ -145,14 +177,21 @@ class GraphedStep:
             # capture would otherwise reuse
             self._open_window(overwrites=False)
             loss = self._on_capture_stream(lambda: self.forward_backward(batch).detach())
+            metrics = self.metrics
             self.graphs[key] = self._capture(batch)
+            self.metrics = metrics  # this batch's, not the capture's (which replays alone fill)
             self.window_start = boundary
             return loss
-        graph, static, loss = entry
+        graph, static, loss, metrics = entry
         for k, v in batch.items():
-            if k != "label_rows":  # every row, fixed by the shape: the static copy already holds it
+            if isinstance(v, SharedPairs):
+                for f in dataclasses.fields(v):
+                    if isinstance(t := getattr(v, f.name), torch.Tensor):
+                        getattr(static[k], f.name).copy_(t, non_blocking=True)
+            elif k != "label_rows":  # every row, fixed by the shape: the static copy already holds it
                 static[k].copy_(v, non_blocking=True)
         self._open_window(overwrites=key == self.owner)
+        self.metrics = metrics
         graph.replay()
         self.replays += 1
         self.window_start = boundary
@@ -167,9 +206,20 @@ class GraphedStep:
         with torch.cuda.stream(self.stream):
             out = fn()
         main.wait_stream(self.stream)
-        if isinstance(out, torch.Tensor):
-            out.record_stream(main)  # made on the side stream, read and freed on the current one
+        for t in [out, *self.metrics.values()]:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(main)  # made on the side stream, read and freed on the current one
         return out
+
+    @property
+    def metrics(self) -> dict:
+        """The objective's logged values of the last micro-batch ({} for a bare network)."""
+        return getattr(self.module, "metrics", None) or {}
+
+    @metrics.setter
+    def metrics(self, value: dict):
+        if self.module is not None and hasattr(self.module, "metrics"):
+            self.module.metrics = value
 
     def _open_window(self, overwrites: bool):
         """Zero the gradients the last optimizer step consumed, unless the coming computation overwrites them."""
@@ -183,10 +233,15 @@ class GraphedStep:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-        static = {k: v.clone() for k, v in batch.items()}
+        static = {k: _clone_pairs(v) if isinstance(v, SharedPairs) else v.clone() for k, v in batch.items()}
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = self.forward_backward(static).detach()
         self.pool = graph.pool()  # (capture records the gradient adds without running them: replays alone do)
-        return graph, static, loss
+        return graph, static, loss, dict(self.metrics)
+
+
+def _clone_pairs(p: SharedPairs) -> SharedPairs:
+    return dataclasses.replace(p, **{f.name: t.clone() for f in dataclasses.fields(p)
+                                     if isinstance(t := getattr(p, f.name), torch.Tensor)})
