@@ -744,10 +744,20 @@ class SharedPairs:
     answer: torch.Tensor
     last: torch.Tensor
 
-    def to(self, device, non_blocking: bool = False) -> SharedPairs:
-        return dataclasses.replace(self, **{f.name: v.to(device, non_blocking=non_blocking)
-                                            for f in dataclasses.fields(self)
+    def to(self, device) -> SharedPairs:
+        """On `device`, through to_device."""
+        return dataclasses.replace(self, **{f.name: to_device(v, device) for f in dataclasses.fields(self)
                                             if isinstance(v := getattr(self, f.name), torch.Tensor)})
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device`, queued behind the device's work. A CPU tensor bound for a CUDA GPU goes through pinned memory:
+    from pageable memory CUDA synchronises the stream before it copies, so each step's batch would wait for the
+    previous step to finish, and the GPU would then wait for the host to queue the next step."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def sharing_saves_tokens(examples: list[dict], pad_to_multiple_of: int | None = 8) -> bool:

@@ -221,7 +221,8 @@ def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, wi
                                   for e in micro) <= window):
         # its answer positions are found here on the CPU too
         b = data.collate_shared_pairs(micro, pad_id, static=static)
-        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        return {k: v.to(device) if isinstance(v, data.SharedPairs) else data.to_device(v, device)
+                for k, v in b.items()}
     if packed and all(len(row) == 1 for row in micro):
         # rows of one sample each (long samples leave no room to pack): the same batch unpacked needs no
         # segment mask, so attention keeps its flash kernel
@@ -236,7 +237,7 @@ def to_batch(micro, packed: bool, pad_id, device, share_prompt: bool = False, wi
     # the labelled rows, found here on the CPU: found on the GPU, they would make the host wait for the GPU to finish
     # the previous step's optimizer before it could queue this step's forward
     b["label_rows"] = LMHead.label_rows(b["labels"])
-    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    return {k: data.to_device(v, device) for k, v in b.items()}
 
 
 @torch.no_grad()

@@ -156,3 +156,32 @@ def test_phift_train_runs_dpo_under_cuda_graphs(tmp_path):
     logged = [e for e in map(json.loads, (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines())
               if "loss" in e]
     assert len(logged) == 4 and all("rewards/accuracies" in e for e in logged)
+
+
+def test_a_batch_stays_on_the_cpu_for_a_cpu_run_and_keeps_its_values():
+    batch = train_mod.to_batch(pairs([3, 9], [4, 11], [5, 2]), False, 0, "cpu", share_prompt=True)
+    moved = data.to_device(batch["input_ids"], "cpu")
+    assert moved.device.type == "cpu" and torch.equal(moved, batch["input_ids"])
+
+
+@cuda
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_a_batch_is_queued_behind_the_gpus_work_not_waited_for(share_prompt):
+    """to_batch returns while the GPU is still busy with what came before (pinned memory: no stream synchronisation),
+    and its tensors, read after that work, hold the batch."""
+    examples = pairs([3, 9], [4, 11], [5, 2])
+    want = train_mod.to_batch(examples, False, 0, "cpu", share_prompt=share_prompt)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about half a second of GPU cycles, queued
+    busy = torch.cuda.Event()
+    busy.record()
+    got = train_mod.to_batch(examples, False, 0, "cuda", share_prompt=share_prompt)
+    assert not busy.query()  # the host did not wait for the sleep to end
+    torch.cuda.synchronize()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, data.SharedPairs):
+            for f in ("position_ids", "sources", "targets", "answer", "last"):
+                assert torch.equal(getattr(got[k], f).cpu(), getattr(v, f)), f
+        else:
+            assert got[k].is_cuda and torch.equal(got[k].cpu(), v), k
