@@ -171,6 +171,9 @@ def test_a_batch_is_queued_behind_the_gpus_work_not_waited_for(share_prompt):
     and its tensors, read after that work, hold the batch."""
     examples = pairs([3, 9], [4, 11], [5, 2])
     want = train_mod.to_batch(examples, False, 0, "cpu", share_prompt=share_prompt)
+    # a first batch fills the pinned-memory cache (allocating page-locked memory may wait for the GPU; a training
+    # run's later batches reuse those blocks)
+    train_mod.to_batch(examples, False, 0, "cuda", share_prompt=share_prompt)
     torch.cuda.synchronize()
     torch.cuda._sleep(1_000_000_000)  # about half a second of GPU cycles, queued
     busy = torch.cuda.Event()
