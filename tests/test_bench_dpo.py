@@ -49,3 +49,14 @@ def test_the_prompt_not_shared_row_runs_a_row_per_answer_to_the_same_first_loss(
     assert shared["status"] == rows_each["status"] == "ok", rows
     assert shared["prompt_shared"] and not rows_each["prompt_shared"]
     assert shared["loss_first"] == pytest.approx(rows_each["loss_first"], abs=1e-3)
+
+
+def test_a_failed_side_keeps_its_whole_traceback_in_the_log(tmp_path):
+    """The row carries the last lines; the log beside the report has the worker's whole stderr."""
+    log = tmp_path / "dpo.log"
+    spec = {"device": "no-such-device", "tiny": True, "warmup": 1, "steps": 1, "checkpointing": "on", "seed": 0,
+            "scratch": str(tmp_path), "profile": None}
+    row = bench_dpo.run_impl("phift", spec, timeout_s=120, log=log)
+    assert row["status"].startswith("error: ") and "no-such-device" in row["status"], row
+    text = log.read_text()
+    assert text.startswith("== phift: exit 1\n") and "Traceback (most recent call last)" in text
