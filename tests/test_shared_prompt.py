@@ -236,27 +236,38 @@ def test_the_shared_layouts_attention_leaves_cudnn_out(monkeypatch):
 def test_on_cuda_in_bf16_the_shared_rows_match_a_row_per_answer(family, examples):
     """The GPU's kernels (a lower-right causal bias through flash; masks through the memory-efficient kernel; the
     fused rotary on phi) against the same model's rows, in bf16 under autocast: log-probs and LoRA gradients."""
+    check_shared_bf16_against_rows(family, examples, "cuda")
+
+
+def check_shared_bf16_against_rows(family, examples, device):
+    """Both bf16 layouts against the rows in fp32: the shared layout's error stays the size of the rows' own.
+    An element-wise tolerance cannot tell: a gradient entry that cancels to near zero carries the rounding of the
+    terms it sums (bf16 keeps 8 bits), so its relative error is large in both layouts."""
     model = tiny(family)
     lora.inject(model, "all", r=4, alpha=8, verbose=False)
     torch.manual_seed(1)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.02)
     stages.disable_dropout(model)  # as DPO and ORPO train
-    model = model.to("cuda")
-    results = []
-    for shared in (False, True):
+    model = model.to(device)
+    results = {}
+    for name, shared, bf16 in (("fp32", False, False), ("rows", False, True), ("shared", True, True)):
         b = data.collate_shared_pairs(examples, 0) if shared else data.collate_pairs(examples, 0)
-        b = {k: v.to("cuda") for k, v in b.items() if k != "attention_mask"}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        b = {k: v.to(device) for k, v in b.items() if k != "attention_mask"}
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             logps = (stages.sequence_logps(model, b["input_ids"], pairs=b["pairs"])
                      if shared else stages.sequence_logps(model, b["input_ids"], b["labels"]))[0]
         model.zero_grad()
         logps.sum().backward()
-        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (rows, grads_rows), (shared, grads_shared) = results
-    torch.testing.assert_close(shared, rows, rtol=2e-2, atol=2e-2)
-    for name, g in grads_rows.items():
-        torch.testing.assert_close(grads_shared[name], g, rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
+        results[name] = {"logps": logps.detach().float(),
+                         **{n: p.grad.clone().float() for n, p in model.named_parameters() if p.grad is not None}}
+    ref, rows, shared = results["fp32"], results["rows"], results["shared"]
+    assert set(shared) == set(rows) == set(ref)
+    for key, want in ref.items():
+        scale = want.abs().max().item()
+        err_rows = (rows[key] - want).abs().max().item()
+        err_shared = (shared[key] - want).abs().max().item()
+        assert err_shared <= 2 * max(err_rows, 1e-2 * scale), (key, err_shared, err_rows, scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel needs a CUDA GPU")
