@@ -272,6 +272,12 @@ def versions() -> dict:
     return out
 
 
+def _log(log: Path | None, title: str, text: str) -> None:
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"== {title}\n{text}\n")
+
+
 def run_impl(impl: str, spec: dict, timeout_s: int, log: Path | None = None) -> dict:
     """One impl in its own process; a failed worker's whole stderr is appended to log."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--spec", json.dumps(spec)]
@@ -281,16 +287,11 @@ def run_impl(impl: str, spec: dict, timeout_s: int, log: Path | None = None) -> 
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
-        if log is not None:
-            err = (e.stderr or b"").decode(errors="replace")  # bytes even with text=True
-            with open(log, "a") as f:
-                f.write(f"== {impl}: timeout after {timeout_s} s\n{err}\n")
+        _log(log, f"{impl}: timeout after {timeout_s} s", (e.stderr or b"").decode(errors="replace"))  # bytes here
         return {"impl": impl, "status": f"timeout after {timeout_s} s"}
     rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not rows:
-        if log is not None:
-            with open(log, "a") as f:
-                f.write(f"== {impl}: exit {proc.returncode}\n{proc.stderr}\n")
+        _log(log, f"{impl}: exit {proc.returncode}", proc.stderr)
         last = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
         return {"impl": impl, "status": "error: " + " | ".join(last)}
     return json.loads(rows[-1])
@@ -376,16 +377,15 @@ def main(argv=None):
     meta = {"date": datetime.date.today().isoformat(), "device": device_name, "command": command, "tiny": a.tiny,
             "warmup": a.warmup, "steps": a.steps, "checkpointing": a.checkpointing, **lengths,
             "row_tokens": lengths["prompt"] + lengths["answer"], "versions": versions()}
-    rows = []
+    rows, log = [], a.out.with_suffix(".log")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".log").unlink(missing_ok=True)
+    log.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         for impl in (a.impls or ",".join(IMPLS[:5] if a.device == "cuda" else IMPLS[:4])).split(","):
             spec = {"device": a.device, "tiny": a.tiny, "warmup": a.warmup, "steps": a.steps,
                     "checkpointing": a.checkpointing, "seed": a.seed, "scratch": scratch, "profile": a.profile}
-            rows.append(run_impl(impl, spec, a.timeout_s, log=a.out.with_suffix(".log")))
+            rows.append(run_impl(impl, spec, a.timeout_s, log=log))
             print(json.dumps(rows[-1]), flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     header = {"bench": "dpo", "meta": meta}
     a.out.with_suffix(".jsonl").write_text("".join(json.dumps(x) + "\n" for x in [header, *rows]))
     a.out.write_text(report(meta, rows))

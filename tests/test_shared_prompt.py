@@ -235,26 +235,22 @@ def test_the_shared_layouts_attention_leaves_cudnn_out(monkeypatch):
 @pytest.mark.parametrize("examples", [UNEQUAL, EQUAL], ids=["padded prompts", "equal prompts"])
 def test_on_cuda_in_bf16_the_shared_rows_match_a_row_per_answer(family, examples):
     """The GPU's kernels (a lower-right causal bias through flash; masks through the memory-efficient kernel; the
-    fused rotary on phi) against the same model's rows, in bf16 under autocast: log-probs and LoRA gradients."""
-    check_shared_bf16_against_rows(family, examples, "cuda")
-
-
-def check_shared_bf16_against_rows(family, examples, device):
-    """Both bf16 layouts against the rows in fp32: the shared layout's error stays the size of the rows' own.
-    An element-wise tolerance cannot tell: a gradient entry that cancels to near zero carries the rounding of the
-    terms it sums (bf16 keeps 8 bits), so its relative error is large in both layouts."""
+    fused rotary on phi) against the same model's rows, in bf16 under autocast: log-probs and LoRA gradients.
+    Both bf16 layouts are measured against the rows in fp32, the shared layout's error held to the size of the rows'
+    own: an element-wise tolerance cannot tell, since a gradient entry that cancels to near zero carries the rounding
+    of the terms it sums (bf16 keeps 8 bits), so its relative error is large in both layouts."""
     model = tiny(family)
     lora.inject(model, "all", r=4, alpha=8, verbose=False)
     torch.manual_seed(1)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.02)
     stages.disable_dropout(model)  # as DPO and ORPO train
-    model = model.to(device)
+    model = model.to("cuda")
     results = {}
     for name, shared, bf16 in (("fp32", False, False), ("rows", False, True), ("shared", True, True)):
         b = data.collate_shared_pairs(examples, 0) if shared else data.collate_pairs(examples, 0)
-        b = {k: v.to(device) for k, v in b.items() if k != "attention_mask"}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        b = {k: v.to("cuda") for k, v in b.items() if k != "attention_mask"}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             logps = (stages.sequence_logps(model, b["input_ids"], pairs=b["pairs"])
                      if shared else stages.sequence_logps(model, b["input_ids"], b["labels"]))[0]
         model.zero_grad()
